@@ -1,0 +1,343 @@
+"""Structured configuration: one typed dataclass per hydra config group.
+
+Every group file in ``conf/`` is validated against these dataclasses when hydra composes the
+config, so a misspelt key fails at composition with hydra's own error naming it. ``MISSING``
+(``???`` in YAML) marks values the user must give. Cross-field rules (batch arithmetic) live in
+``validate`` and run before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key(s) and value(s)."""
+
+
+@dataclass
+class ModelConfig:
+    # Built-in name ("smollm2-135m-instruct", "tiny-random-llama"), a local HF folder, or a hub id.
+    name_or_path: str = "smollm2-135m-instruct"
+    # Off unless the user asks: a hub repo's custom code runs with the trainer's privileges.
+    trust_remote_code: bool = False
+    # Compute dtype for learner and engines: float32 on CPU (bf16 is emulated there, ~4x slower).
+    dtype: str = "float32"
+    # Where converted built-in models are cached (None: $RLHF_MODEL_CACHE or ~/.cache/rlhf/models).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ArithmeticTaskConfig:
+    # Operands are drawn uniformly from [min_operand, max_operand].
+    min_operand: int = 0
+    max_operand: int = 9
+    # Operators to draw from: any of "+", "-", "*".
+    ops: list[str] = field(default_factory=lambda: ["+"])
+    num_train: int = 2000
+    num_eval: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # "arithmetic" (built-in generator), "gsm8k" (hub openai/gsm8k or `path`), or "files"/"hub" for
+    # your own data given by `path` (jsonl/json/parquet/csv file or glob, or a hub dataset id).
+    source: str = "arithmetic"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    split: str = "train"
+    eval_split: Optional[str] = "test"
+    # Column holding the prompt: plain text, or a list of chat messages ({"role", "content"}).
+    prompt_column: str = "prompt"
+    # Column with the reference answer (passed to rewards as `answer`); None if there is none.
+    answer_column: Optional[str] = "answer"
+    # Further columns handed to reward functions as keyword arguments.
+    reward_columns: list[str] = field(default_factory=list)
+    system_prompt: Optional[str] = None
+    # Apply the tokenizer's chat template (once, when the dataset is prepared).
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = 256
+    # What to do with prompts over max_prompt_tokens: "filter" (dropped, count logged) or "error".
+    on_too_long: str = "filter"
+    shuffle_seed: int = 0
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+
+
+@dataclass
+class RolloutConfig:
+    # Data-parallel vLLM engines, each a Ray actor.
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    max_model_len: int = 1024
+    # KV-cache budget per engine in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes).
+    kv_cache_gb: float = 1.0
+    # GPU only: fraction of GPU memory for the engine when kv_cache_gb is not used.
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    # CPU: cores vLLM computes on (VLLM_CPU_OMP_THREADS_BIND), "all" for every core.
+    cpu_threads_bind: str = "all"
+    # Release the KV cache between generation phases where vLLM supports it (GPU sleep mode).
+    sleep_between_steps: bool = False
+    # Ray resources per engine actor; fractional so engines and learner fit one machine.
+    num_cpus_per_engine: float = 0.5
+    num_gpus_per_engine: float = 0.0
+    # Max |engine - learner| probe log-prob gap after a weight sync before the step fails.
+    probe_tolerance: float = 1e-3
+    # Sampling for training rollouts.
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # torch.distributed backend: gloo on CPU, nccl on GPU.
+    backend: str = "gloo"
+    # Rendezvous address for the ranks; loopback unless the ranks span machines.
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: pick a free port
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    # Sequences per forward/backward on one rank; gradients accumulate over micro-batches.
+    micro_batch_size: int = 16
+    # Torch threads per rank (Ray sets OMP_NUM_THREADS=1 inside actors unless told).
+    num_threads: int = 2
+    num_cpus_per_rank: float = 0.5
+    num_gpus_per_rank: float = 0.0
+    # A collective or RPC that takes longer than this (seconds) fails the run, naming the stage.
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    # Registry names (rlhf.algo): advantage estimator, policy loss, loss aggregation, KL estimator.
+    advantage: str = "grpo"
+    policy_loss: str = "ppo_clip"
+    loss_agg: str = "seq_mean_token_mean"
+    kl_estimator: str = "k3"
+    # 0 means no reference model is loaded at all.
+    kl_coef: float = 0.0
+    kl_clamp: float = 10.0
+    # Clip range of the ratio: [1 - clip_low, 1 + clip_high] (DAPO clip-higher: clip_high > clip_low).
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # Dual clip (c > 1) bounds the loss of negative-advantage tokens; None disables it.
+    dual_clip: Optional[float] = None
+    # Added to the group std in the grpo estimator.
+    eps: float = 1e-6
+    # Normaliser for seq_mean_token_sum_norm (Dr.GRPO's constant); None: the rollout max_new_tokens.
+    norm_length: Optional[int] = None
+    entropy_coef: float = 0.0
+    # Optimiser updates per generated batch (the batch is split into this many mini-batches).
+    mini_batches_per_step: int = 1
+    # Passes over the generated batch (PPO epochs). >1 makes old log-probs necessary.
+    epochs_per_step: int = 1
+    # DAPO dynamic sampling: drop zero-variance groups, draw more prompts (up to max_draws batches).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 3
+
+
+@dataclass
+class RewardFnConfig:
+    # A built-in name ("math_answer"), a dotted path ("my_pkg.rewards:score") or a file path
+    # ("path/to/rewards.py:score").
+    fn: str = MISSING
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Name used in metrics (default: derived from fn).
+    name: Optional[str] = None
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFnConfig] = field(default_factory=list)
+    timeout_s: float = 10.0
+    num_workers: int = 4
+    # Stop the run when more than this fraction of one function's calls fail in a step.
+    max_failure_rate: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 8
+    prompts_per_step: int = 16
+    seed: int = 0
+    output_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    # Evaluate before training, every eval_every steps (0: only before and after) and at the end.
+    eval_every: int = 0
+    eval_prompts: int = 64
+    eval_samples: int = 4
+    eval_temperature: float = 0.7
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: bool = False
+    export_at_end: bool = True
+    # "colocated": engines and learner share the machine and take turns; "separate": own resources.
+    placement: str = "colocated"
+    # Ray: attach to RAY_ADDRESS when set, else start a local head bound to this address.
+    ray_address: Optional[str] = None
+    ray_bind_host: str = "127.0.0.1"
+    ray_num_cpus: Optional[int] = None
+    # Stop after this many consecutive steps with a non-finite loss or gradient.
+    max_nonfinite_steps: int = 3
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Print the plan (batch arithmetic, placement, memory estimate) and exit without loading weights.
+    plan: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema so hydra type-checks every group file against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("rollout", RolloutConfig),
+        ("learner", LearnerConfig),
+        ("algo", AlgoConfig),
+        ("reward", RewardConfig),
+        ("trainer", TrainerConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic derived once from the config."""
+
+    prompts_per_step: int
+    samples_per_prompt: int
+    samples_per_step: int
+    mini_batches_per_step: int
+    samples_per_mini_batch: int
+    num_ranks: int
+    samples_per_rank: int  # per mini-batch
+    micro_batch_size: int
+    grad_accum_steps: int  # micro-batches per rank per mini-batch
+
+
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+def plan_batches(cfg: Config | DictConfig) -> BatchPlan:
+    """Check the batch arithmetic and derive the sizes; errors name the keys and values."""
+    P = cfg.trainer.prompts_per_step
+    n = cfg.rollout.n
+    M = cfg.algo.mini_batches_per_step
+    R = cfg.learner.num_ranks
+    mb = cfg.learner.micro_batch_size
+    for key, value in [
+        ("trainer.prompts_per_step", P),
+        ("rollout.n", n),
+        ("algo.mini_batches_per_step", M),
+        ("learner.num_ranks", R),
+        ("learner.micro_batch_size", mb),
+        ("algo.epochs_per_step", cfg.algo.epochs_per_step),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.algo.advantage in GROUP_ADVANTAGES and n < 2:
+        raise ConfigError(
+            f"rollout.n={n}: algo.advantage={cfg.algo.advantage} compares samples within a group, "
+            "so it needs at least 2 samples per prompt"
+        )
+    total = P * n
+    if total % M:
+        raise ConfigError(
+            f"trainer.prompts_per_step * rollout.n = {P} * {n} = {total} samples is not divisible by "
+            f"algo.mini_batches_per_step={M}"
+        )
+    per_mini = total // M
+    if per_mini % R:
+        raise ConfigError(
+            f"{per_mini} samples per mini-batch (trainer.prompts_per_step * rollout.n / "
+            f"algo.mini_batches_per_step) is not divisible by learner.num_ranks={R}"
+        )
+    per_rank = per_mini // R
+    if per_rank % mb and mb < per_rank:
+        raise ConfigError(
+            f"{per_rank} samples per rank per mini-batch is not divisible by "
+            f"learner.micro_batch_size={mb}"
+        )
+    mb_eff = min(mb, per_rank)
+    return BatchPlan(
+        prompts_per_step=P,
+        samples_per_prompt=n,
+        samples_per_step=total,
+        mini_batches_per_step=M,
+        samples_per_mini_batch=per_mini,
+        num_ranks=R,
+        samples_per_rank=per_rank,
+        micro_batch_size=mb_eff,
+        grad_accum_steps=per_rank // mb_eff,
+    )
+
+
+def validate(cfg: Config | DictConfig) -> BatchPlan:
+    """Every cross-field rule, run right after composition and before any model loads."""
+    choices = {
+        "learner.lr_schedule": (cfg.learner.lr_schedule, ("constant", "cosine")),
+        "learner.zero_stage": (cfg.learner.zero_stage, (0, 1, 2, 3)),
+        "data.on_too_long": (cfg.data.on_too_long, ("filter", "error")),
+        "trainer.placement": (cfg.trainer.placement, ("colocated", "separate")),
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    if cfg.algo.clip_low < 0 or cfg.algo.clip_high < 0:
+        raise ConfigError(
+            f"algo.clip_low={cfg.algo.clip_low}, algo.clip_high={cfg.algo.clip_high} must be >= 0"
+        )
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
+        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip} must be > 1 (or null)")
+    if cfg.algo.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
+    if cfg.rollout.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be >= 1")
+    if cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
+            f"{cfg.rollout.max_new_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
+        )
+    return plan_batches(cfg)
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """The composed DictConfig as typed, read-only dataclasses."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj

@@ -1,0 +1,107 @@
+"""Typed data that crosses module and Ray actor boundaries.
+
+Conventions used everywhere:
+- A *sequence* is prompt tokens followed by completion tokens, right-padded to a common length L.
+- Per-token tensors are aligned with ``input_ids``: ``logprobs[b, t]`` is log p(input_ids[b, t] |
+  input_ids[b, :t]) and position 0 holds 0. ``response_mask[b, t]`` is 1 where input_ids[b, t] is a
+  completion token (a token the policy chose), 0 on prompt tokens and padding.
+- Completions of one prompt are contiguous: group g owns rows g*n .. g*n+n-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What the rollout engine samples with (maps onto vllm.SamplingParams)."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int  # index of its prompt in the request
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # sampler's log-prob of each completion token, len == len(completion_ids)
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_new_tokens)
+    text: str  # decoded completion
+
+
+@dataclass
+class RolloutBatch:
+    """Completions for a list of prompts, grouped: prompt i's n samples are rows i*n .. i*n+n-1."""
+
+    completions: list[Completion]
+    n: int
+    generate_s: float = 0.0  # wall time of the generation call
+    per_engine_s: list[float] = field(default_factory=list)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.completions) // self.n if self.n else 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(len(c.completion_ids) for c in self.completions)
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for one learner update. Shapes: B sequences, L tokens."""
+
+    input_ids: torch.Tensor  # [B, L] long, right-padded
+    attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
+    response_mask: torch.Tensor  # [B, L] float, 1 on completion tokens
+    advantages: torch.Tensor  # [B] float, one per sequence (broadcast over its tokens)
+    old_logprobs: torch.Tensor | None = None  # [B, L] behaviour policy log-probs (None: on-policy)
+    ref_logprobs: torch.Tensor | None = None  # [B, L] reference model log-probs (None: no KL)
+    # Per-sequence loss weight: 0 drops a sequence (e.g. its reward was None). [B] float.
+    sample_weight: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
+        """Rows of this batch (a slice or an index tensor), same fields."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return TrainBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            advantages=self.advantages[rows],
+            old_logprobs=pick(self.old_logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
+            sample_weight=pick(self.sample_weight),
+        )
+
+
+@dataclass
+class SyncReport:
+    """Outcome of one learner -> engines weight sync."""
+
+    seconds: float  # total wall time: gather + send + load + probe
+    num_bytes: int
+    probe_gap: float  # max |engine probe log-prob - learner probe log-prob| over engines and tokens
+    gather_s: float = 0.0
+    load_s: float = 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
