@@ -140,6 +140,14 @@ def resolve_model_path(name_or_path: str, cache: str | None = None) -> str:
     return name_or_path
 
 
+def peek_model_path(name_or_path: str, cache: str | None = None) -> str | None:
+    """Like resolve_model_path, but never builds anything: None when a built-in is not cached yet."""
+    if name_or_path in (SMOLLM2, TINY):
+        path = cache_dir(cache) / name_or_path
+        return str(path) if (path / _DONE).exists() else None
+    return name_or_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepare-default", action="store_true", help="convert SmolLM2 into the cache")

@@ -1,0 +1,58 @@
+"""From scored rollouts to the learner's padded TrainBatch (pure functions, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf.types import RolloutBatch, TrainBatch
+
+
+def rewards_matrix(total: list[float | None], n: int) -> torch.Tensor:
+    """Flat per-completion rewards (None for a failed reward) as [G, n] with NaN for None."""
+    if len(total) % n:
+        raise ValueError(f"{len(total)} rewards do not split into groups of n={n}")
+    values = [math.nan if r is None else float(r) for r in total]
+    return torch.tensor(values, dtype=torch.float32).view(-1, n)
+
+
+def build_train_batch(
+    rollouts: RolloutBatch, advantages: torch.Tensor, rewards: torch.Tensor, pad_id: int
+) -> TrainBatch:
+    """Pad prompt+completion sequences to one length; rows follow the rollout order.
+
+    advantages, rewards: [G, n] (rewards NaN where the reward failed: such rows get weight 0).
+    """
+    seqs = [c.prompt_ids + c.completion_ids for c in rollouts.completions]
+    B, L = len(seqs), max(len(s) for s in seqs)
+    if advantages.numel() != B:
+        raise ValueError(f"{advantages.numel()} advantages for {B} completions")
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    response_mask = torch.zeros((B, L), dtype=torch.float32)
+    for i, (c, s) in enumerate(zip(rollouts.completions, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+        response_mask[i, len(c.prompt_ids) : len(s)] = 1.0
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        advantages=advantages.reshape(-1).to(torch.float32),
+        sample_weight=(~torch.isnan(rewards.reshape(-1))).to(torch.float32),
+    )
+
+
+def mini_batches(batch: TrainBatch, count: int, seed: int) -> list[TrainBatch]:
+    """Split a step's batch into ``count`` equal mini-batches after a seeded shuffle of rows.
+
+    Shuffling mixes groups across mini-batches so each optimizer update sees many prompts.
+    """
+    if batch.size % count:
+        raise ValueError(f"batch of {batch.size} rows does not split into {count} mini-batches")
+    if count == 1:
+        return [batch]
+    order = torch.randperm(batch.size, generator=torch.Generator().manual_seed(seed))
+    size = batch.size // count
+    return [batch.select(order[i * size : (i + 1) * size]) for i in range(count)]

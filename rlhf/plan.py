@@ -1,0 +1,85 @@
+"""``plan=true``: the derived batch arithmetic, actor placement and a memory estimate, without weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.config import BatchPlan, Config
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per learner rank and per engine, in GiB. Activations are not included (they depend on lengths)."""
+
+    num_params: int
+    policy_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    reference_gib: float
+    kv_cache_gib: float
+
+    @property
+    def learner_rank_gib(self) -> float:
+        return self.policy_gib + self.grads_gib + self.optimizer_gib + self.reference_gib
+
+
+def count_params(model_path: str, trust_remote_code: bool) -> int:
+    """Parameter count from the model's config alone: the model is built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_memory(cfg: Config, num_params: int) -> MemoryEstimate:
+    """Textbook ZeRO arithmetic: stage 1 shards optimizer state, 2 also grads, 3 also params."""
+    gib = 1024**3
+    R, stage = cfg.learner.num_ranks, cfg.learner.zero_stage
+    weight_bytes = _BYTES[cfg.model.dtype]
+    # AdamW keeps two fp32 moments; with 16-bit weights it also keeps an fp32 master copy.
+    opt_bytes = 8 + (4 if weight_bytes < 4 else 0)
+    shard = lambda applies: R if applies else 1  # noqa: E731
+    policy = num_params * weight_bytes / shard(stage >= 3)
+    grads = num_params * weight_bytes / shard(stage >= 2)
+    optim = 0.0 if cfg.learner.offload_optimizer else num_params * opt_bytes / shard(stage >= 1)
+    ref = num_params * weight_bytes / shard(stage >= 3) if cfg.algo.kl_coef > 0 else 0.0
+    return MemoryEstimate(
+        num_params=num_params,
+        policy_gib=policy / gib,
+        grads_gib=grads / gib,
+        optimizer_gib=optim / gib,
+        reference_gib=ref / gib,
+        kv_cache_gib=cfg.rollout.kv_cache_gb,
+    )
+
+
+def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None) -> str:
+    lines = [
+        "Batch arithmetic",
+        f"  prompts/step {batches.prompts_per_step} x samples/prompt {batches.samples_per_prompt}"
+        f" = {batches.samples_per_step} samples/step",
+        f"  {batches.mini_batches_per_step} optimizer update(s)/step of {batches.samples_per_mini_batch}"
+        f" samples, x{cfg.algo.epochs_per_step} epoch(s)",
+        f"  per rank: {batches.samples_per_rank} samples = {batches.grad_accum_steps} micro-batch(es)"
+        f" of {batches.micro_batch_size}",
+        "Placement",
+        f"  {cfg.trainer.placement}: {cfg.rollout.num_engines} vLLM engine actor(s)"
+        f" (tp={cfg.rollout.tensor_parallel_size}), {cfg.learner.num_ranks} DeepSpeed ZeRO-"
+        f"{cfg.learner.zero_stage} rank actor(s) ({cfg.learner.backend}, {cfg.model.dtype})",
+        f"  reference model: {'yes' if cfg.algo.kl_coef > 0 else 'no (algo.kl_coef=0)'}",
+    ]
+    if memory is not None:
+        lines += [
+            f"Memory estimate (model of {memory.num_params / 1e6:.1f}M parameters, activations excluded)",
+            f"  per learner rank: policy {memory.policy_gib:.2f} + grads {memory.grads_gib:.2f}"
+            f" + optimizer {memory.optimizer_gib:.2f} + reference {memory.reference_gib:.2f}"
+            f" = {memory.learner_rank_gib:.2f} GiB",
+            f"  per engine: KV cache {memory.kv_cache_gib:.2f} GiB + weights"
+            f" {memory.num_params * _BYTES[cfg.model.dtype] / 1024**3:.2f} GiB",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""The run's picture: training reward and held-out accuracy over steps, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_run(metrics: list[dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if m.get("reward/mean") is not None]
+    evals = [m for m in metrics if m.get("eval/accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot([m["step"] for m in train], [m["reward/mean"] for m in train], "o-", label="train reward (mean)")
+    if evals:
+        steps = [m["step"] for m in evals]
+        acc = [m["eval/accuracy"] for m in evals]
+        err = [m.get("eval/accuracy_stderr") or 0.0 for m in evals]
+        ax.errorbar(steps, acc, yerr=err, fmt="s--", capsize=3, label="held-out accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("GRPO training")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
