@@ -206,6 +206,68 @@ class TrainerConfig:
 
 
 @dataclass
+class TeacherConfig:
+    # "api": ask an OpenAI-compatible chat-completions endpoint; "jsonl": read prompts and
+    # teacher answers already collected from `path`.
+    source: str = "api"
+    # Endpoint root, e.g. "https://api.openai.com/v1", or "http://127.0.0.1:8000/v1" for `vllm serve`.
+    base_url: str = "http://127.0.0.1:8000/v1"
+    # Model name sent in each request (required for source=api).
+    model: Optional[str] = None
+    # NAME of the environment variable holding the API key (the key itself is never stored);
+    # None sends no Authorization header (a local server).
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    # Prompts JSONL (source=api) or prompts-with-answers JSONL (source=jsonl).
+    path: Optional[str] = None
+    prompt_column: str = "prompt"
+    # Column holding the teacher's answer (source=jsonl only).
+    completion_column: str = "completion"
+    system_prompt: Optional[str] = None
+    # Sampling sent to the endpoint; every sample is its own request (cached separately).
+    samples_per_prompt: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    # Requests in flight at once.
+    max_concurrency: int = 8
+    # Per-request timeout in seconds (connect + read).
+    timeout_s: float = 60.0
+    # Retries after the first attempt on 429, 5xx, timeouts and connection errors.
+    max_retries: int = 5
+    # Back-off: base * 2**attempt with jitter, capped at backoff_max_s (Retry-After too).
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # Response cache (JSONL, append-only); None: teacher_cache.jsonl in the run folder.
+    cache_path: Optional[str] = None
+    # Dataset written for SFT, relative to the run folder.
+    output_file: str = "teacher.jsonl"
+    # Keep only answers a reward function scores >= min_reward (a reward spec, see reward.functions).
+    filter_reward: Optional[str] = None
+    min_reward: float = 1.0
+
+
+@dataclass
+class LedgerConfig:
+    # Device kind the run computes on, a key of device_hour_price; "auto": "cpu" or the GPU's
+    # short name ("h100", "h200", ...).
+    device_kind: str = "auto"
+    # Devices the run holds (GPUs; 1 for a CPU machine); device-hours = num_devices * wall hours.
+    num_devices: int = 1
+    # USD per device-hour, by kind. Illustrative: set your provider's prices.
+    device_hour_price: dict[str, float] = field(
+        default_factory=lambda: {"cpu": 0.10, "h100": 2.50, "h200": 3.50}
+    )
+    # USD per 1M tokens of the teacher API (0 for a teacher you host: its hours count instead).
+    teacher_prompt_price_per_m: float = 0.0
+    teacher_completion_price_per_m: float = 0.0
+    # USD per 1M tokens of the closed API the tuned model replaces (0: not compared).
+    closed_api_prompt_price_per_m: float = 0.0
+    closed_api_completion_price_per_m: float = 0.0
+    # Seconds between rewrites of ledger.json while the run goes (0: every update).
+    save_every_s: float = 5.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +276,8 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     # Print the plan (batch arithmetic, placement, memory estimate) and exit without loading weights.
     plan: bool = False
 
@@ -230,6 +294,8 @@ def register_configs() -> None:
         ("algo", AlgoConfig),
         ("reward", RewardConfig),
         ("trainer", TrainerConfig),
+        ("teacher", TeacherConfig),
+        ("ledger", LedgerConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
