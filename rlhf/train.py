@@ -1,0 +1,264 @@
+"""GRPO training, top to bottom: ``python -m rlhf.train [hydra overrides]``.
+
+Each step: draw prompts -> generate n samples per prompt (vLLM engines in Ray actors) -> score them
+with the reward functions -> group-relative advantages -> reference log-probs (only when
+algo.kl_coef > 0) -> learner updates (DeepSpeed ZeRO ranks in Ray actors) -> weight sync into the
+engines, checked with a probe -> metrics -> periodic evaluation and checkpoint. At the end: a final
+evaluation, checkpoint, HF export and a plot of the run.
+
+How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config choice:
+1. One optimizer update per generated batch by default (algo.mini_batches_per_step=1,
+   epochs_per_step=1), so the importance ratio is exactly 1 and the clipped objective is the plain
+   policy gradient. With more updates per batch, old log-probs are recomputed by the learner before
+   the first update rather than taken from vLLM's sampler (the two differ by kernel numerics).
+2. No KL penalty by default (algo.kl_coef=0, as in DAPO and Dr.GRPO), so no reference model is
+   loaded. When on, the KL term (k3 by default) is added to the loss, as in the paper.
+3. The advantage estimator and the loss aggregation are registry choices (conf/algo/*.yaml): the
+   default `grpo` normalises by the group std and averages tokens per sequence as the paper does;
+   `dapo` uses token_mean and clip-higher, `dr_grpo` drops the std and the length normalisation.
+4. A completion whose reward failed (None) is left out of its group's statistics and carries no
+   loss weight, instead of counting as reward 0.
+5. Optional DAPO dynamic sampling (algo.dynamic_sampling): groups whose rewards are all equal carry
+   no signal and are replaced by groups from freshly drawn prompts, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.algo import compute_advantages
+from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
+from rlhf.checkpoint import latest_complete
+from rlhf.cluster import init_ray
+from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.data import PromptDataset
+from rlhf.evaluate import evaluate, expand_for_rewards
+from rlhf.learner import LearnerGroup
+from rlhf.metrics import MetricsLogger, progress_line, read_metrics
+from rlhf.models import peek_model_path, resolve_model_path
+from rlhf.plan import count_params, describe, estimate_memory
+from rlhf.plot import plot_run
+from rlhf.rng import rng_state, seed_everything, set_rng_state
+from rlhf.types import RolloutBatch, SamplingSettings
+from rewards.runner import RewardRunner
+from rollouts.group import EngineGroup
+
+register_configs()
+
+
+@contextmanager
+def timed(metrics: dict[str, float], phase: str):
+    """Adds the block's wall time to metrics["timing/<phase>"] (a phase may run several times a step)."""
+    start = time.perf_counter()
+    yield
+    key = f"timing/{phase}"
+    metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
+
+
+def print_plan(cfg: Config) -> None:
+    batches = validate(cfg)
+    path = peek_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    memory = None
+    if path is not None:
+        memory = estimate_memory(cfg, count_params(path, cfg.model.trust_remote_code))
+    print(describe(cfg, batches, memory))
+    if memory is None:
+        print(f"(model {cfg.model.name_or_path} is not prepared yet: no memory estimate)")
+
+
+def collect(cfg: Config, data, engines, rewards, sampling: SamplingSettings, metrics: dict):
+    """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups."""
+    n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+    kept_items, kept_rollouts, kept_scores = [], [], []
+    draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
+    dropped = 0
+    for draw in range(draws):
+        items = data.next_batch(want - len(kept_items))
+        with timed(metrics, "generate"):
+            rollouts = engines.generate([it.prompt_ids for it in items], sampling)
+        prompts, completions, columns = expand_for_rewards(items, rollouts)
+        with timed(metrics, "score"):
+            scored = rewards.score(prompts, completions, columns)
+        for g, item in enumerate(items):
+            group = scored.total[g * n : (g + 1) * n]
+            values = [r for r in group if r is not None]
+            flat = len(values) < 2 or max(values) == min(values)
+            last_draw = draw == draws - 1
+            if cfg.algo.dynamic_sampling and flat and not last_draw:
+                dropped += 1
+                continue
+            kept_items.append(item)
+            kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
+            kept_scores.append((group, {k: v[g * n : (g + 1) * n] for k, v in scored.per_fn.items()}))
+        metrics.update(scored.metrics)
+        if len(kept_items) == want:
+            break
+    metrics["dynamic_sampling/dropped_groups"] = dropped
+    return kept_items, kept_rollouts, kept_scores
+
+
+def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> dict[str, float]:
+    """The field's usual names: reward/mean, reward/<fn>/mean, frac_reward_zero_std, lengths."""
+    valid = [r for r in total if r is not None]
+    groups = [total[i : i + n] for i in range(0, len(total), n)]
+    zero_std = sum(1 for g in groups if len({r for r in g if r is not None}) <= 1)
+    out = {
+        "reward/mean": sum(valid) / len(valid) if valid else float("nan"),
+        "reward/none_frac": 1 - len(valid) / len(total),
+        "frac_reward_zero_std": zero_std / len(groups),
+        "response_length/mean": sum(len(c.completion_ids) for c in rollouts) / len(rollouts),
+        "truncated_frac": sum(c.finish_reason == "length" for c in rollouts) / len(rollouts),
+    }
+    for name, values in per_fn.items():
+        ok = [v for v in values if v is not None]
+        out[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
+    return out
+
+
+def train(cfg: Config) -> Path:
+    batches = validate(cfg)  # every config error surfaces here, before anything loads
+    run_dir = Path(cfg.trainer.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.trainer.seed)
+
+    # Data and rewards first: a bad column or reward spec fails before any engine starts.
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    data = PromptDataset.from_config(cfg.data, tokenizer, split="train")
+    eval_items = data.eval_items(cfg.trainer.eval_prompts)
+    rewards = RewardRunner(cfg.reward)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+    engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    learner = LearnerGroup(cfg.learner, cfg.algo, model_path, cfg.model.dtype,
+                           cfg.model.trust_remote_code, total_steps=cfg.trainer.steps)
+    ckpt_dir = run_dir / "checkpoints"
+    probe_ids = (eval_items[0].prompt_ids if eval_items else data.next_batch(1)[0].prompt_ids)[:64]
+
+    start_step = 0
+    if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
+        state = learner.load(last)
+        start_step = state["step"]
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+        print(f"resumed from {last} at step {start_step}")
+
+    logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
+                           OmegaConf.to_container(OmegaConf.structured(cfg)), resume=start_step > 0)
+    sampling = SamplingSettings(
+        n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop),
+    )
+
+    def run_eval(step: int) -> None:
+        if not eval_items:
+            return
+        with timed(m := {}, "eval"):
+            result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
+                              cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
+                              stop=tuple(cfg.rollout.stop))
+        logger.log(step, {**result.metrics(), **m})
+        print(f"eval @ step {step}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f}, "
+              f"pass@{result.k} {result.pass_at_k:.3f}")
+
+    def save(step: int) -> None:
+        state = {
+            "step": step,
+            "data": data.state_dict(),
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        }
+        learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
+
+    if start_step == 0:
+        run_eval(0)
+    started, nonfinite = time.time(), 0
+    for step in range(start_step + 1, cfg.trainer.steps + 1):
+        metrics: dict[str, float] = {}
+        items, completions, scores = collect(cfg, data, engines, rewards, sampling, metrics)
+        total = [r for group, _ in scores for r in group]
+        per_fn = {k: [v for _, fns in scores for v in fns[k]] for k in scores[0][1]}
+        metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))
+
+        rewards_t = rewards_matrix(total, cfg.rollout.n)  # [G, n], NaN where a reward failed
+        advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
+        rollouts = RolloutBatch(completions=completions, n=cfg.rollout.n)
+        batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
+        if cfg.algo.kl_coef > 0:
+            with timed(metrics, "reference"):
+                batch.ref_logprobs = learner.compute_ref_logprobs(batch)
+        if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
+            batch.old_logprobs = learner.compute_logprobs(batch)
+
+        engines.sleep()  # colocated: hand the KV-cache memory to the learner where vLLM can
+        with timed(metrics, "train"):
+            updates = [
+                learner.train_step(mb)
+                for epoch in range(cfg.algo.epochs_per_step)
+                for mb in mini_batches(batch, batches.mini_batches_per_step, seed=cfg.trainer.seed + step * 1000 + epoch)
+            ]
+        engines.wake_up()
+        metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+        skipped = sum(u.get("skipped", 0) for u in updates)
+        nonfinite = nonfinite + 1 if skipped else 0
+        if nonfinite >= cfg.trainer.max_nonfinite_steps:
+            logger.log(step, metrics)
+            raise RuntimeError(
+                f"{nonfinite} consecutive steps had a non-finite loss or gradient "
+                f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopping with the "
+                f"last good checkpoint in {ckpt_dir}"
+            )
+
+        with timed(metrics, "sync"):
+            report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+        metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s})
+        step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
+        trained = float(batch.attention_mask.sum())
+        metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
+        metrics["throughput/generated_tokens"] = float(rollouts.num_output_tokens)
+        logger.log(step, metrics)
+        print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)
+
+        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.steps:
+            run_eval(step)
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
+            save(step)
+
+    run_eval(cfg.trainer.steps)
+    save(cfg.trainer.steps)
+    if cfg.trainer.export_at_end:
+        learner.export(run_dir / "export", tokenizer_path=model_path)
+    logger.close()
+    plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward.png")
+    rewards.close()
+    engines.shutdown()
+    learner.shutdown()
+    print(f"run folder: {run_dir}")
+    return run_dir
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_object(dcfg)
+    try:
+        if cfg.plan:
+            print_plan(cfg)
+        else:
+            train(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
