@@ -1,0 +1,73 @@
+"""Rollouts + advantages -> padded TrainBatch; mini-batch splits; evaluation and plan arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
+from rlhf.evaluate import summarise
+from rlhf.types import Completion, RolloutBatch
+
+
+def completion(i: int, prompt: list[int], out: list[int]) -> Completion:
+    return Completion(prompt_index=i, prompt_ids=prompt, completion_ids=out,
+                      logprobs=[-1.0] * len(out), finish_reason="stop", text="")
+
+
+def test_rewards_matrix_groups_and_marks_failed_rewards_nan():
+    m = rewards_matrix([1.0, None, 0.0, 0.5], n=2)
+    assert m.shape == (2, 2)
+    assert m[0, 0] == 1.0 and math.isnan(m[0, 1]) and m[1, 1] == 0.5
+
+
+def test_rewards_matrix_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="n=3"):
+        rewards_matrix([1.0, 0.0], n=3)
+
+
+def test_build_train_batch_pads_and_masks_completion_tokens():
+    # Prompt [5, 6] with completions [7] and [8, 9]: sequences [5,6,7] and [5,6,8,9], padded to 4.
+    rollouts = RolloutBatch(completions=[completion(0, [5, 6], [7]), completion(0, [5, 6], [8, 9])], n=2)
+    adv = torch.tensor([[0.5, -0.5]])
+    rewards = torch.tensor([[1.0, float("nan")]])
+    b = build_train_batch(rollouts, adv, rewards, pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b.response_mask.tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+    assert b.advantages.tolist() == [0.5, -0.5]
+    # The NaN reward's row carries no loss weight.
+    assert b.sample_weight.tolist() == [1.0, 0.0]
+
+
+def test_build_train_batch_rejects_wrong_advantage_count():
+    rollouts = RolloutBatch(completions=[completion(0, [1], [2])], n=1)
+    with pytest.raises(ValueError, match="2 advantages for 1 completions"):
+        build_train_batch(rollouts, torch.zeros(1, 2), torch.zeros(1, 2), pad_id=0)
+
+
+def test_mini_batches_partition_rows_exactly_once():
+    rollouts = RolloutBatch(completions=[completion(0, [1], [i + 2]) for i in range(8)], n=8)
+    b = build_train_batch(rollouts, torch.arange(8.0).view(1, 8), torch.zeros(1, 8), pad_id=0)
+    parts = mini_batches(b, 4, seed=0)
+    assert [p.size for p in parts] == [2, 2, 2, 2]
+    seen = sorted(int(v) for p in parts for v in p.advantages)
+    assert seen == list(range(8))
+    with pytest.raises(ValueError, match="3 mini-batches"):
+        mini_batches(b, 3, seed=0)
+
+
+def test_eval_summary_accuracy_stderr_and_pass_at_k():
+    # Prompt A: 2/4 correct, prompt B: 0/4, prompt C: 4/4 -> per-prompt 0.5, 0, 1; accuracy 0.5.
+    # Sample variance over prompts: ((0)^2 + 0.5^2 + 0.5^2) / 2 = 0.25 -> stderr sqrt(0.25/3) = 0.288675.
+    # pass@4: prompts A and C have a correct sample -> 2/3.
+    correct = [[True, False, True, False], [False] * 4, [True] * 4]
+    rewards = [1.0, 0.0, 1.0, 0.0] + [0.0] * 4 + [1.0] * 3 + [None]
+    r = summarise(correct, rewards, lengths=[10] * 12)
+    assert r.accuracy == pytest.approx(0.5)
+    assert r.accuracy_stderr == pytest.approx(math.sqrt(0.25 / 3), abs=1e-9)
+    assert r.pass_at_k == pytest.approx(2 / 3)
+    assert r.reward_mean == pytest.approx(5 / 11)  # 2 + 3 ones over 11 valid rewards (one None)
+    assert r.k == 4 and r.response_length == 10
