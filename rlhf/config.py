@@ -74,9 +74,10 @@ class RolloutConfig:
     num_engines: int = 1
     tensor_parallel_size: int = 1
     max_model_len: int = 1024
-    # KV-cache budget per engine in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes).
-    kv_cache_gb: float = 1.0
-    # GPU only: fraction of GPU memory for the engine when kv_cache_gb is not used.
+    # KV-cache budget per engine in GiB, passed as vLLM's kv_cache_memory_bytes on CPU and GPU
+    # (VLLM_CPU_KVCACHE_SPACE takes whole GiB only). null: size it from gpu_memory_utilization.
+    kv_cache_gb: Optional[float] = 1.0
+    # Fraction of device memory for the engine when kv_cache_gb is null (on CPU: of the NUMA node).
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
@@ -85,6 +86,14 @@ class RolloutConfig:
     cpu_threads_bind: str = "all"
     # Release the KV cache between generation phases where vLLM supports it (GPU sleep mode).
     sleep_between_steps: bool = False
+    # vLLM sleep level: 1 offloads weights to host memory and drops the KV cache, 2 drops both.
+    sleep_level: int = 1
+    # Sampler log-probs after temperature/top-k/top-p ("processed_logprobs", the distribution the
+    # tokens were drawn from) or before them ("raw_logprobs").
+    logprobs_mode: str = "processed_logprobs"
+    # An engine call (start, generate, load, probe) that takes longer than this (seconds) fails,
+    # naming the engine.
+    timeout_s: float = 1800.0
     # Ray resources per engine actor; fractional so engines and learner fit one machine.
     num_cpus_per_engine: float = 0.5
     num_gpus_per_engine: float = 0.0

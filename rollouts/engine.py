@@ -1,0 +1,161 @@
+"""One rollout engine: a vLLM engine hosted by a Ray actor (``ray.remote(RolloutEngine)``).
+
+It samples completions of token-id prompts, receives new weights from files without a restart
+(the worker side is ``rollouts.worker_ext``), scores probe sequences so the learner can check a
+sync, and sleeps/wakes where vLLM supports it (GPU). vLLM is imported inside the actor only, after
+the actor's environment (``engine_env_vars``) is in place: vLLM reads its CPU settings at import.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+from rlhf.config import RolloutConfig
+from rlhf.types import Completion, RolloutBatch, SamplingSettings
+from rollouts.requests import probe_params, to_sampling_params, validate_request
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "rollouts.worker_ext.WeightSyncExtension"
+_GiB = 1 << 30
+
+
+def engine_env_vars(cfg: RolloutConfig, num_cpus: int | None = None) -> dict[str, str]:
+    """Environment for an engine actor, set before vLLM is imported there.
+
+    On CPU vLLM reserves a core for itself by default and computes on the rest (one of two here);
+    reserving none and binding its OpenMP threads to every core doubles throughput. The variables
+    are ignored by CUDA vLLM. Ray sets OMP_NUM_THREADS=1 in actors, which vLLM's bind overrides.
+    """
+    bind = cfg.cpu_threads_bind
+    if bind == "all":
+        bind = f"0-{(num_cpus or os.cpu_count() or 1) - 1}"
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+
+
+class RolloutEngine:
+    """Owns one ``vllm.LLM``. Methods are the actor's RPC surface; arguments are plain data."""
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_path: str,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        engine_index: int = 0,
+    ) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg
+        self.engine_index = engine_index
+        # vLLM refuses enable_sleep_mode where it has none (CPU); sleep() then reports False.
+        self.sleep_supported = cfg.sleep_between_steps and current_platform.is_sleep_mode_available()
+        kv_bytes = None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * _GiB)
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_model_len=cfg.max_model_len,
+            kv_cache_memory_bytes=kv_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            # Distinct seeds so data-parallel engines do not draw the same random stream.
+            seed=cfg.seed + engine_index,
+            logprobs_mode=cfg.logprobs_mode,
+            enable_sleep_mode=self.sleep_supported,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+
+    def ready(self) -> int:
+        """Returns the engine index once the engine is built (the actor's constructor has run)."""
+        return self.engine_index
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> RolloutBatch:
+        """Sample ``sampling.n`` completions per prompt; prompt i owns rows i*n .. i*n+n-1."""
+        validate_request(prompt_ids, sampling, self.cfg.max_model_len)
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, to_sampling_params(sampling), use_tqdm=False)
+        seconds = time.perf_counter() - start
+        completions = []
+        for i, (ids, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
+            if len(out.outputs) != sampling.n:
+                raise RuntimeError(
+                    f"engine {self.engine_index}: prompt {i} got {len(out.outputs)} samples, "
+                    f"asked for {sampling.n}"
+                )
+            for sample in out.outputs:
+                completions.append(_completion(i, ids, sample, self.engine_index))
+        return RolloutBatch(completions=completions, n=sampling.n, generate_s=seconds, per_engine_s=[seconds])
+
+    def load_weights(self, paths: list[str]) -> float:
+        """Load the tensors in these safetensors files into the running model; returns seconds."""
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"engine {self.engine_index}: weight file {path} does not exist")
+        start = time.perf_counter()
+        self.llm.collective_rpc("load_weights_from_files", args=(list(paths),))
+        # KV blocks computed with the old weights must not be served from the prefix cache.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"engine {self.engine_index}: prefix cache not reset (requests running)")
+        return time.perf_counter() - start
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_t | tokens before t) for every t, element 0 = 0.0 (rlhf.types' convention)."""
+        if len(token_ids) < 2:
+            raise ValueError(f"probe token_ids has {len(token_ids)} tokens; need at least 2")
+        validate_request([token_ids], SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], probe_params(), use_tqdm=False)[0]
+        # prompt_logprobs[0] is None (the first token has no prefix); entry t maps token -> Logprob.
+        return [0.0] + [out.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0]
+
+    def sleep(self) -> bool:
+        """Release KV cache (and weights, level 2) between generation phases. False: unsupported."""
+        if not self.sleep_supported:
+            log.info("engine %d: sleep mode unsupported (CPU) or off; stays awake", self.engine_index)
+            return False
+        self.llm.sleep(level=self.cfg.sleep_level)
+        return True
+
+    def wake_up(self) -> bool:
+        """Regain the memory released by sleep(). False: sleep mode unsupported or disabled."""
+        if not self.sleep_supported:
+            return False
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the engine processes now; leaving it to interpreter exit aborts (exit code 134)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+def _completion(prompt_index: int, prompt_ids: list[int], sample, engine_index: int) -> Completion:
+    """Our Completion from one vLLM CompletionOutput."""
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(
+            f"engine {engine_index}: prompt {prompt_index} finished with {sample.finish_reason!r}"
+        )
+    token_ids = list(sample.token_ids)
+    # logprobs=0: each position's dict holds exactly the sampled token's entry.
+    logprobs = [step[tok].logprob for tok, step in zip(token_ids, sample.logprobs, strict=True)]
+    return Completion(
+        prompt_index=prompt_index,
+        prompt_ids=list(prompt_ids),
+        completion_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=sample.finish_reason,
+        text=sample.text,
+    )

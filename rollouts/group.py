@@ -1,0 +1,121 @@
+"""A data-parallel group of rollout engines (Ray actors) behind one call per operation.
+
+Prompts are split into contiguous, near-equal chunks, one per engine; each engine samples its
+chunk and the group stitches the results back in the original prompt order, n rows per prompt.
+Every wait has a timeout, and a dead or stuck engine fails the call with its index in the error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from rlhf.config import RolloutConfig
+from rlhf.types import RolloutBatch, SamplingSettings
+from rollouts.engine import RolloutEngine, engine_env_vars
+from rollouts.requests import validate_request
+
+
+def split_evenly(num_items: int, num_parts: int) -> list[range]:
+    """Contiguous index ranges, sizes differing by at most one: 10 over 3 -> 0-3, 4-6, 7-9."""
+    base, extra = divmod(num_items, num_parts)
+    bounds = [0]
+    for part in range(num_parts):
+        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
+    return [range(bounds[p], bounds[p + 1]) for p in range(num_parts)]
+
+
+class EngineGroup:
+    """``cfg.num_engines`` RolloutEngine actors, started together."""
+
+    def __init__(
+        self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False
+    ) -> None:
+        if cfg.num_engines < 1:
+            raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
+        self.cfg = cfg
+        actor_cls = ray.remote(RolloutEngine)
+        # Ray's CPU counts are bookkeeping, not pinning: a fractional request lets engines and
+        # learner ranks share one machine while they take turns.
+        options = dict(
+            num_cpus=cfg.num_cpus_per_engine,
+            num_gpus=cfg.num_gpus_per_engine,
+            runtime_env={"env_vars": engine_env_vars(cfg)},
+        )
+        self.engines = [
+            actor_cls.options(**options).remote(cfg, model_path, dtype, trust_remote_code, i)
+            for i in range(cfg.num_engines)
+        ]
+        # All actors were created above, so the engines start concurrently; now wait for them all.
+        try:
+            self._gather([e.ready.remote() for e in self.engines], "start")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> RolloutBatch:
+        """n completions per prompt, in prompt order: prompt i owns rows i*n .. i*n+n-1."""
+        validate_request(prompt_ids, sampling, self.cfg.max_model_len)
+        chunks = [c for c in split_evenly(len(prompt_ids), len(self.engines)) if len(c)]
+        start = time.perf_counter()
+        refs = [
+            engine.generate.remote([prompt_ids[i] for i in chunk], sampling)
+            for engine, chunk in zip(self.engines, chunks)
+        ]
+        parts: list[RolloutBatch] = self._gather(refs, "generate")
+        seconds = time.perf_counter() - start
+        completions = []
+        for chunk, part in zip(chunks, parts):
+            for c in part.completions:
+                c.prompt_index += chunk.start  # engine-local index -> index in this request
+                completions.append(c)
+        return RolloutBatch(
+            completions=completions,
+            n=sampling.n,
+            generate_s=seconds,
+            per_engine_s=[p.generate_s for p in parts],
+        )
+
+    def load_weights(self, paths: list[str]) -> list[float]:
+        """Every engine loads the same weight files; seconds per engine."""
+        return self._gather([e.load_weights.remote(list(paths)) for e in self.engines], "load_weights")
+
+    def probe(self, token_ids: list[int]) -> list[list[float]]:
+        """Each engine's probe log-probs of ``token_ids`` (one list per engine, element 0 = 0.0)."""
+        return self._gather([e.probe_logprobs.remote(list(token_ids)) for e in self.engines], "probe")
+
+    def sleep(self) -> list[bool]:
+        """Release engine memory between generation phases; False where unsupported (CPU)."""
+        return self._gather([e.sleep.remote() for e in self.engines], "sleep")
+
+    def wake_up(self) -> list[bool]:
+        return self._gather([e.wake_up.remote() for e in self.engines], "wake_up")
+
+    def shutdown(self) -> None:
+        """Stop every engine's vLLM processes, then the actors. Safe to call twice."""
+        engines, self.engines = getattr(self, "engines", []), []
+        refs = [engine.shutdown.remote() for engine in engines]
+        # Best effort: an engine that already died has nothing left to stop.
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+        for engine in engines:
+            ray.kill(engine)
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """ray.get each engine's result within cfg.timeout_s; errors name the engine index."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        results = []
+        for index, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except RayActorError as err:
+                raise RuntimeError(f"rollout engine {index} died during {what}: {err}") from err
+            except GetTimeoutError as err:
+                raise TimeoutError(
+                    f"rollout engine {index}: {what} took longer than rollout.timeout_s="
+                    f"{self.cfg.timeout_s}"
+                ) from err
+        return results
