@@ -1,0 +1,33 @@
+"""GRPO algorithm core as pure tensor functions, each family in a name -> function registry.
+
+advantages.py   rewards [G, n] -> advantages (grpo, dr_grpo, rloo, reinforce_pp)
+losses.py       clipped per-token policy losses (ppo_clip, gspo)
+kl.py           per-token KL estimators (k1, k2, k3)
+aggregation.py  per-token loss -> scalar, micro-batch safe (token_mean, seq_mean_token_mean, ...)
+logprobs.py     token log-probs / entropies from logits in bounded memory
+objective.py    the composed loss for one micro-batch
+"""
+
+from rlhf.algo.advantages import ADVANTAGES, compute_advantages, valid_mask
+from rlhf.algo.aggregation import AGGREGATIONS, aggregate, normalisers
+from rlhf.algo.kl import KL_ESTIMATORS
+from rlhf.algo.logprobs import token_entropy, token_logprobs
+from rlhf.algo.losses import POLICY_LOSSES
+from rlhf.algo.objective import grpo_objective
+from rlhf.algo.registry import Registry, UnknownNameError
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "Registry",
+    "UnknownNameError",
+    "aggregate",
+    "compute_advantages",
+    "grpo_objective",
+    "normalisers",
+    "token_entropy",
+    "token_logprobs",
+    "valid_mask",
+]

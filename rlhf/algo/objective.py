@@ -1,0 +1,88 @@
+"""The GRPO-family objective for one micro-batch: policy loss + KL penalty - entropy bonus.
+
+    loss = agg(policy_loss) + kl_coef * agg(kl) - entropy_coef * agg(entropy)
+
+``agg`` is the configured aggregation, normalised by whole-mini-batch counts (see
+aggregation.py), so the learner sums the micro-batch losses and gradients. Sequences with
+sample_weight 0 are masked out of every term and every diagnostic.
+
+Metrics (detached 0-dim tensors), and how the learner combines them over micro-batches and ranks:
+- sum: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean (token shares:
+  micro-batch mean x its kept tokens / total_tokens).
+- max / min: ratio/max, ratio/min.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from rlhf.algo.aggregation import aggregate
+from rlhf.algo.kl import KL_ESTIMATORS
+from rlhf.algo.losses import POLICY_LOSSES
+from rlhf.config import AlgoConfig
+from rlhf.types import TrainBatch
+
+
+def grpo_objective(
+    logprobs: Tensor,
+    batch: TrainBatch,
+    cfg: AlgoConfig,
+    *,
+    total_tokens: float,
+    total_seqs: float,
+    norm_length: float | None = None,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Scalar loss of this micro-batch and its metrics.
+
+    logprobs [B, L]: the policy's token log-probs (token_logprobs), with grad.
+    batch: the micro-batch (response_mask, advantages, old/ref log-probs, sample_weight).
+    total_tokens, total_seqs: normalisers(...) of the whole mini-batch.
+    norm_length: Dr.GRPO's constant; defaults to cfg.norm_length (the trainer resolves a null
+        there to rollout.max_new_tokens and passes it here).
+    entropy [B, L]: token_entropy(...), needed when cfg.entropy_coef > 0.
+    """
+    if cfg.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError(f"algo.kl_coef={cfg.kl_coef} > 0 but the batch has no ref_logprobs")
+    if cfg.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"algo.entropy_coef={cfg.entropy_coef} != 0 but no entropy was given")
+    norm_length = cfg.norm_length if norm_length is None else norm_length
+    if cfg.loss_agg == "seq_mean_token_sum_norm" and norm_length is None:
+        raise ValueError(
+            "algo.norm_length is null: pass norm_length= (the trainer uses rollout.max_new_tokens)"
+        )
+    mask = batch.response_mask.to(logprobs.dtype)
+    if batch.sample_weight is not None:
+        mask = mask * batch.sample_weight.to(mask.dtype)[:, None]
+    # Off-policy correction only exists when the batch carries behaviour log-probs.
+    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
+    agg = dict(
+        total_tokens=total_tokens,
+        total_seqs=total_seqs,
+        norm_length=norm_length,
+    )
+
+    per_token, diag = POLICY_LOSSES.get(cfg.policy_loss)(
+        logprobs, old, batch.advantages, mask,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+    )
+    policy_loss = aggregate(cfg.loss_agg, per_token, mask, **agg)
+    loss = policy_loss
+    share = mask.sum() / total_tokens  # turns micro-batch token means into summable shares
+    metrics = {k: v if k in ("ratio/max", "ratio/min") else v * share for k, v in diag.items()}
+    metrics["policy_loss"] = policy_loss.detach()
+
+    if batch.ref_logprobs is not None:
+        per_token_kl = KL_ESTIMATORS.get(cfg.kl_estimator)(
+            logprobs, batch.ref_logprobs, clamp=cfg.kl_clamp
+        )
+        kl = aggregate(cfg.loss_agg, per_token_kl, mask, **agg)
+        metrics["kl"] = kl.detach()
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef * kl
+    if entropy is not None:
+        ent = aggregate(cfg.loss_agg, entropy, mask, **agg)
+        metrics["entropy"] = ent.detach()
+        if cfg.entropy_coef != 0:
+            loss = loss - cfg.entropy_coef * ent
+    return loss, metrics

@@ -1,0 +1,121 @@
+"""grpo_objective: composition of policy loss, KL and entropy, sample weights, summable metrics."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from rlhf.algo import grpo_objective, normalisers
+from rlhf.config import AlgoConfig
+from rlhf.types import TrainBatch
+
+MASK = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+
+
+def _batch(**kw):
+    B, L = MASK.shape
+    fields = dict(
+        input_ids=torch.zeros(B, L, dtype=torch.long),
+        attention_mask=torch.ones(B, L, dtype=torch.long),
+        response_mask=MASK,
+        advantages=torch.tensor([1.0, -0.5]),
+    )
+    return TrainBatch(**(fields | kw))
+
+
+def _run(cfg, batch, logprobs=None, **kw):
+    logprobs = torch.full(MASK.shape, -1.0) if logprobs is None else logprobs
+    tokens, seqs = normalisers(batch.response_mask, batch.sample_weight)
+    return grpo_objective(logprobs, batch, cfg, total_tokens=tokens, total_seqs=seqs, **kw)
+
+
+def test_on_policy_grpo_loss_by_hand():
+    # ratio 1: per-token loss -A. seq_mean_token_mean: (-1 + 0.5) / 2 = -0.25.
+    loss, m = _run(AlgoConfig(), _batch())
+    assert loss.item() == pytest.approx(-0.25)
+    assert m["policy_loss"].item() == pytest.approx(-0.25)
+    assert m["ratio/mean"].item() == pytest.approx(1.0)  # share of the whole batch: all of it
+    assert m["clip_frac/low"].item() == 0.0 and "kl" not in m and "entropy" not in m
+
+
+def test_kl_and_entropy_terms_by_hand():
+    # k1 with logp - ref = 0.5 on every token -> agg 0.5; entropy 2.0 on every token -> agg 2.0.
+    # loss = -0.25 + 0.1 * 0.5 - 0.01 * 2.0 = -0.22
+    cfg = AlgoConfig(kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01)
+    batch = _batch(ref_logprobs=torch.full(MASK.shape, -1.5))
+    loss, m = _run(cfg, batch, entropy=torch.full(MASK.shape, 2.0))
+    assert loss.item() == pytest.approx(-0.22)
+    assert m["kl"].item() == pytest.approx(0.5) and m["entropy"].item() == pytest.approx(2.0)
+
+
+def test_kl_is_logged_but_not_added_when_kl_coef_is_zero():
+    loss, m = _run(AlgoConfig(kl_estimator="k1"), _batch(ref_logprobs=torch.full(MASK.shape, -1.5)))
+    assert loss.item() == pytest.approx(-0.25) and m["kl"].item() == pytest.approx(0.5)
+
+
+def test_zero_sample_weight_drops_the_sequence():
+    # Only row 0 (A = 1) is left: loss -1 over 1 sequence.
+    loss, _ = _run(AlgoConfig(), _batch(sample_weight=torch.tensor([1.0, 0.0])))
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_old_logprobs_make_it_off_policy():
+    # old = logp - log 2 on row 0 -> ratio 2 > 1.2 with A = 1: clipped at -1.2 per token.
+    # Row 1 on-policy: 0.5. Loss (-1.2 + 0.5) / 2 = -0.35; high clip binds on 2 of 5 tokens.
+    old = torch.full(MASK.shape, -1.0)
+    old[0] -= torch.log(torch.tensor(2.0))
+    loss, m = _run(AlgoConfig(), _batch(old_logprobs=old))
+    assert loss.item() == pytest.approx(-0.35, abs=1e-6)
+    assert m["clip_frac/high"].item() == pytest.approx(0.4)
+    assert m["ratio/max"].item() == pytest.approx(2.0)
+
+
+def test_dr_grpo_uses_the_passed_norm_length():
+    # seq sums / 8: (-2/8 + 1.5/8) / 2 = -0.03125
+    cfg = AlgoConfig(advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm")
+    loss, _ = _run(cfg, _batch(), norm_length=8)
+    assert loss.item() == pytest.approx(-0.03125)
+    with pytest.raises(ValueError, match="algo.norm_length is null"):
+        _run(cfg, _batch())
+
+
+def test_micro_batch_metrics_sum_to_the_whole_batch():
+    g = torch.Generator().manual_seed(0)
+    B, L = 6, 5
+    mask = (torch.rand(B, L, generator=g) > 0.3).float()
+    logprobs = -torch.rand(B, L, generator=g)
+    batch = TrainBatch(
+        input_ids=torch.zeros(B, L, dtype=torch.long),
+        attention_mask=torch.ones(B, L, dtype=torch.long),
+        response_mask=mask,
+        advantages=torch.randn(B, generator=g),
+        old_logprobs=logprobs + 0.4 * torch.randn(B, L, generator=g),
+        ref_logprobs=logprobs + 0.1 * torch.randn(B, L, generator=g),
+    )
+    cfg = AlgoConfig(loss_agg="token_mean")
+    tokens, seqs = normalisers(mask)
+    whole_loss, whole = grpo_objective(logprobs, batch, cfg, total_tokens=tokens, total_seqs=seqs)
+    parts = [
+        grpo_objective(logprobs[r], batch.select(r), cfg, total_tokens=tokens, total_seqs=seqs)
+        for r in (slice(0, 1), slice(1, 4), slice(4, 6))
+    ]
+    assert torch.allclose(sum(p[0] for p in parts), whole_loss, atol=1e-6)
+    for key in ["policy_loss", "kl", "clip_frac/low", "clip_frac/high", "ratio/mean"]:
+        assert torch.allclose(sum(p[1][key] for p in parts), whole[key], atol=1e-6), key
+    assert max(p[1]["ratio/max"] for p in parts) == whole["ratio/max"]
+    assert min(p[1]["ratio/min"] for p in parts) == whole["ratio/min"]
+
+
+def test_kl_coef_without_ref_names_the_key():
+    with pytest.raises(ValueError, match=r"algo.kl_coef=0.1 > 0 but the batch has no ref_logprobs"):
+        _run(AlgoConfig(kl_coef=0.1), _batch())
+
+
+def test_entropy_coef_without_entropy_names_the_key():
+    with pytest.raises(ValueError, match="algo.entropy_coef=0.01"):
+        _run(AlgoConfig(entropy_coef=0.01), _batch())
+
+
+def test_unknown_loss_name_lists_known_names():
+    with pytest.raises(KeyError, match="gspo, ppo_clip"):
+        _run(dataclasses.replace(AlgoConfig(), policy_loss="ppo"), _batch())
