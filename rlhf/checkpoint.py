@@ -1,0 +1,177 @@
+"""Atomic, verified run checkpoints: ``<run>/checkpoints/step-N``.
+
+A save writes everything into ``.tmp-step-N``, then a manifest (every file with its size and
+SHA-256) as the marker ``COMPLETE``, last, and only then renames the folder to ``step-N``. So a
+``step-N`` folder is always whole, a crash leaves at most a ``.tmp-*`` folder that nothing reads,
+and older checkpoints are pruned (to the last ``keep_last``) only after the new one is in place.
+
+Layout of ``step-N``:
+- ``deepspeed/``: DeepSpeed's own files (``mp_rank_00_model_states.pt``, one
+  ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank: model, optimizer and LR-scheduler
+  state). DeepSpeed writes these with ``torch.save`` and reads them with ``torch.load(...,
+  weights_only=False)``, i.e. they are pickles; DeepSpeed also drops a copy of its
+  ``zero_to_fp32.py`` beside them.
+- ``client_state.json``: our run state (step, RNG states, data position, ...), JSON only.
+- ``config.yaml``: the run's composed config, when the client state carries one under ``config``.
+- ``COMPLETE``: the manifest, written last.
+
+Trust: checkpoints are artefacts of our own runs, not a format for exchanging models (use the HF
+export for that). Because DeepSpeed's files are pickles, ``read_checkpoint`` refuses a folder
+whose files differ from its manifest in any way (a file added, removed, resized or altered)
+before anything in it is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+MARKER = "COMPLETE"
+CLIENT_STATE = "client_state.json"
+CONFIG_YAML = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is incomplete or does not match its manifest."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root``, or None."""
+    found = complete_checkpoints(Path(root))
+    return found[-1][1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)
+    }
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    write_model_state: Callable[[Path], None],
+    client_state: dict,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and prune to the last ``keep_last``.
+
+    ``write_model_state(folder)`` writes the learner's files (all ranks) into ``folder``.
+    ``client_state`` must be JSON-serialisable (the RNG states of rlhf.rng are).
+    """
+    if keep_last < 1:
+        raise ValueError(f"trainer.keep_last={keep_last} must be >= 1")
+    if step < 0:
+        raise ValueError(f"checkpoint step={step} must be >= 0")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # Serialise first: a state that is not JSON fails here, before any heavy write.
+    state_text = json.dumps(client_state, indent=1, allow_nan=True) + "\n"
+    tmp = root / f".tmp-step-{step}"
+    if tmp.exists():  # left by a save that crashed; never read
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write_model_state(tmp)
+        _write_durable(tmp / CLIENT_STATE, state_text)
+        if isinstance(client_state.get("config"), dict):
+            import yaml
+
+            _write_durable(tmp / CONFIG_YAML, yaml.safe_dump(client_state["config"], sort_keys=False))
+        manifest = {"step": step, "files": _manifest(tmp)}
+        _write_durable(tmp / MARKER, json.dumps(manifest, indent=1) + "\n")  # last: marks it complete
+        final = step_dir(root, step)
+        old = None
+        if final.exists():  # saving the same step again (e.g. after a resume): swap, then delete
+            old = root / f".old-step-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for _, path in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The manifest of ``folder`` after checking every file against it; raises CheckpointError."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MARKER} marker)")
+    manifest = json.loads(marker.read_text())
+    expected: dict[str, dict] = manifest["files"]
+    present = {str(p.relative_to(folder)): p for p in _files(folder)}
+    extra = sorted(set(present) - set(expected))
+    missing = sorted(set(expected) - set(present))
+    if extra or missing:
+        raise CheckpointError(
+            f"{folder} does not match its manifest: unexpected files {extra}, missing files {missing}; "
+            "refusing to load it (DeepSpeed's files are pickles)"
+        )
+    for name, meta in expected.items():
+        p = present[name]
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"{folder}/{name} was changed after the checkpoint was written; refusing to load it")
+    return manifest
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """Verify ``folder`` and return its client state (JSON)."""
+    verify_checkpoint(folder)
+    return json.loads((Path(folder) / CLIENT_STATE).read_text())

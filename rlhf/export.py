@@ -1,0 +1,140 @@
+"""Hugging Face export: a folder that ``AutoModelForCausalLM.from_pretrained`` and vLLM load.
+
+Contents: safetensors weights (``model.safetensors``, or shards plus an index), ``config.json``
+(the base model's architecture with the export dtype), ``generation_config.json`` and the
+tokenizer files. Tied output heads are left out, as ``save_pretrained`` does.
+
+Two sources: a live ``LearnerGroup`` (``LearnerGroup.export``) or any saved checkpoint
+(``export_checkpoint``, used by ``scripts/export.py``), whose DeepSpeed shards are merged with
+DeepSpeed's own ``zero_to_fp32`` after the checkpoint's manifest has been verified.
+The folder is built beside the target and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from rlhf.learner.weights import LM_HEAD, write_hf_weights
+
+_BUCKET_BYTES = 2 << 30  # shard size of exports made from checkpoints
+
+
+def publish_hf_folder(
+    out_dir: Path,
+    write_weights: Callable[[Path], None],
+    base_model_path: str,
+    tokenizer_path: str,
+    dtype: str,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Build the export in a temporary sibling folder, then rename it to ``out_dir``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_weights(tmp)
+        config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust_remote_code)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        try:
+            gen = GenerationConfig.from_pretrained(base_model_path)
+        except OSError:  # the base folder has none
+            gen = GenerationConfig.from_model_config(config)
+        gen.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"export to {out_dir}: no weights were written")
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in state.items():
+        t = t.to(dtype).contiguous()
+        if bucket and size + t.numel() * t.element_size() > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = t
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters of a verified checkpoint, by HF name (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from rlhf.checkpoint import verify_checkpoint
+    from rlhf.learner.rank import DS_TAG
+
+    verify_checkpoint(ckpt_dir)  # before DeepSpeed unpickles anything in it
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
+
+
+def export_checkpoint(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    base_model_path: str | None = None,
+    dtype: str | None = None,
+    tokenizer_path: str | None = None,
+) -> Path:
+    """Export a saved checkpoint (``<run>/checkpoints/step-N``) as an HF folder.
+
+    ``base_model_path`` (config, generation config, tokenizer) and ``dtype`` default to the run's
+    own ``model.name_or_path`` / ``model.dtype`` recorded in the checkpoint's client state.
+    """
+    from transformers import AutoConfig
+
+    from rlhf.checkpoint import read_checkpoint
+    from rlhf.learner.rank import torch_dtype
+    from rlhf.models import resolve_model_path
+
+    ckpt_dir = Path(ckpt_dir)
+    run_model = read_checkpoint(ckpt_dir).get("config", {}).get("model", {})
+    if base_model_path is None:
+        if "name_or_path" not in run_model:
+            raise ValueError(
+                f"{ckpt_dir}/client_state.json records no config.model.name_or_path; pass the base model "
+                "(--base-model) for the config and tokenizer"
+            )
+        base_model_path = resolve_model_path(run_model["name_or_path"], run_model.get("cache_dir"))
+    dtype = dtype or run_model.get("dtype", "float32")
+    trust = bool(run_model.get("trust_remote_code", False))
+    state = checkpoint_weights(ckpt_dir)
+    config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False):
+        state.pop(LM_HEAD, None)
+    buckets = _buckets(state, torch_dtype(dtype), _BUCKET_BYTES)
+    return publish_hf_folder(
+        Path(out_dir), lambda tmp: write_hf_weights(buckets, tmp), base_model_path,
+        tokenizer_path or base_model_path, dtype, trust_remote_code=trust,
+    )
+
+
+def describe_export(out_dir: Path) -> str:
+    """One line: files and total weight bytes of an export folder."""
+    files = sorted(p.name for p in Path(out_dir).iterdir())
+    weights = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
+    return json.dumps({"folder": str(out_dir), "files": files, "weight_bytes": weights})

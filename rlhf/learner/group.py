@@ -1,0 +1,315 @@
+"""The learner as a group of Ray actors, one DeepSpeed rank each, and the sending half of weight sync.
+
+The group splits every batch evenly across ranks, fans calls out, and waits with a deadline: a rank
+that dies or stalls raises ``LearnerError`` naming the rank and the stage instead of hanging the run.
+
+Weight sync (CPU path, one machine): every rank takes part in gathering full parameters (ZeRO-3
+gathers are collective); rank 0 writes them as safetensors buckets into shared memory
+(``learner.sync_dir``, /dev/shm), the engines reload from those files, the files are deleted, and
+a probe sequence scored by the learner and by every engine must agree within the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.learner.rank import LearnerRank
+from rlhf.types import SyncReport, TrainBatch
+
+
+class LearnerError(RuntimeError):
+    """A learner rank died, failed or stalled; the message names the rank and the stage."""
+
+
+class WeightSyncError(RuntimeError):
+    """After a sync, an engine's probe log-probs differ from the learner's by more than the tolerance."""
+
+
+class Engines(Protocol):
+    """What the sync needs from rollouts.EngineGroup."""
+
+    def load_weights(self, paths: list[str]) -> list[float]: ...
+
+    def probe(self, token_ids: list[int]) -> list[list[float]]: ...
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps: int) -> None:
+    """Every learner setting that can be checked before a process starts or a weight loads."""
+    from rlhf.learner.ds_config import policy_config
+    from rlhf.learner.optim import lr_factor
+
+    for key, value in [
+        ("learner.num_ranks", cfg.num_ranks),
+        ("learner.micro_batch_size", cfg.micro_batch_size),
+        ("learner.num_threads", cfg.num_threads),
+        ("learner.sync_bucket_mb", cfg.sync_bucket_mb),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not cfg.timeout_s > 0:
+        raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
+    if not cfg.logprob_temperature > 0:
+        raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
+    if cfg.backend not in ("gloo", "nccl"):
+        raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
+    if cfg.backend == "nccl" and cfg.num_gpus_per_rank <= 0:
+        raise ConfigError("learner.backend=nccl needs learner.num_gpus_per_rank > 0 (one GPU per rank)")
+    policy_config(cfg, dtype, cfg.micro_batch_size)
+    lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+    if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
+        raise ConfigError(
+            "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
+            "rollout.max_new_tokens when it is null)"
+        )
+
+
+class LearnerGroup:
+    """``cfg.num_ranks`` LearnerRank actors forming one DeepSpeed data-parallel group."""
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        algo: AlgoConfig,
+        model_path: str,
+        dtype: str,
+        trust_remote_code: bool,
+        total_steps: int,
+    ) -> None:
+        import ray
+
+        check_settings(cfg, algo, dtype, total_steps)
+        self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
+        self.trust_remote_code = trust_remote_code
+        port = cfg.master_port or free_port(cfg.master_addr)
+        # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
+        # share one machine and take turns; each rank sets its own thread count.
+        actor = ray.remote(LearnerRank).options(
+            num_cpus=cfg.num_cpus_per_rank,
+            num_gpus=cfg.num_gpus_per_rank,
+            max_concurrency=1,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.num_threads)}},
+        )
+        self.ranks = [
+            actor.remote(r, cfg.num_ranks, port, cfg, algo, model_path, dtype, trust_remote_code, total_steps)
+            for r in range(cfg.num_ranks)
+        ]
+        try:
+            self._call("start-up", "ready")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------------------- fan-out
+    def _call(self, stage: str, method: str, per_rank_args: list[tuple] | None = None, *args: Any) -> list[Any]:
+        refs = [
+            getattr(a, method).remote(*(per_rank_args[r] if per_rank_args else args))
+            for r, a in enumerate(self.ranks)
+        ]
+        return self._wait(stage, refs)
+
+    def _wait(self, stage: str, refs: list) -> list[Any]:
+        """Results in rank order. The first rank to fail is named; if none fails before the
+        deadline, the ranks still running are named."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = {ref: r for r, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(pending.values())
+                who = f"rank {late[0]}" if len(late) == 1 else f"ranks {late}"
+                raise LearnerError(f"learner {who} did not finish {stage} within {self.cfg.timeout_s:g}s")
+            r = pending.pop(ready[0])
+            try:
+                results[r] = ray.get(ready[0])
+            except RayActorError as e:
+                raise LearnerError(f"learner rank {r} died during {stage}: {e}") from e
+            except RayTaskError as e:
+                raise LearnerError(f"learner rank {r} failed in {stage}: {e}") from e
+        return results
+
+    def _shards(self, batch: TrainBatch) -> list[TrainBatch]:
+        rows = batch.size // len(self.ranks)
+        return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(len(self.ranks))]
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer update on a mini-batch; returns the reduced metrics.
+
+        Metrics: loss, policy_loss, kl (when ref log-probs are given), entropy, clip_frac/low,
+        clip_frac/high, ratio/{mean,max,min}, grad_norm, lr (of this update), tokens/s (attention
+        tokens of the mini-batch / wall time), skipped (1 when a non-finite loss or gradient on any
+        rank dropped the update).
+        """
+        from rlhf.algo import normalisers
+
+        world = len(self.ranks)
+        if batch.size % world:
+            raise ValueError(
+                f"train_step: the mini-batch has {batch.size} rows, not divisible by learner.num_ranks={world}"
+            )
+        total_tokens, total_seqs = normalisers(batch.response_mask, batch.sample_weight)
+        if not (total_tokens > 0 and total_seqs > 0):
+            raise ValueError(
+                f"train_step: the mini-batch has {total_tokens:g} weighted response tokens in "
+                f"{total_seqs:g} weighted sequences; nothing to learn from"
+            )
+        start = time.perf_counter()
+        shards = self._shards(batch)
+        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs) for s in shards])
+        wall = time.perf_counter() - start
+        return reduce_metrics(results, wall)
+
+    def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
+        """[B, L] policy log-probs (no grad), rows spread over the ranks."""
+        return self._score("compute_logprobs", batch, temperature)
+
+    def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, L] reference-model log-probs; needs algo.kl_coef > 0."""
+        if self.algo.kl_coef <= 0:
+            raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (loaded only when > 0)")
+        return self._score("compute_ref_logprobs", batch, None)
+
+    def _score(self, method: str, batch: TrainBatch, temperature: float | None) -> torch.Tensor:
+        # Every rank must run the same number of forwards (ZeRO-3 gathers are collective), so the
+        # rows are padded with copies of the last row up to a multiple of the rank count.
+        world = len(self.ranks)
+        B = batch.size
+        padded = math.ceil(B / world) * world
+        index = torch.cat([torch.arange(B), torch.full((padded - B,), B - 1, dtype=torch.long)])
+        shards = self._shards(batch.select(index))
+        extra = () if method == "compute_ref_logprobs" else (temperature,)
+        parts = self._call(method, method, [(s, *extra) for s in shards])
+        return torch.cat(parts)[:B]
+
+    # ----------------------------------------------------------------------------- weight sync
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        """The learner's log-probs of ``probe_ids`` at temperature 1 (engines report raw log-probs)."""
+        ids = torch.tensor([probe_ids], dtype=torch.long)
+        ones = torch.ones_like(ids)
+        probe = TrainBatch(input_ids=ids, attention_mask=ones, response_mask=ones.float(),
+                           advantages=torch.zeros(1))
+        return self.compute_logprobs(probe, temperature=1.0)[0].tolist()
+
+    def check_probe(self, engines: Engines, probe_ids: list[int], tolerance: float) -> float:
+        """Max |engine - learner| probe log-prob gap over engines and positions 1..L-1; raises
+        WeightSyncError above ``tolerance`` (rollout.probe_tolerance)."""
+        if len(probe_ids) < 2:
+            raise ValueError(f"probe_ids has {len(probe_ids)} tokens; the probe needs at least 2")
+        mine = self.probe_logprobs(probe_ids)
+        gap = 0.0
+        for e, theirs in enumerate(engines.probe(probe_ids)):
+            if len(theirs) != len(mine):
+                raise WeightSyncError(
+                    f"engine {e} returned {len(theirs)} probe log-probs for {len(mine)} probe tokens"
+                )
+            g = max(abs(a - b) for a, b in zip(theirs[1:], mine[1:]))
+            if not math.isfinite(g) or g > tolerance:
+                raise WeightSyncError(
+                    f"engine {e}: probe log-prob gap {g:.3g} exceeds rollout.probe_tolerance={tolerance:g} "
+                    "(the engine's weights differ from the learner's)"
+                )
+            gap = max(gap, g)
+        return gap
+
+    def sync_weights(self, engines: Engines, probe_ids: list[int], tolerance: float) -> SyncReport:
+        """Send the current policy weights to every engine, then check them with the probe."""
+        start = time.perf_counter()
+        out_dir = Path(self.cfg.sync_dir) / f"rlhf-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            written = self._call("weight gather", "write_weights", None, str(out_dir), True)
+            paths, nbytes, gather_s = written[0]
+            if not paths:
+                raise LearnerError("learner rank 0 wrote no weight buckets during weight gather")
+            load_start = time.perf_counter()
+            engines.load_weights(paths)
+            load_s = time.perf_counter() - load_start
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        gap = self.check_probe(engines, probe_ids, tolerance)
+        return SyncReport(seconds=time.perf_counter() - start, num_bytes=nbytes, probe_gap=gap,
+                          gather_s=gather_s, load_s=load_s)
+
+    # ----------------------------------------------------------------------------- persistence
+    def save(self, ckpt_root: str | Path, step: int, client_state: dict, keep_last: int = 2) -> Path:
+        """Atomic checkpoint ``<ckpt_root>/step-<step>`` (see rlhf/checkpoint.py); returns its path."""
+        from rlhf.checkpoint import save_checkpoint
+
+        def write(tmp: Path) -> None:
+            self._call("save_checkpoint", "save_checkpoint", None, str(tmp))
+
+        return save_checkpoint(Path(ckpt_root), step, write, client_state, keep_last)
+
+    def load(self, ckpt_dir: str | Path) -> dict:
+        """Restore model, optimizer and schedule on every rank; returns the run's client state."""
+        from rlhf.checkpoint import read_checkpoint
+
+        state = read_checkpoint(Path(ckpt_dir))  # verifies the manifest before any file is unpickled
+        self._call("load_checkpoint", "load_checkpoint", None, str(ckpt_dir))
+        return state
+
+    def export(self, out_dir: str | Path, tokenizer_path: str | None = None) -> Path:
+        """An HF folder (safetensors, config, tokenizer, generation config) of the current policy."""
+        from rlhf.export import publish_hf_folder
+
+        def write(tmp: Path) -> None:
+            self._call("export", "export_hf", None, str(tmp))
+
+        return publish_hf_folder(Path(out_dir), write, self.model_path, tokenizer_path or self.model_path,
+                                 self.dtype, self.trust_remote_code)
+
+    # ----------------------------------------------------------------------------- inspection
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 parameters by HF name (for tests and benchmarks)."""
+        return self._call("full_state", "full_state")[0]
+
+    def optimizer_states(self) -> list[dict[str, torch.Tensor]]:
+        """Each rank's optimizer state tensors (for tests)."""
+        return self._call("optimizer_state", "optimizer_state")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in getattr(self, "ranks", []):
+            ray.kill(a, no_restart=True)
+        self.ranks = []
+
+
+def reduce_metrics(results: list[dict[str, float]], wall_s: float) -> dict[str, float]:
+    """Combine rank metrics: ``sum:`` keys add, ``max:``/``min:`` keys take the extreme, plain keys
+    (grad_norm, lr, skipped: identical on every rank) come from rank 0."""
+    out: dict[str, float] = {}
+    for res in results:
+        for key, v in res.items():
+            kind, _, name = key.partition(":")
+            if not name:
+                out.setdefault(key, v)
+            elif kind == "sum":
+                out[name] = out.get(name, 0.0) + v
+            elif kind == "max":
+                out[name] = max(out.get(name, -math.inf), v)
+            elif kind == "min":
+                out[name] = min(out.get(name, math.inf), v)
+    tokens = out.pop("tokens", 0.0)
+    out.pop("seconds", None)
+    out["tokens/s"] = tokens / wall_s if wall_s > 0 else 0.0
+    return out

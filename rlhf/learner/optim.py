@@ -1,0 +1,69 @@
+"""Optimizer parameter groups and the learning-rate schedule (warm-up, then constant or cosine).
+
+Shared by the DeepSpeed ranks and by the plain-torch baselines in tests and benchmarks, so both
+sides of a comparison build the very same optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from rlhf.config import ConfigError, LearnerConfig
+
+SCHEDULES = ("constant", "cosine")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay; vectors (norm scales, biases) do not, as is usual for transformers."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_adamw(model: torch.nn.Module, cfg: LearnerConfig, fused: bool = False) -> torch.optim.AdamW:
+    if cfg.lr <= 0:
+        raise ConfigError(f"learner.lr={cfg.lr} must be > 0")
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"learner.betas={list(cfg.betas)} must hold two numbers")
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate for the update that follows ``step`` applied updates.
+
+    Warm-up rises linearly: update k (0-based) of W warm-up updates uses (k + 1) / W. Cosine then
+    decays from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"learner.lr_schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    if warmup_steps < 0:
+        raise ConfigError(f"learner.warmup_steps={warmup_steps} must be >= 0")
+    if schedule == "cosine" and total_steps <= warmup_steps:
+        raise ConfigError(
+            f"learner.lr_schedule=cosine needs total steps ({total_steps}) > learner.warmup_steps "
+            f"({warmup_steps})"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

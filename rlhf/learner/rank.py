@@ -1,0 +1,317 @@
+"""One DeepSpeed rank of the learner: the policy engine, the optional frozen reference, their RPCs.
+
+``LearnerRank`` is a plain class. ``rlhf/learner/group.py`` runs one per rank as a Ray actor; the
+GPU check (scripts/gpu_check.sh) runs the same class under torchrun. Every public method that
+touches parameters is collective: all ranks must call it, with the same number of micro-batches.
+
+Gradient bookkeeping. The GRPO objective (rlhf.algo) divides by token/sequence counts of the
+WHOLE mini-batch, so the mini-batch loss is the plain SUM of micro-batch losses over all ranks.
+DeepSpeed instead assumes means: ``engine.backward`` divides by gradient_accumulation_steps and
+the data-parallel reduction averages over ranks. We therefore mark the accumulation boundary
+ourselves, call ``backward(loss * world_size, scale_wrt_gas=False)``, and check the result
+against a plain single-process torch step in tests/test_learner_update.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.types import TrainBatch
+
+DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
+
+# How micro-batch metrics combine (see rlhf/algo/objective.py): ratio extremes by max/min, every
+# other objective metric is a share of the mini-batch value and adds up.
+MAX_METRICS = ("ratio/max",)
+MIN_METRICS = ("ratio/min",)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
+    return [batch.select(slice(i, i + size)) for i in range(0, batch.size, size)]
+
+
+def load_hf_model(model_path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
+    """The causal LM from an HF folder: safetensors only (no pickled weights are ever read)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    model.config.use_cache = False  # training and scoring never reuse a KV cache
+    return model
+
+
+class LearnerRank:
+    """Rank ``rank`` of ``world_size``: joins the process group and builds the DeepSpeed engines."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_port: int,
+        cfg: LearnerConfig,
+        algo: AlgoConfig,
+        model_path: str,
+        dtype: str,
+        trust_remote_code: bool,
+        total_steps: int,
+    ) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from rlhf.learner.ds_config import policy_config, reference_config
+        from rlhf.learner.optim import build_adamw, lr_factor
+
+        self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
+        os.environ.update(
+            MASTER_ADDR=cfg.master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),  # Ray gives each GPU actor its own device 0
+        )
+        # Ray sets OMP_NUM_THREADS=1 inside actors; the rank's compute threads are configured here.
+        torch.set_num_threads(cfg.num_threads)
+        deepspeed.init_distributed(dist_backend=cfg.backend, timeout=timedelta(seconds=cfg.timeout_s))
+        accel = get_accelerator()
+        if accel.device_name() != "cpu":
+            accel.set_device(int(os.environ["LOCAL_RANK"]))
+            self.device = torch.device(accel.device_name(), int(os.environ["LOCAL_RANK"]))
+        else:
+            self.device = torch.device("cpu")
+
+        model = load_hf_model(model_path, dtype, trust_remote_code)
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and frozen inputs.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = build_adamw(model, cfg, fused=self.device.type == "cuda")
+        schedule = lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            # A callable: DeepSpeed builds the scheduler on the optimizer it actually steps.
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=policy_config(cfg, dtype, cfg.micro_batch_size),
+        )
+        self.ref_engine = None
+        if algo.kl_coef > 0:
+            ref = load_hf_model(model_path, dtype, trust_remote_code).eval().requires_grad_(False)
+            self.ref_engine, *_ = deepspeed.initialize(
+                model=ref, config=reference_config(cfg, dtype, cfg.micro_batch_size)
+            )
+        if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
+            raise ConfigError(
+                "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
+                "rollout.max_new_tokens when it is null)"
+            )
+
+    # ----------------------------------------------------------------------------- log-probs
+    def _logits(self, engine, mb: TrainBatch) -> torch.Tensor:
+        ids = mb.input_ids.to(self.device)
+        mask = mb.attention_mask.to(self.device)
+        return engine(input_ids=ids, attention_mask=mask).logits
+
+    @torch.no_grad()
+    def _score(self, engine, batch: TrainBatch, temperature: float) -> torch.Tensor:
+        from rlhf.algo import token_logprobs
+
+        engine.eval()
+        out = []
+        for mb in micro_batches(batch, self.cfg.micro_batch_size):
+            logits = self._logits(engine, mb)
+            out.append(token_logprobs(logits, mb.input_ids.to(self.device), temperature=temperature).float().cpu())
+        return torch.cat(out) if out else torch.zeros(batch.input_ids.shape)
+
+    def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
+        """[B, L] log-probs of ``batch`` under the current policy (no grad); position 0 holds 0."""
+        t = self.cfg.logprob_temperature if temperature is None else temperature
+        return self._score(self.engine, batch, t)
+
+    def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, L] log-probs under the frozen reference model (only built when algo.kl_coef > 0)."""
+        if self.ref_engine is None:
+            raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (it is loaded only when > 0)")
+        return self._score(self.ref_engine, batch, self.cfg.logprob_temperature)
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float) -> dict[str, float]:
+        """One optimizer update from this rank's rows of a mini-batch.
+
+        ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
+        ranks). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
+        rank (metric ``skipped`` = 1): the last backward is multiplied by NaN everywhere so that
+        DeepSpeed's own overflow check drops the gradients and the step identically on all ranks.
+        """
+        import torch.distributed as dist
+
+        from rlhf.algo import grpo_objective, token_entropy, token_logprobs
+
+        start = time.perf_counter()
+        self.engine.train()
+        micros = micro_batches(batch, self.cfg.micro_batch_size)
+        if not micros:
+            raise ValueError(f"learner rank {self.rank} got an empty batch for train_step")
+        sums: dict[str, float] = {}
+        maxs: dict[str, float] = {}
+        mins: dict[str, float] = {}
+        local_bad = False
+        want_entropy_grad = self.algo.entropy_coef != 0
+        for i, mb in enumerate(micros):
+            last = i == len(micros) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
+            mb = _to(mb, self.device)
+            logits = self._logits(self.engine, mb)
+            t = self.cfg.logprob_temperature
+            logprobs = token_logprobs(logits, mb.input_ids, temperature=t)
+            with torch.set_grad_enabled(want_entropy_grad):
+                entropy = token_entropy(logits, temperature=t)
+            loss, metrics = grpo_objective(
+                logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
+            )
+            local_bad |= not bool(torch.isfinite(loss.detach()))
+            if last:
+                flag = torch.tensor([float(local_bad)], device=self.device)
+                dist.all_reduce(flag)  # SUM: > 0 when any rank saw a non-finite loss
+                if flag.item() > 0:
+                    loss = loss * float("nan")
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            _accumulate(sums, maxs, mins, {"loss": loss.detach(), **metrics}, kept=_kept_tokens(mb))
+        self.engine.step()
+        skipped = not self.engine.was_step_applied()
+        grad_norm = self.engine.get_global_grad_norm()
+        out = {f"sum:{k}": v for k, v in sums.items()}
+        out.update({f"max:{k}": v for k, v in maxs.items()})
+        out.update({f"min:{k}": v for k, v in mins.items()})
+        out.update(
+            {
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": float(self.engine.get_lr()[0]),
+                "skipped": float(skipped),
+                "sum:tokens": float(batch.attention_mask.sum()),
+                "max:seconds": time.perf_counter() - start,
+            }
+        )
+        return out
+
+    # ----------------------------------------------------------------------------- weights out
+    def write_weights(self, out_dir: str, include_tied_head: bool = True) -> tuple[list[str], int, float]:
+        """Gather full parameters (collective under ZeRO-3) and write safetensors buckets from rank 0.
+
+        Returns (paths, bytes, seconds); other ranks return ([], 0, seconds).
+        """
+        from rlhf.learner.weights import full_parameter_buckets, write_buckets
+
+        start = time.perf_counter()
+        buckets = full_parameter_buckets(
+            self.engine.module, self.rank, self.cfg.sync_bucket_mb * 2**20, include_tied_head
+        )
+        paths, nbytes = write_buckets(buckets, Path(out_dir))
+        return paths, nbytes, time.perf_counter() - start
+
+    def export_hf(self, out_dir: str) -> int:
+        """Write HF weight shards of the current policy into ``out_dir`` (rank 0); returns bytes."""
+        from rlhf.learner.weights import full_parameter_buckets, write_hf_weights
+
+        buckets = full_parameter_buckets(
+            self.engine.module, self.rank, self.cfg.sync_bucket_mb * 2**20, include_tied_head=False
+        )
+        if self.rank != 0:
+            for _ in buckets:  # take part in the ZeRO-3 gathers
+                pass
+            return 0
+        return write_hf_weights(buckets, Path(out_dir))
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """DeepSpeed's model, optimizer and LR-scheduler state into ``<ckpt_dir>/deepspeed``.
+
+        Run state (step, RNG, data position, config) is written by rlhf/checkpoint.py as JSON,
+        never through DeepSpeed's pickled ``client_state``.
+        """
+        self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        path, _ = self.engine.load_checkpoint(
+            ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}/{DS_TAG}")
+
+    # ----------------------------------------------------------------------------- inspection
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every full parameter as a CPU fp32 tensor (rank 0; collective under ZeRO-3). For tests."""
+        from rlhf.learner.weights import full_parameter_buckets
+
+        out: dict[str, torch.Tensor] = {}
+        for bucket in full_parameter_buckets(self.engine.module, self.rank, 2**62, False, torch.float32):
+            out.update(bucket)
+        return out
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """This rank's flat optimizer state tensors (exp_avg, exp_avg_sq per partition). For tests."""
+        opt = self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer") else self.engine.optimizer
+        out = {}
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for k, v in opt.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        out[f"{gi}.{pi}.{k}"] = v.detach().float().cpu().clone()
+        return out
+
+    def ready(self) -> int:
+        return self.rank
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _to(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    def mv(t):
+        return None if t is None else t.to(device)
+
+    return TrainBatch(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        response_mask=batch.response_mask.to(device),
+        advantages=batch.advantages.to(device),
+        old_logprobs=mv(batch.old_logprobs),
+        ref_logprobs=mv(batch.ref_logprobs),
+        sample_weight=mv(batch.sample_weight),
+    )
+
+
+def _kept_tokens(mb: TrainBatch) -> float:
+    mask = mb.response_mask
+    if mb.sample_weight is not None:
+        mask = mask * mb.sample_weight[:, None]
+    return float(mask.sum())
+
+
+def _accumulate(sums: dict, maxs: dict, mins: dict, metrics: dict, kept: float) -> None:
+    """Fold one micro-batch's metrics in. Token-share metrics of a micro-batch with no kept tokens
+    are 0/0 in the objective (NaN x share 0); they carry no weight and are left out."""
+    for k, v in metrics.items():
+        x = float(v)
+        if k in MAX_METRICS:
+            if kept > 0:
+                maxs[k] = max(maxs.get(k, -float("inf")), x)
+        elif k in MIN_METRICS:
+            if kept > 0:
+                mins[k] = min(mins.get(k, float("inf")), x)
+        elif kept > 0 or k == "loss":
+            sums[k] = sums.get(k, 0.0) + x
+        else:
+            sums.setdefault(k, 0.0)

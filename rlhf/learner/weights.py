@@ -1,0 +1,115 @@
+"""Full parameters out of a (possibly ZeRO-3 sharded) model, in buckets, as safetensors files.
+
+Used by the weight sync (buckets into /dev/shm for the engines) and by the HF export. Under ZeRO-3
+every rank must walk the same buckets, because gathering a shard is a collective; only rank 0
+keeps (copies to CPU and writes) what was gathered. Under ZeRO-0/1/2 parameters are whole on every
+rank and rank 0 alone reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+LM_HEAD = "lm_head.weight"
+
+
+def is_zero3(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    return param.ds_numel if is_zero3(param) else param.numel()
+
+
+def ties_embeddings(model: torch.nn.Module) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """Parameters in registration order, cut into buckets of about ``bucket_bytes`` bytes each."""
+    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
+    size = 0
+    for name, p in model.named_parameters():  # tied weights appear once (remove_duplicate)
+        nbytes = _numel(p) * p.element_size()
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, p))
+        size += nbytes
+    return buckets
+
+
+def full_parameter_buckets(
+    model: torch.nn.Module, rank: int, bucket_bytes: int, include_tied_head: bool, dtype: torch.dtype | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield {HF name: full CPU tensor} buckets on rank 0 (empty dicts on other ranks).
+
+    ``include_tied_head``: with tied embeddings, ``lm_head.weight`` is the embedding itself and
+    ``named_parameters`` lists it once, under the embedding's name. vLLM's reload leaves its output
+    head stale unless ``lm_head.weight`` is sent explicitly (PLATFORM.md), so the sync adds a copy;
+    the export leaves it out, as ``save_pretrained`` does.
+    """
+    import deepspeed
+
+    tied = include_tied_head and ties_embeddings(model) and hasattr(model, "get_input_embeddings")
+    embed = model.get_input_embeddings().weight if tied else None
+    zero3 = any(is_zero3(p) for p in model.parameters())
+    if not zero3 and rank != 0:
+        return
+    for bucket in _plan(model, bucket_bytes):
+        params = [p for _, p in bucket]
+        out: dict[str, torch.Tensor] = {}
+        # modifier_rank=None: read-only gather, nothing is scattered back afterwards.
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            if rank == 0:
+                for name, p in bucket:
+                    t = p.data.detach().to("cpu", dtype=dtype or p.dtype, copy=True)
+                    out[name] = t
+                    if embed is not None and p is embed:
+                        out[LM_HEAD] = t.clone()  # safetensors refuses two names on one storage
+        yield out
+
+
+def write_buckets(
+    buckets: Iterator[dict[str, torch.Tensor]], out_dir: Path, prefix: str = "bucket"
+) -> tuple[list[str], int]:
+    """Write each non-empty bucket as ``<prefix>-NNNNN.safetensors``; return (paths, bytes)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, total = [], 0
+    for bucket in buckets:
+        if not bucket:
+            continue
+        path = out_dir / f"{prefix}-{len(paths):05d}.safetensors"
+        save_file(bucket, str(path), metadata={"format": "pt"})
+        paths.append(str(path))
+        total += sum(t.numel() * t.element_size() for t in bucket.values())
+    return paths, total
+
+
+def write_hf_weights(buckets: Iterator[dict[str, torch.Tensor]], out_dir: Path) -> int:
+    """Write buckets as HF weight shards: ``model.safetensors`` when one shard, else
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. Returns bytes."""
+    tmp_paths, total = write_buckets(buckets, out_dir, prefix=".shard")
+    n = len(tmp_paths)
+    if n == 1:
+        os.replace(tmp_paths[0], out_dir / "model.safetensors")
+        return total
+    from safetensors import safe_open
+
+    weight_map: dict[str, str] = {}
+    for i, tmp in enumerate(tmp_paths):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        with safe_open(tmp, framework="pt") as f:
+            weight_map.update({k: final for k in f.keys()})
+        os.replace(tmp, out_dir / final)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
