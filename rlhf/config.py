@@ -38,8 +38,14 @@ class ArithmeticTaskConfig:
     max_operand: int = 9
     # Operators to draw from: any of "+", "-", "*".
     ops: list[str] = field(default_factory=lambda: ["+"])
+    # Operands per problem ("3 + 5" has 2); * binds tighter than + and -.
+    num_terms: int = 2
+    # Prompt text; {expr} is replaced by the problem, e.g. "3 + 5".
+    template: str = "What is {expr}?"
     num_train: int = 2000
-    num_eval: int = 64
+    # Held-out problems, all distinct and never in train. Single-digit additions have only 100
+    # distinct problems, so the default keeps 32 for eval and trains on the other 68.
+    num_eval: int = 32
     seed: int = 1234
 
 
@@ -49,6 +55,8 @@ class DataConfig:
     # your own data given by `path` (jsonl/json/parquet/csv file or glob, or a hub dataset id).
     source: str = "arithmetic"
     path: Optional[str] = None
+    # Hub dataset configuration name (e.g. "main" for openai/gsm8k).
+    hub_config: Optional[str] = None
     eval_path: Optional[str] = None
     split: str = "train"
     eval_split: Optional[str] = "test"
@@ -135,6 +143,17 @@ class LearnerConfig:
     num_gpus_per_rank: float = 0.0
     # A collective or RPC that takes longer than this (seconds) fails the run, naming the stage.
     timeout_s: float = 1800.0
+    # Log-probs are taken of logits / this temperature, matching how the engines sampled.
+    logprob_temperature: float = 1.0
+    # Pin host buffers of offloaded optimizer state / parameters (GPU only; no effect on CPU).
+    pin_memory: bool = False
+    # ZeRO-3 tuning (elements): prefetch per step, and parameters below this size stay unpartitioned.
+    zero3_prefetch_bucket_size: int = 50_000_000
+    zero3_param_persistence_threshold: int = 100_000
+    # Weight sync: full parameters are gathered and written in buckets of about this many MB.
+    sync_bucket_mb: int = 256
+    # Where sync buckets are written for the engines to read (shared memory on one machine).
+    sync_dir: str = "/dev/shm"
 
 
 @dataclass
