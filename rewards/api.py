@@ -1,0 +1,206 @@
+"""The reward function API: what a reward is, and how a config spec becomes one.
+
+A reward is a plain function of the batch::
+
+    def my_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+
+``columns`` are the prompt dataset's columns (``answer`` and any ``data.reward_columns``), one
+value per completion. Sync or ``async def``. Return None for a completion the function cannot
+score; the runner excludes it from its group's statistics and counts it. Per-sample functions
+use :func:`per_sample`, which also lets the runner time out and isolate each completion.
+
+A config spec names the function three ways (``RewardFnConfig.fn``):
+
+- a built-in name: ``math_answer`` (see :data:`BUILTINS`),
+- a dotted path: ``my_pkg.rewards:score``,
+- a file path: ``path/to/rewards.py:score`` (imported from the file; no package needed).
+
+A class instead of a function is instantiated with the config's kwargs (for rewards that hold
+resources, such as a model actor); its instances are called like functions and ``close()`` is
+called when the runner shuts down.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+BatchFn = Callable[..., Any]  # (prompts, completions, **columns) -> list[float | None] (or awaitable)
+SampleFn = Callable[..., Any]  # (prompt, completion, **row) -> float | None (or awaitable)
+
+# Built-in rewards by name, as dotted paths so that heavy ones (reward_model: torch, Ray) are only
+# imported when a config names them.
+BUILTINS: dict[str, str] = {
+    "math_answer": "rewards.builtin.math_answer:MathAnswer",
+    "format": "rewards.builtin.format:format_reward",
+    "length": "rewards.builtin.length:LengthPenalty",
+    "code_exec": "rewards.builtin.code_exec:code_exec",
+    "reward_model": "rewards.builtin.reward_model:RewardModel",
+}
+
+
+def per_sample(fn: SampleFn) -> BatchFn:
+    """Turn ``fn(prompt, completion, **row) -> float | None`` into the batch form.
+
+    The batch form is an ordinary reward function. It keeps ``fn`` as ``.score_one`` so the runner
+    can run (and time out) each completion on its own: one hanging sample then costs one None,
+    not the whole batch.
+
+    >>> @per_sample
+    ... def exact(prompt, completion, answer, **_):
+    ...     return float(completion.strip() == answer)
+    >>> exact(["q", "q"], ["4", "5"], answer=["4", "4"])
+    [1.0, 0.0]
+    """
+
+    @functools.wraps(fn)
+    def batch(prompts: list[str], completions: list[str], **columns: list) -> list:
+        return [
+            fn(p, c, **{k: v[i] for k, v in columns.items()})
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
+
+    batch.score_one = fn  # type: ignore[attr-defined]
+    return batch
+
+
+@dataclass
+class LoadedReward:
+    """A reward function resolved from its spec, with the config's kwargs bound."""
+
+    name: str
+    spec: str
+    weight: float
+    batch_fn: BatchFn
+    sample_fn: SampleFn | None  # set for per-sample rewards: the runner schedules each completion
+    owner: Any = None  # the instance of a class-based reward (closed by the runner)
+
+    def close(self) -> None:
+        close = getattr(self.owner, "close", None)
+        if callable(close):
+            close()
+
+
+def load_reward(spec: str, kwargs: dict[str, Any] | None = None, weight: float = 1.0,
+                name: str | None = None) -> LoadedReward:
+    """Resolve ``spec`` (built-in name, ``module:attr`` or ``file.py:attr``) and bind ``kwargs``."""
+    kwargs = dict(kwargs or {})
+    target = resolve(spec)
+    owner = None
+    if inspect.isclass(target):
+        try:
+            owner = target(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"reward {spec!r}: cannot build it from kwargs {sorted(kwargs)}: {e}") from e
+        batch_fn: BatchFn = owner
+        one = getattr(owner, "score_one", None)
+        sample_fn = one if callable(one) else None
+    else:
+        if not callable(target):
+            raise TypeError(f"reward {spec!r} resolves to {type(target).__name__}, not a function")
+        _check_kwargs(spec, target, kwargs)
+        one = getattr(target, "score_one", None)
+        if callable(one):
+            # Rebuild the batch form around the bound sample function: the batch wrapper treats
+            # every keyword as a per-completion column.
+            sample_fn = functools.partial(one, **kwargs) if kwargs else one
+            batch_fn = per_sample(sample_fn)
+        else:
+            sample_fn = None
+            batch_fn = functools.partial(target, **kwargs) if kwargs else target
+    return LoadedReward(
+        name=name or default_name(spec),
+        spec=spec,
+        weight=float(weight),
+        batch_fn=_accepting_known_columns(batch_fn),
+        sample_fn=_accepting_known_columns(sample_fn) if sample_fn else None,
+        owner=owner,
+    )
+
+
+def default_name(spec: str) -> str:
+    """``math_answer`` -> ``math_answer``; ``pkg.mod:score`` and ``dir/f.py:score`` -> ``score``."""
+    return spec.rsplit(":", 1)[-1] if ":" in spec else spec
+
+
+def resolve(spec: str) -> Any:
+    """The object a spec names. Errors name the spec and what was missing."""
+    if spec in BUILTINS:
+        return resolve(BUILTINS[spec])
+    if ":" not in spec:
+        raise ValueError(
+            f"reward {spec!r} is not a built-in ({', '.join(sorted(BUILTINS))}) and has no ':attr' "
+            "part; write 'my_pkg.module:function' or 'path/to/file.py:function'"
+        )
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _import_file(spec, Path(where))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"reward {spec!r}: cannot import module {where!r}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise AttributeError(
+            f"reward {spec!r}: {where!r} has no attribute {attr!r} (it has: {', '.join(public)})"
+        ) from None
+
+
+def _import_file(spec: str, path: Path) -> Any:
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"reward {spec!r}: file {str(path)!r} not found")
+    # A name unique to the file, so two rewards.py files in different folders do not collide.
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    mod_name = f"_reward_file_{path.stem}_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"reward {spec!r}: cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[mod_name]
+        raise
+    return module
+
+
+def _check_kwargs(spec: str, fn: Callable, kwargs: dict[str, Any]) -> None:
+    """Fail at load time, not at the first step, when the config passes a keyword fn lacks."""
+    one = getattr(fn, "score_one", None)
+    params = inspect.signature(one if callable(one) else fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"reward {spec!r} takes no keyword argument(s) {unknown}; it takes {list(params)}")
+
+
+def _accepting_known_columns(fn: Callable) -> Callable:
+    """Pass a function without ``**kwargs`` only the columns it names, so it need not list them all."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn
+    accepted = {n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+
+    @functools.wraps(fn)
+    def call(*args: Any, **columns: Any) -> Any:
+        return fn(*args, **{k: v for k, v in columns.items() if k in accepted})
+
+    return call

@@ -1,0 +1,244 @@
+"""Scoring a batch of completions with the configured reward functions.
+
+Every function runs concurrently on a :class:`~rewards.pool.DaemonPool`: a batch function as one
+task, a per-sample function as one task per completion. Each task has ``cfg.timeout_s`` from the
+moment it starts. Outcomes, per completion:
+
+- a number: kept;
+- None returned by the function: kept as None ("could not score"), counted in ``/none``;
+- the function raised, or returned NaN/inf/a non-number: None, counted in ``/failures``;
+- the task overran its timeout: None, counted in ``/timeouts`` (a batch function's timeout or
+  exception covers its whole batch; a per-sample function's only that completion);
+- a batch function returning a list of the wrong length: :class:`RewardError` at once (a bug).
+
+When one function's failures + timeouts exceed ``cfg.max_failure_rate`` of the batch, ``score``
+raises :class:`RewardError` naming the function, the first error and the input that caused it.
+The total is the weighted sum over functions with weight != 0; it is None for a completion when
+any of those gave None. Nothing is ever replaced by 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewards.api import LoadedReward, load_reward
+from rewards.pool import DaemonPool, Task
+from rlhf.config import RewardConfig
+
+_POLL_S = 0.05  # how often running tasks are checked against their deadline
+
+
+class RewardError(RuntimeError):
+    """A reward function is broken (wrong output length, too many failures); names the function."""
+
+
+class RewardTimeout(TimeoutError):
+    """A reward task ran past reward.timeout_s (distinct from a TimeoutError the function raised)."""
+
+
+@dataclass
+class RewardResult:
+    total: list[float | None]  # weighted sum per completion; None when a weighted function gave None
+    per_fn: dict[str, list[float | None]]  # every function's values, weight 0 included
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    """What one function produced for the batch, before validation into values."""
+
+    values: list[float | None]
+    failures: int = 0
+    timeouts: int = 0
+    first_error: str | None = None
+    first_error_index: int | None = None
+
+    def fail(self, i: int, kind: str, message: str) -> None:
+        self.values[i] = None
+        if kind == "timeout":
+            self.timeouts += 1
+        else:
+            self.failures += 1
+        if self.first_error is None:
+            self.first_error, self.first_error_index = f"{kind}: {message}", i
+
+
+class RewardRunner:
+    def __init__(self, cfg: RewardConfig):
+        if not cfg.functions:
+            raise ValueError("reward.functions is empty: configure at least one reward function")
+        if cfg.timeout_s <= 0:
+            raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
+        self.timeout_s = float(cfg.timeout_s)
+        self.max_failure_rate = float(cfg.max_failure_rate)
+        self.functions: list[LoadedReward] = []
+        try:
+            for i, f in enumerate(cfg.functions):
+                loaded = load_reward(f.fn, dict(f.kwargs or {}), f.weight, f.name)
+                if loaded.name in {g.name for g in self.functions}:
+                    raise ValueError(
+                        f"reward.functions[{i}] ({f.fn!r}): a function named {loaded.name!r} is "
+                        "already configured; give one of them a distinct `name`"
+                    )
+                self.functions.append(loaded)
+        except BaseException:
+            self._close_functions()
+            raise
+        self._pool = DaemonPool(max(1, cfg.num_workers))
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardResult:
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts but {n} completions")
+        for key, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+
+        # Submit everything first so that all functions run at once.
+        submitted: list[tuple[LoadedReward, list[Task]]] = []
+        for fn in self.functions:
+            if fn.sample_fn is not None:
+                tasks = [
+                    self._pool.submit(_bind(fn.sample_fn, prompts[i], completions[i],
+                                            {k: v[i] for k, v in columns.items()}))
+                    for i in range(n)
+                ]
+            else:
+                tasks = [self._pool.submit(_bind(fn.batch_fn, list(prompts), list(completions),
+                                                 {k: list(v) for k, v in columns.items()}))]
+            submitted.append((fn, tasks))
+        self._wait([t for _, tasks in submitted for t in tasks])
+
+        per_fn: dict[str, list[float | None]] = {}
+        metrics: dict[str, float] = {}
+        for fn, tasks in submitted:
+            outcome = _collect(fn, tasks, n)
+            per_fn[fn.name] = outcome.values
+            metrics.update(_fn_metrics(fn.name, outcome))
+            bad = outcome.failures + outcome.timeouts
+            if n and bad / n > self.max_failure_rate:
+                i = outcome.first_error_index or 0
+                raise RewardError(
+                    f"reward {fn.name!r} ({fn.spec}) failed on {bad}/{n} completions "
+                    f"({outcome.failures} errors/invalid values, {outcome.timeouts} timeouts after "
+                    f"{self.timeout_s}s), above reward.max_failure_rate={self.max_failure_rate}. "
+                    f"First: {outcome.first_error}. Input: prompt={_clip(prompts[i])!r} "
+                    f"completion={_clip(completions[i])!r}"
+                )
+        total = self._total(per_fn, n)
+        scored = [t for t in total if t is not None]
+        metrics["reward/total/mean"] = sum(scored) / len(scored) if scored else math.nan
+        metrics["reward/total/none"] = float(n - len(scored))
+        metrics["reward/abandoned_tasks"] = float(self._pool.abandoned)
+        return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self._close_functions()
+
+    def __enter__(self) -> "RewardRunner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wait(self, tasks: list[Task]) -> None:
+        pending = set(tasks)
+        while pending:
+            wait([t.future for t in pending], timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            now = time.monotonic()
+            for t in list(pending):
+                if t.future.done():
+                    pending.discard(t)
+                elif t.started_at is not None and now - t.started_at > self.timeout_s:
+                    self._pool.abandon(t, RewardTimeout(f"no result after {self.timeout_s}s"))
+                    pending.discard(t)
+
+    def _total(self, per_fn: dict[str, list[float | None]], n: int) -> list[float | None]:
+        weighted = [(f.weight, per_fn[f.name]) for f in self.functions if f.weight != 0]
+        total: list[float | None] = []
+        for i in range(n):
+            parts = [(w, vals[i]) for w, vals in weighted]
+            total.append(None if any(v is None for _, v in parts) else sum(w * v for w, v in parts))
+        return total
+
+    def _close_functions(self) -> None:
+        for f in self.functions:
+            f.close()
+
+
+def _bind(fn: Any, prompt: Any, completion: Any, columns: dict[str, Any]) -> Any:
+    return lambda: fn(prompt, completion, **columns)
+
+
+def _collect(fn: LoadedReward, tasks: list[Task], n: int) -> _Outcome:
+    out = _Outcome(values=[None] * n)
+    if fn.sample_fn is not None:
+        for i, t in enumerate(tasks):
+            error = t.future.exception()
+            if error is not None:
+                out.fail(i, _kind(error), _describe(error))
+            else:
+                _store(out, i, t.future.result())
+        return out
+    (task,) = tasks
+    error = task.future.exception()
+    if error is not None:
+        for i in range(n):
+            out.fail(i, _kind(error), _describe(error))
+        return out
+    values = task.future.result()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward {fn.name!r} ({fn.spec}) returned {type(values).__name__}; a reward function "
+            f"returns a list with one float or None per completion ({n})"
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"reward {fn.name!r} ({fn.spec}) returned {len(values)} values for {n} completions"
+        )
+    for i, v in enumerate(values):
+        _store(out, i, v)
+    return out
+
+
+def _store(out: _Outcome, i: int, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, numbers.Real):
+        out.fail(i, "invalid", f"returned {type(value).__name__} {value!r:.60}, not a number")
+    elif not math.isfinite(float(value)):
+        out.fail(i, "invalid", f"returned {value}")
+    else:
+        out.values[i] = float(value)
+
+
+def _fn_metrics(name: str, out: _Outcome) -> dict[str, float]:
+    vals = [v for v in out.values if v is not None]
+    mean = sum(vals) / len(vals) if vals else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else math.nan
+    return {
+        f"reward/{name}/mean": mean,
+        f"reward/{name}/std": std,
+        f"reward/{name}/failures": float(out.failures),
+        f"reward/{name}/timeouts": float(out.timeouts),
+        # Deliberate Nones: completions the function declined to score.
+        f"reward/{name}/none": float(len(out.values) - len(vals) - out.failures - out.timeouts),
+    }
+
+
+def _kind(error: BaseException) -> str:
+    return "timeout" if isinstance(error, RewardTimeout) else "error"
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
