@@ -20,14 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
-from rlhf.distill.teacher import (
-    CACHE_FILE,
-    TeacherError,
-    collect,
-    from_jsonl,
-    parse_retry_after,
-    retry_delay,
-)
+from rlhf.distill.client import TeacherError, parse_retry_after, retry_delay
+from rlhf.distill.teacher import CACHE_FILE, collect, from_jsonl
 from rlhf.ledger import CostLedger
 
 KEY_ENV = "TEST_TEACHER_KEY"
@@ -100,7 +94,7 @@ class ChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -371,3 +365,45 @@ def test_retry_delay_and_retry_after():
     assert parse_retry_after("soon") is None
     # An HTTP date 30 s after `now` (Thu, 01 Jan 2026 00:00:30 GMT is 1767225630 s).
     assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now=1767225600.0) == 30.0
+
+
+def test_cli_collects_resumes_and_keeps_the_key_out_of_the_run_folder(server, api_key, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(repo / "scripts" / "collect_teacher.py"), "teacher=api",
+           f"teacher.base_url={server.base_url}", "teacher.model=teacher-x",
+           f"teacher.api_key_env={KEY_ENV}", f"teacher.path={prompts}",
+           "teacher.filter_reward=math_answer", f"output_dir={out}", "ledger.device_kind=cpu",
+           "ledger.teacher_prompt_price_per_m=1.0", "ledger.teacher_completion_price_per_m=4.0"]
+    env = {**os.environ, KEY_ENV: api_key}
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    # math_answer keeps rows 0 and 1; row 2's "3 + 6 = 10" is wrong.
+    assert "2 of 3 answers kept" in first.stdout
+    # No system prompt here: 5 prompt words per row. 15 prompt tokens at $1/M + 15 completion
+    # tokens at $4/M = (15 + 60) / 1e6 = $0.000075
+    cost = json.loads((out / "ledger.json").read_text())["cost"]
+    assert cost["teacher_usd"] == pytest.approx(75e-6)
+    assert "cost ledger (collect run)" in first.stdout
+    assert server.requests == 3
+
+    second = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "(3 from cache, 0 bought" in second.stdout
+    assert server.requests == 3
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert (out / ".hydra" / "config.yaml") in files
+    for path in files:
+        assert api_key.encode() not in path.read_bytes(), path
+
+    env.pop(KEY_ENV)
+    missing = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0
+    assert f"teacher.api_key_env='{KEY_ENV}': the environment variable is not set" in missing.stderr

@@ -5,11 +5,9 @@ dataset (``<run folder>/teacher.jsonl``): one object per kept answer with ``prom
 (the prompt messages plus the assistant's answer), ``completion``, the row's other columns
 (``answer``, ...), ``usage``, ``finish_reason`` and ``sample``. On the way:
 
-- at most ``max_concurrency`` requests are in flight; 429, 5xx, timeouts and connection errors are
-  retried with exponential back-off and jitter (waiting at least Retry-After when the server sends
-  it); any other error, or running out of retries, stops the collection with an error naming the row;
-- every answer is appended to a JSONL cache keyed by a hash of (model, messages, sampling), one
-  fsynced line at a time, so an interrupted collection resumes without paying twice;
+- at most ``max_concurrency`` requests are in flight, retried as :mod:`rlhf.distill.client` says;
+- every answer goes into a cache (:mod:`rlhf.distill.cache`) first, so an interrupted collection
+  resumes without paying twice;
 - prompt and completion tokens are counted as the API reports them (``usage``); paid ones go into
   the run's cost ledger;
 - an optional reward function keeps only answers it scores >= ``min_reward``.
@@ -18,26 +16,20 @@ dataset (``<run folder>/teacher.jsonl``): one object per kept answer with ``prom
 
 The API key is read from the environment variable named by ``teacher.api_key_env`` and only ever
 placed in the Authorization header: it is not written to the cache, the dataset, logs or errors.
-One process writes a cache at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import hashlib
 import inspect
 import json
-import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import httpx
+from typing import Any, Callable
 
 from rlhf.config import ConfigError, TeacherConfig
+from rlhf.distill.cache import ResponseCache, request_key
+from rlhf.distill.client import TeacherClient, api_key_from_env
 from rlhf.ledger import CostLedger, atomic_write_text
 
 # fn(prompts, completions, **columns) -> one float (or None: cannot score) per completion.
@@ -46,18 +38,6 @@ RewardFn = Callable[..., Any]
 # Names the output dataset uses itself; a prompt column with one of these names would be overwritten.
 OUTPUT_FIELDS = ("prompt", "messages", "completion", "usage", "finish_reason", "sample", "reward")
 CACHE_FILE = "teacher_cache.jsonl"
-
-
-class TeacherError(RuntimeError):
-    """The teacher could not answer a prompt row; the message names the row and the last error."""
-
-
-@dataclass(frozen=True)
-class TeacherAnswer:
-    content: str
-    finish_reason: str | None
-    prompt_tokens: int | None  # as the API reported them; None when it sent no usage
-    completion_tokens: int | None
 
 
 @dataclass
@@ -82,22 +62,6 @@ class CollectResult:
     stats: CollectStats
 
 
-# --- requests ----------------------------------------------------------------------------------
-
-
-def api_key_from_env(cfg: TeacherConfig) -> str | None:
-    """The key from the variable named by teacher.api_key_env (None: no key configured)."""
-    if cfg.api_key_env is None:
-        return None
-    key = os.environ.get(cfg.api_key_env, "").strip()
-    if not key:
-        raise ConfigError(
-            f"teacher.api_key_env={cfg.api_key_env!r}: the environment variable is not set "
-            "(set it, or set teacher.api_key_env=null for a server without a key)"
-        )
-    return key
-
-
 def to_messages(prompt: Any, system_prompt: str | None, row: int) -> list[dict[str, str]]:
     """A prompt cell (text, or a list of {"role", "content"} messages) as chat messages."""
     if isinstance(prompt, str) and prompt.strip():
@@ -118,163 +82,6 @@ def to_messages(prompt: Any, system_prompt: str | None, row: int) -> list[dict[s
 
 def sampling_params(cfg: TeacherConfig) -> dict[str, Any]:
     return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-
-
-def request_key(model: str, messages: list[dict[str, str]], sampling: Mapping[str, Any],
-                sample: int) -> str:
-    """Cache key: the same question asked the same way (and the same sample index) is one answer."""
-    blob = json.dumps({"model": model, "messages": messages, "sampling": dict(sampling),
-                       "sample": sample}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def retry_delay(attempt: int, retry_after: float | None, base_s: float, max_s: float,
-                rng: random.Random) -> float:
-    """Back-off before retry number attempt+1: base * 2**attempt, jittered to [d/2, d]; never less
-    than Retry-After; capped at max_s. The jitter keeps many clients from retrying in lockstep."""
-    d = min(max_s, base_s * 2**attempt)
-    delay = d / 2 + rng.uniform(0, d / 2)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, max_s)
-
-
-def _retryable_status(status: int) -> bool:
-    return status == 429 or status >= 500
-
-
-class TeacherClient:
-    """POSTs chat-completions requests with retries. Use as ``async with TeacherClient(...)``."""
-
-    def __init__(self, cfg: TeacherConfig, api_key: str | None, stats: CollectStats,
-                 rng: random.Random | None = None):
-        self.cfg = cfg
-        self._key = api_key
-        self._stats = stats
-        self._rng = rng or random.Random()
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(cfg.timeout_s),
-            limits=httpx.Limits(max_connections=cfg.max_concurrency),
-        )
-
-    async def __aenter__(self) -> "TeacherClient":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._http.aclose()
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    def _fail(self, row: int, message: str) -> TeacherError:
-        return TeacherError(self._redact(f"prompt row {row}: {message}"))
-
-    async def complete(self, body: dict[str, Any], row: int) -> TeacherAnswer:
-        """One answer for ``body``; retries transient failures, raises TeacherError otherwise."""
-        url = f"{self.cfg.base_url.rstrip('/')}/chat/completions"
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
-            retry_after = None
-            self._stats.http_requests += 1
-            try:
-                resp = await self._http.post("chat/completions", json=body)
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
-                last = f"{type(e).__name__}: {e}"
-            except httpx.HTTPError as e:
-                # Not from the exception chain: httpx errors can quote header values.
-                raise self._fail(row, f"request to {url} failed: {type(e).__name__}: {e}") from None
-            else:
-                if resp.status_code == 200:
-                    return self._parse(resp, row)
-                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if not _retryable_status(resp.status_code):
-                    raise self._fail(row, f"{url} answered {last}")
-                retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            if attempt < self.cfg.max_retries:
-                self._stats.retries += 1
-                await asyncio.sleep(retry_delay(attempt, retry_after, self.cfg.backoff_base_s,
-                                                self.cfg.backoff_max_s, self._rng))
-        raise self._fail(
-            row, f"gave up after {self.cfg.max_retries + 1} attempts "
-                 f"(teacher.max_retries={self.cfg.max_retries}) on {url}; last error: {last}"
-        )
-
-    def _parse(self, resp: httpx.Response, row: int) -> TeacherAnswer:
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            content = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise self._fail(row, f"not a chat-completions response ({e!r}): {resp.text[:300]}") from None
-        if not isinstance(content, str):
-            raise self._fail(row, f"the answer has no text content: {resp.text[:300]}")
-        usage = data.get("usage") or {}
-        return TeacherAnswer(content=content, finish_reason=choice.get("finish_reason"),
-                             prompt_tokens=usage.get("prompt_tokens"),
-                             completion_tokens=usage.get("completion_tokens"))
-
-
-# --- cache -------------------------------------------------------------------------------------
-
-
-class ResponseCache:
-    """Append-only JSONL of answers by request key. A crash mid-append leaves at most one partial
-    last line: it is cut off on open (that answer is asked again). Any other bad line is an error."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.entries: dict[str, TeacherAnswer] = {}
-        if self.path.exists():
-            self._load()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def _load(self) -> None:
-        raw = self.path.read_bytes()
-        complete_end = raw.rfind(b"\n") + 1  # every whole entry ends with a newline
-        if complete_end < len(raw):
-            print(f"{self.path}: dropping a partial last line ({len(raw) - complete_end} bytes) "
-                  "left by an interrupted run")
-            with open(self.path, "r+b") as f:
-                f.truncate(complete_end)
-        for lineno, line in enumerate(raw[:complete_end].decode().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                self.entries[entry["key"]] = TeacherAnswer(**entry["answer"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path} line {lineno}: not a cache entry ({e})") from e
-
-    def get(self, key: str) -> TeacherAnswer | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, answer: TeacherAnswer, model: str) -> None:
-        line = json.dumps({"key": key, "model": model, "answer": answer.__dict__}, ensure_ascii=False)
-        # One write of one whole line, then fsync: a crash loses at most this line.
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries[key] = answer
-
-
-# --- collection --------------------------------------------------------------------------------
 
 
 def _check_api_config(cfg: TeacherConfig) -> None:
@@ -310,7 +117,7 @@ async def _fetch(jobs: dict[str, tuple[int, dict[str, Any]]], cfg: TeacherConfig
                  ledger: CostLedger | None) -> None:
     """Ask for every (key -> (row, body)) job, at most max_concurrency at once, caching each answer."""
     sem = asyncio.Semaphore(cfg.max_concurrency)
-    async with TeacherClient(cfg, api_key, stats) as client:
+    async with TeacherClient(cfg, api_key) as client:
 
         async def one(key: str, row: int, body: dict[str, Any]) -> None:
             async with sem:
@@ -334,6 +141,9 @@ async def _fetch(jobs: dict[str, tuple[int, dict[str, Any]]], cfg: TeacherConfig
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            stats.http_requests += client.http_requests
+            stats.retries += client.retries
 
 
 async def acollect(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
@@ -379,6 +189,21 @@ def collect(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
             reward_fn: RewardFn | None = None, ledger: CostLedger | None = None) -> CollectResult:
     """Synchronous :func:`acollect` (not from inside a running event loop)."""
     return asyncio.run(acollect(rows, cfg, run_dir, reward_fn, ledger))
+
+
+def collect_from_config(cfg: TeacherConfig, run_dir: str | Path, reward_fn: RewardFn | None = None,
+                        ledger: CostLedger | None = None) -> CollectResult:
+    """The teacher dataset as the config says: source=api asks the endpoint for every prompt in
+    teacher.path; source=jsonl reads answers from teacher.path."""
+    if cfg.source == "jsonl":
+        return from_jsonl(cfg, run_dir, reward_fn)
+    if cfg.source != "api":
+        raise ConfigError(f"teacher.source={cfg.source!r} is not one of ['api', 'jsonl']")
+    if not cfg.path:
+        raise ConfigError("teacher.path is not set (the JSONL of prompts to ask the teacher)")
+    _check_api_config(cfg)
+    rows = read_jsonl(cfg.path, [cfg.prompt_column])
+    return collect(rows, cfg, run_dir, reward_fn, ledger)
 
 
 def from_jsonl(cfg: TeacherConfig, run_dir: str | Path,

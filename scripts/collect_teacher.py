@@ -1,0 +1,55 @@
+"""Collect a teacher dataset for SFT: ``python scripts/collect_teacher.py teacher=api teacher.model=...``
+
+    export OPENAI_API_KEY=...        # the variable named by teacher.api_key_env
+    python scripts/collect_teacher.py teacher=api teacher.model=gpt-4o-mini \
+        teacher.path=prompts.jsonl teacher.filter_reward=math_answer output_dir=runs/teacher
+
+Writes <output_dir>/teacher.jsonl (the dataset), teacher_cache.jsonl (rerun the same command to
+resume without paying twice) and ledger.json (tokens bought and what they cost), then prints the
+ledger's summary. Groups: conf/teacher/*.yaml (api, vllm_local, jsonl) and conf/ledger/*.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.config import register_configs
+from rlhf.distill.teacher import collect_from_config
+from rlhf.ledger import CostLedger
+
+register_configs()
+ConfigStore.instance().store(name="collect_teacher", node={
+    "defaults": [{"teacher": "api"}, {"ledger": "default"}, "_self_"],
+    "output_dir": "runs/teacher-${now:%Y%m%d-%H%M%S}",
+    "hydra": {"run": {"dir": "${output_dir}"}, "job": {"chdir": False}},
+})
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="collect_teacher")
+def main(cfg: DictConfig) -> None:
+    teacher = OmegaConf.to_object(cfg.teacher)  # raises on a missing ??? value, naming the key
+    run_dir = Path(cfg.output_dir)
+    reward = None
+    if teacher.filter_reward:
+        from rewards.api import load_reward
+
+        reward = load_reward(teacher.filter_reward)
+    ledger = CostLedger(run_dir, OmegaConf.to_object(cfg.ledger), "collect")
+    try:
+        result = collect_from_config(teacher, run_dir, reward.batch_fn if reward else None, ledger)
+    finally:
+        if reward is not None:
+            reward.close()
+        print(ledger.close())
+    s = result.stats
+    print(f"{s.kept} of {s.answers} answers kept -> {result.dataset_path} "
+          f"({s.cache_hits} from cache, {s.paid} bought, {s.retries} retries, "
+          f"{s.rejected} below teacher.min_reward, {s.unscored} unscored)")
+
+
+if __name__ == "__main__":
+    main()
