@@ -9,6 +9,9 @@ value per completion. Sync or ``async def``. Return None for a completion the fu
 score; the runner excludes it from its group's statistics and counts it. Per-sample functions
 use :func:`per_sample`, which also lets the runner time out and isolate each completion.
 
+A function that does not take ``**columns`` is passed only the columns it names, so built-ins
+list the columns they read and a misspelt keyword in the config fails when the reward is loaded.
+
 A config spec names the function three ways (``RewardFnConfig.fn``):
 
 - a built-in name: ``math_answer`` (see :data:`BUILTINS`),
@@ -60,10 +63,12 @@ def per_sample(fn: SampleFn) -> BatchFn:
     [1.0, 0.0]
     """
 
+    one = _accepting_known_columns(fn)
+
     @functools.wraps(fn)
     def batch(prompts: list[str], completions: list[str], **columns: list) -> list:
         return [
-            fn(p, c, **{k: v[i] for k, v in columns.items()})
+            one(p, c, **{k: v[i] for k, v in columns.items()})
             for i, (p, c) in enumerate(zip(prompts, completions))
         ]
 
@@ -110,7 +115,7 @@ def load_reward(spec: str, kwargs: dict[str, Any] | None = None, weight: float =
         if callable(one):
             # Rebuild the batch form around the bound sample function: the batch wrapper treats
             # every keyword as a per-completion column.
-            sample_fn = functools.partial(one, **kwargs) if kwargs else one
+            sample_fn = _accepting_known_columns(functools.partial(one, **kwargs) if kwargs else one)
             batch_fn = per_sample(sample_fn)
         else:
             sample_fn = None

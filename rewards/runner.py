@@ -26,6 +26,8 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from rewards.api import LoadedReward, load_reward
 from rewards.pool import DaemonPool, Task
 from rlhf.config import RewardConfig
@@ -79,7 +81,8 @@ class RewardRunner:
         self.functions: list[LoadedReward] = []
         try:
             for i, f in enumerate(cfg.functions):
-                loaded = load_reward(f.fn, dict(f.kwargs or {}), f.weight, f.name)
+                kwargs = OmegaConf.to_container(f.kwargs) if OmegaConf.is_config(f.kwargs) else dict(f.kwargs or {})
+                loaded = load_reward(f.fn, kwargs, f.weight, f.name)
                 if loaded.name in {g.name for g in self.functions}:
                     raise ValueError(
                         f"reward.functions[{i}] ({f.fn!r}): a function named {loaded.name!r} is "

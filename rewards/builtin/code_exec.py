@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @per_sample
 def code_exec(prompt: str, completion: str, tests: list[str] | str | None = None, time_s: float = 5.0,
-              memory_mb: int = 512, **row: object) -> float:
+              memory_mb: int = 512) -> float:
     if tests is None:
         raise ValueError("code_exec needs a `tests` column (add it to data.reward_columns)")
     cases = _as_list(tests)

@@ -27,7 +27,7 @@ from rewards.api import per_sample
 
 @per_sample
 def format_reward(prompt: str, completion: str, tags: Sequence[str] | None = None,
-                  pattern: str | None = None, partial_credit: bool = False, **row: object) -> float:
+                  pattern: str | None = None, partial_credit: bool = False) -> float:
     if pattern is not None:
         return 1.0 if re.fullmatch(pattern, completion.strip(), flags=re.DOTALL) else 0.0
     tags = list(tags) if tags is not None else ["think", "answer"]

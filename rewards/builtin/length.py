@@ -41,7 +41,7 @@ class LengthPenalty:
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
 
     def __call__(self, prompts: list[str], completions: list[str],
-                 completion_length: list[int] | None = None, **columns: list) -> list[float]:
+                 completion_length: list[int] | None = None) -> list[float]:
         return [self.penalty(n) for n in self.lengths(completions, completion_length)]
 
     def lengths(self, completions: list[str], completion_length: list[int] | None) -> list[int]:

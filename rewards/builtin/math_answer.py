@@ -31,13 +31,12 @@ class MathAnswer:
         self.tag = tag
         self._checker = SymbolicChecker(timeout_s) if symbolic else None
 
-    def __call__(self, prompts: list[str], completions: list[str], answer: list | None = None,
-                 **columns: list) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], answer: list | None = None) -> list[float]:
         if answer is None:
             raise ValueError("math_answer needs an `answer` column (data.answer_column)")
         return [self.score_one(p, c, answer=a) for p, c, a in zip(prompts, completions, answer)]
 
-    def score_one(self, prompt: str, completion: str, answer: object = None, **row: object) -> float:
+    def score_one(self, prompt: str, completion: str, answer: object = None) -> float:
         if answer is None or str(answer).strip() == "":
             raise ValueError(f"math_answer: no reference answer for prompt {prompt[:80]!r}")
         pred = self.extract(completion)

@@ -81,7 +81,7 @@ class RewardModel:
             self.close()
             raise ValueError(f"reward_model: label_index={label_index} but {model!r} has {num_labels} labels")
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         import ray
 
         return ray.get(self._actor.score.remote(list(prompts), list(completions), self.chat_template,
