@@ -45,7 +45,7 @@ def final_answer(solution: str) -> str:
     number = parse_number(found) if found is not None else None
     if number is None:
         raise ValueError(f"no '#### <number>' final answer in {solution[-80:]!r}")
-    return format(number.normalize(), "f") if number == number.to_integral() else str(number)
+    return format(number.normalize(), "f")  # "1000", "2.5": no separators, no trailing zeros
 
 
 def _row(row: dict, index: int) -> dict:

@@ -1,0 +1,113 @@
+"""The code-execution sandbox: each hostile program is contained and reported; the caller carries on.
+
+Every test checks the outcome the sandbox reports, and that the parent process is unaffected.
+Which containment this machine gets is printed by `rewards.sandbox.isolation()`; the strongest
+("namespaces", as root) is what these tests expect where it is available.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rewards.builtin.code_exec import code_exec
+from rewards.sandbox import SandboxLimits, extract_code, isolation, run_tests
+
+ADD = "def add(a, b):\n    return a + b\n"
+needs_namespaces = pytest.mark.skipif(isolation() != "namespaces", reason=f"isolation is {isolation()}")
+
+
+def test_pass_fraction():
+    r = run_tests(ADD, ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(-1, 1) == 0"])
+    assert r.outcomes[0] == "pass" and r.outcomes[2] == "pass"
+    assert r.outcomes[1].startswith("fail: AssertionError")
+    assert r.fraction == pytest.approx(2 / 3)
+
+
+def test_code_exec_reward_reads_the_fenced_block():
+    completion = f"Here you go:\n```python\n{ADD}```\nDone."
+    tests = ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
+    assert code_exec(["q"], [completion], tests=[tests]) == [1.0]
+    # Tests as a JSON string (how csv/parquet columns often hold them): 1 of 2 passes.
+    assert code_exec(["q"], [completion], tests=['["assert add(1, 2) == 3", "assert add(1, 1) == 3"]']) == [0.5]
+    with pytest.raises(ValueError, match="`tests` column"):
+        code_exec.score_one("q", completion)
+
+
+def test_infinite_loop_is_killed_and_earlier_results_kept():
+    r = run_tests(ADD, ["assert add(1, 2) == 3", "while True: pass", "assert True"], SandboxLimits(time_s=2))
+    assert r.timed_out
+    assert r.outcomes == ["pass", "not run", "not run"]
+    assert r.fraction == pytest.approx(1 / 3)
+
+
+def test_huge_allocation_hits_the_memory_limit():
+    r = run_tests("x = bytearray(8 * 2**30)", ["assert True"], SandboxLimits(memory_mb=256))
+    assert r.setup_error.startswith("MemoryError")
+    assert r.fraction == 0.0 and not r.timed_out
+
+
+def test_network_attempt_fails():
+    code = "import socket\ns = socket.create_connection(('127.0.0.1', 22), timeout=2)\n"
+    r = run_tests(code, ["assert True"])
+    assert r.fraction == 0.0
+    # In a fresh network namespace no interface is up, loopback included.
+    expected = "Network is unreachable" if isolation() != "socket-patch" else "network access is disabled"
+    assert expected in r.setup_error
+
+
+@needs_namespaces
+def test_write_outside_the_temp_dir_is_refused(tmp_path):
+    # A root-owned folder the parent can write to: the sandboxed code runs as `nobody`.
+    target = Path(__file__).parent / f"escaped-{os.getpid()}.txt"
+    try:
+        r = run_tests(f"open({str(target)!r}, 'w').write('x')", ["assert True"])
+        assert r.setup_error.startswith("PermissionError")
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+    # The host's /tmp is hidden behind the sandbox's own: the parent's temp folder is not there.
+    hidden = tmp_path / "escaped.txt"
+    r = run_tests(f"open({str(hidden)!r}, 'w').write('x')", ["assert True"])
+    assert r.setup_error.startswith("FileNotFoundError")
+    assert not hidden.exists()
+
+
+@needs_namespaces
+def test_temp_dir_is_private_and_thrown_away():
+    # The code may write in its working directory (/tmp inside the sandbox)...
+    code = "open('scratch.txt', 'w').write('x')\nimport os\n"
+    tests = ["assert os.getcwd() == '/tmp'", "assert os.listdir('.') == ['scratch.txt']"]
+    assert run_tests(code, tests).fraction == 1.0
+    # ...and nothing of it is left on the host, and a second run starts from an empty directory.
+    assert not Path("/tmp/scratch.txt").exists()
+    assert run_tests("import os", ["assert os.listdir('.') == []"]).fraction == 1.0
+
+
+def test_parent_environment_is_not_visible(monkeypatch):
+    monkeypatch.setenv("RLHF_SANDBOX_SECRET", "hunter2")
+    code = "import os\nseen = os.environ.get('RLHF_SANDBOX_SECRET')\n"
+    r = run_tests(code, ["assert seen is None", "assert 'PATH' not in os.environ and 'HOME' not in os.environ"])
+    assert r.outcomes == ["pass", "pass"]
+    assert os.environ["RLHF_SANDBOX_SECRET"] == "hunter2"  # the parent is untouched
+
+
+def test_printed_text_cannot_pose_as_results():
+    # A forged result line without the run's nonce is ignored; os._exit skips the real tests.
+    code = 'print(\'["x", 0, "pass", ""]\')\nimport os\nos._exit(0)\n'
+    r = run_tests(code, ["assert False"])
+    assert r.outcomes == ["not run"] and r.fraction == 0.0
+
+
+def test_sys_exit_in_the_code_fails_the_tests():
+    r = run_tests("import sys\nsys.exit(0)", ["assert True"])
+    assert r.setup_error.startswith("SystemExit") and r.fraction == 0.0
+
+
+def test_extract_code():
+    assert extract_code("```python\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("a\n```py\nx = 1\n```\nb\n```python\ny = 2\n```") == "y = 2\n"  # the last block
+    assert extract_code("x = 1") == "x = 1"
