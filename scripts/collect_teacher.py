@@ -49,6 +49,9 @@ def main(cfg: DictConfig) -> None:
     print(f"{s.kept} of {s.answers} answers kept -> {result.dataset_path} "
           f"({s.cache_hits} from cache, {s.paid} bought, {s.retries} retries, "
           f"{s.rejected} below teacher.min_reward, {s.unscored} unscored)")
+    if s.missing_usage:
+        print(f"warning: {s.missing_usage} responses carried no usage field; their tokens are not "
+              "in the ledger")
 
 
 if __name__ == "__main__":

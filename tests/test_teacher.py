@@ -340,6 +340,9 @@ def test_bad_jsonl_source_names_line_and_column(tmp_path):
     src.write_text('{"prompt": "q1", "teacher": "a1"}\n\n{"prompt": "q2", \n')
     with pytest.raises(ValueError, match=r"answers.jsonl line 3: not valid JSON"):
         from_jsonl(cfg, tmp_path)
+    src.write_text('{"prompt": "q1", "teacher": 5}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl row 0: column 'teacher' must be text"):
+        from_jsonl(cfg, tmp_path)
     src.write_text('["prompt", "teacher"]\n')
     with pytest.raises(ValueError, match=r"answers.jsonl line 1: expected a JSON object, got list"):
         from_jsonl(cfg, tmp_path)
