@@ -40,6 +40,7 @@ from rlhf.config import Config, ConfigError, register_configs, to_object, valida
 from rlhf.data import PromptDataset
 from rlhf.evaluate import evaluate, expand_for_rewards
 from rlhf.learner import LearnerGroup
+from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
 from rlhf.plan import count_params, describe, estimate_memory
@@ -133,8 +134,12 @@ def train(cfg: Config) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train")
-    eval_items = data.eval_items(cfg.trainer.eval_prompts)
+    eval_items = []
+    if cfg.trainer.eval_prompts > 0:
+        eval_data = PromptDataset.from_config(cfg.data, tokenizer, split="eval")
+        eval_items = eval_data.eval_items(cfg.trainer.eval_prompts)
     rewards = RewardRunner(cfg.reward)
+    ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
@@ -226,6 +231,8 @@ def train(cfg: Config) -> Path:
         trained = float(batch.attention_mask.sum())
         metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
         metrics["throughput/generated_tokens"] = float(rollouts.num_output_tokens)
+        ledger.add_generated(rollouts.num_output_tokens, metrics["timing/generate"])
+        ledger.add_trained(int(trained) * cfg.algo.epochs_per_step)
         logger.log(step, metrics)
         print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)
 
@@ -239,6 +246,7 @@ def train(cfg: Config) -> Path:
     if cfg.trainer.export_at_end:
         learner.export(run_dir / "export", tokenizer_path=model_path)
     logger.close()
+    print(ledger.close())
     plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward.png")
     rewards.close()
     engines.shutdown()
