@@ -37,6 +37,9 @@ def validate_request(prompt_ids: list[list[int]], sampling: SamplingSettings, ma
                 f"prompt {i} has {len(ids)} tokens, more than {limit} "
                 f"(rollout.max_model_len={max_model_len} minus 1 for the first new token)"
             )
+        for j, tok in enumerate(ids):
+            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
+                raise ValueError(f"prompt {i} token {j} is {tok!r}, not a token id (int >= 0)")
 
 
 def drop_too_long(prompt_ids: list[list[int]], max_model_len: int) -> tuple[list[list[int]], list[int]]:

@@ -287,6 +287,14 @@ def test_too_long_prompt_is_rejected_naming_index_and_length(group):
         group.generate([ok, too_long], SamplingSettings(n=1, max_new_tokens=1))
 
 
+def test_non_integer_token_is_rejected_naming_prompt_and_position(group):
+    # A BatchEncoding passed where ids belong turns into its keys: strings, not token ids.
+    with pytest.raises(ValueError, match=r"prompt 0 token 0 is 'input_ids'"):
+        group.generate([["input_ids", "attention_mask"]], SamplingSettings(n=1, max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"prompt 1 token 2 is -4"):
+        group.generate([[1, 2], [3, 4, -4]], SamplingSettings(n=1, max_new_tokens=2))
+
+
 def test_n_below_one_is_rejected(group):
     with pytest.raises(ValueError, match=r"sampling.n=0"):
         group.generate([[1, 2, 3]], SamplingSettings(n=0, max_new_tokens=2))
@@ -328,7 +336,7 @@ def test_smollm2_arithmetic_prompt_probe_matches_transformers(ray_session, smoll
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     messages = [{"role": "user", "content": "What is 12 + 7?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) else list(prompt)
+    prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)  # BatchEncoding
     g = EngineGroup(_cfg(num_engines=1, max_model_len=512, kv_cache_gb=0.5), smollm2_path, dtype="float32")
     try:
         batch = g.generate([prompt], SamplingSettings(n=2, max_new_tokens=32, temperature=1.0))
@@ -337,9 +345,10 @@ def test_smollm2_arithmetic_prompt_probe_matches_transformers(ray_session, smoll
             assert c.text.strip()
             seq = c.prompt_ids + c.completion_ids
             ref = _hf_logprobs(model, seq)
-            # 30 layers of fp32 through different kernels: measured gaps ~1e-5 (PLATFORM.md: 1.4e-5).
-            assert _max_gap(ref[len(c.prompt_ids) :], c.logprobs) < 5e-4
+            # 30 fp32 layers through different kernels: measured max gaps 3.4e-5 (sampler) and
+            # 3.9e-5 (probe) over ~70-token sequences, so 2e-4 is ~5x headroom.
+            assert _max_gap(ref[len(c.prompt_ids) :], c.logprobs) < 2e-4
             (probe,) = g.probe(seq)
-            assert _max_gap(probe, ref) < 5e-4
+            assert _max_gap(probe, ref) < 2e-4
     finally:
         g.shutdown()
