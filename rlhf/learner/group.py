@@ -79,6 +79,34 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps
         )
 
 
+def wait_ranks(stage: str, refs: list, timeout_s: float) -> list[Any]:
+    """Results of one call per rank, in rank order, within ``timeout_s`` seconds in all.
+
+    The first rank to fail or die is named as soon as it does (the others may then be stuck in a
+    collective); if none fails before the deadline, the ranks still running are named.
+    """
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    pending = {ref: r for r, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            late = sorted(pending.values())
+            who = f"rank {late[0]}" if len(late) == 1 else f"ranks {late}"
+            raise LearnerError(f"learner {who} did not finish {stage} within {timeout_s:g}s")
+        r = pending.pop(ready[0])
+        try:
+            results[r] = ray.get(ready[0])
+        except RayActorError as e:
+            raise LearnerError(f"learner rank {r} died during {stage}: {e}") from e
+        except RayTaskError as e:
+            raise LearnerError(f"learner rank {r} failed in {stage}: {e}") from e
+    return results
+
+
 class LearnerGroup:
     """``cfg.num_ranks`` LearnerRank actors forming one DeepSpeed data-parallel group."""
 
@@ -124,28 +152,7 @@ class LearnerGroup:
         return self._wait(stage, refs)
 
     def _wait(self, stage: str, refs: list) -> list[Any]:
-        """Results in rank order. The first rank to fail is named; if none fails before the
-        deadline, the ranks still running are named."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        pending = {ref: r for r, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                late = sorted(pending.values())
-                who = f"rank {late[0]}" if len(late) == 1 else f"ranks {late}"
-                raise LearnerError(f"learner {who} did not finish {stage} within {self.cfg.timeout_s:g}s")
-            r = pending.pop(ready[0])
-            try:
-                results[r] = ray.get(ready[0])
-            except RayActorError as e:
-                raise LearnerError(f"learner rank {r} died during {stage}: {e}") from e
-            except RayTaskError as e:
-                raise LearnerError(f"learner rank {r} failed in {stage}: {e}") from e
-        return results
+        return wait_ranks(stage, refs, self.cfg.timeout_s)
 
     def _shards(self, batch: TrainBatch) -> list[TrainBatch]:
         rows = batch.size // len(self.ranks)

@@ -157,6 +157,7 @@ class LearnerRank:
         from rlhf.algo import grpo_objective, token_entropy, token_logprobs
 
         start = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
         self.engine.train()
         micros = micro_batches(batch, self.cfg.micro_batch_size)
         if not micros:
@@ -195,7 +196,7 @@ class LearnerRank:
         out.update(
             {
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": float(self.engine.get_lr()[0]),
+                "lr": lr,
                 "skipped": float(skipped),
                 "sum:tokens": float(batch.attention_mask.sum()),
                 "max:seconds": time.perf_counter() - start,
@@ -258,14 +259,17 @@ class LearnerRank:
         return out
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """This rank's flat optimizer state tensors (exp_avg, exp_avg_sq per partition). For tests."""
-        opt = self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer") else self.engine.optimizer
+        """This rank's fp32 master partitions and their AdamW state (step, exp_avg, exp_avg_sq). For tests."""
+        zero = self.engine.optimizer
+        # ZeRO-3 keeps its flat fp32 partitions here (and empties the inner optimizer's
+        # param_groups between steps); ZeRO-1/2 keep them in single_partition_of_fp32_groups.
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
         out = {}
-        for gi, group in enumerate(opt.param_groups):
-            for pi, p in enumerate(group["params"]):
-                for k, v in opt.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        out[f"{gi}.{pi}.{k}"] = v.detach().float().cpu().clone()
+        for i, flat in enumerate(flats):
+            out[f"{i}.master"] = flat.detach().float().cpu().clone()
+            for k, v in zero.optimizer.state.get(flat, {}).items():
+                if torch.is_tensor(v):
+                    out[f"{i}.{k}"] = v.detach().float().cpu().clone()
         return out
 
     def ready(self) -> int:
