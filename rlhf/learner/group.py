@@ -103,7 +103,8 @@ def wait_ranks(stage: str, refs: list, timeout_s: float) -> list[Any]:
         except RayActorError as e:
             raise LearnerError(f"learner rank {r} died during {stage}: {e}") from e
         except RayTaskError as e:
-            raise LearnerError(f"learner rank {r} failed in {stage}: {e}") from e
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise LearnerError(f"learner rank {r} failed in {stage}: {type(cause).__name__}: {cause}") from e
     return results
 
 

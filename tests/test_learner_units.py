@@ -1,0 +1,219 @@
+"""Learner pieces that need no process group: DeepSpeed config, LR schedule, metric reduction,
+settings checks, rank waits, weight buckets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.learner.ds_config import policy_config, reference_config
+from rlhf.learner.group import LearnerError, check_settings, reduce_metrics, wait_ranks
+from rlhf.learner.optim import lr_factor, param_groups
+from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf_weights
+
+# --- DeepSpeed config ------------------------------------------------------------------------
+
+
+def test_policy_config_zero2_defaults():
+    ds = policy_config(LearnerConfig(), "float32", micro_batch_size=4)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_accumulation_steps"] == 1  # the learner marks boundaries itself
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_clipping"] == 1.0
+    assert "bf16" not in ds and "offload_optimizer" not in ds["zero_optimization"]
+
+
+def test_policy_config_zero3_offload_bf16():
+    cfg = LearnerConfig(zero_stage=3, offload_optimizer=True, offload_params=True)
+    ds = policy_config(cfg, "bfloat16", micro_batch_size=2)
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def test_reference_config_follows_the_policy_sharding():
+    assert reference_config(LearnerConfig(zero_stage=2), "float32", 2)["zero_optimization"] == {"stage": 0}
+    z3 = reference_config(LearnerConfig(zero_stage=3, offload_params=True), "float32", 2)["zero_optimization"]
+    assert z3["stage"] == 3 and z3["offload_param"]["device"] == "cpu"
+
+
+def test_offload_params_needs_stage3():
+    with pytest.raises(ConfigError, match="learner.offload_params=true needs learner.zero_stage=3"):
+        policy_config(LearnerConfig(zero_stage=2, offload_params=True), "float32", 1)
+
+
+def test_unknown_dtype_is_named():
+    with pytest.raises(ConfigError, match="model.dtype='float8'"):
+        policy_config(LearnerConfig(), "float8", 1)
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+
+def test_warmup_then_constant():
+    f = lr_factor("constant", warmup_steps=4, total_steps=10)
+    assert [f(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_warmup_then_cosine_to_zero():
+    f = lr_factor("cosine", warmup_steps=2, total_steps=6)
+    # After warm-up, progress = (k - 2) / 4: 0, 1/4, 1/2, 3/4, 1 -> 0.5 * (1 + cos(pi * p)).
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    assert [f(k) for k in range(7)] == pytest.approx(want, abs=1e-12)
+    assert f(100) == 0.0  # stays at 0 past the end
+
+
+def test_bad_schedule_settings_are_named():
+    with pytest.raises(ConfigError, match="learner.lr_schedule='linear'"):
+        lr_factor("linear", 0, 10)
+    with pytest.raises(ConfigError, match="learner.warmup_steps=-1"):
+        lr_factor("constant", -1, 10)
+    with pytest.raises(ConfigError, match=r"total steps \(3\) > learner.warmup_steps \(3\)"):
+        lr_factor("cosine", 3, 3)
+
+
+def test_vectors_do_not_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 3  # linear bias, norm weight, norm bias
+
+
+# --- settings checked before any process starts ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_ranks": 0}, "learner.num_ranks=0 must be >= 1"),
+        ({"micro_batch_size": 0}, "learner.micro_batch_size=0 must be >= 1"),
+        ({"timeout_s": 0.0}, "learner.timeout_s=0.0 must be > 0"),
+        ({"logprob_temperature": 0.0}, "learner.logprob_temperature=0.0 must be > 0"),
+        ({"backend": "mpi"}, "learner.backend='mpi'"),
+        ({"backend": "nccl"}, "learner.backend=nccl needs learner.num_gpus_per_rank > 0"),
+        ({"lr": 0.0}, None),  # checked when the optimizer is built, see below
+    ],
+)
+def test_bad_learner_settings_are_named(overrides, message):
+    cfg = LearnerConfig(**overrides)
+    if message is None:
+        from rlhf.learner.optim import build_adamw
+
+        with pytest.raises(ConfigError, match="learner.lr=0.0 must be > 0"):
+            build_adamw(torch.nn.Linear(2, 2), cfg)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_settings(cfg, AlgoConfig(), "float32", total_steps=10)
+
+
+def test_dr_grpo_aggregation_needs_norm_length():
+    algo = AlgoConfig(loss_agg="seq_mean_token_sum_norm", norm_length=None)
+    with pytest.raises(ConfigError, match="algo.norm_length"):
+        check_settings(LearnerConfig(), algo, "float32", total_steps=10)
+
+
+# --- metric reduction ------------------------------------------------------------------------
+
+
+def test_rank_metrics_sum_extremes_and_rank0_scalars():
+    r0 = {"sum:loss": 0.25, "sum:clip_frac/low": 0.1, "max:ratio/max": 1.3, "min:ratio/min": 0.7,
+          "sum:tokens": 60.0, "max:seconds": 1.0, "grad_norm": 2.0, "lr": 1e-5, "skipped": 0.0}
+    r1 = {"sum:loss": -0.05, "sum:clip_frac/low": 0.05, "max:ratio/max": 1.6, "min:ratio/min": 0.9,
+          "sum:tokens": 40.0, "max:seconds": 1.5, "grad_norm": 2.0, "lr": 1e-5, "skipped": 0.0}
+    m = reduce_metrics([r0, r1], wall_s=2.0)
+    assert m["loss"] == pytest.approx(0.20)  # shares of the whole-batch loss add up
+    assert m["clip_frac/low"] == pytest.approx(0.15)
+    assert m["ratio/max"] == 1.6 and m["ratio/min"] == 0.7
+    assert m["tokens/s"] == pytest.approx(100.0 / 2.0)
+    assert m["grad_norm"] == 2.0 and m["lr"] == 1e-5 and m["skipped"] == 0.0
+    assert "tokens" not in m and "seconds" not in m
+
+
+# --- waiting on ranks ------------------------------------------------------------------------
+
+
+def test_a_stalled_rank_is_named_with_the_stage(ray_session):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def finish(seconds: float) -> float:
+        import time
+
+        time.sleep(seconds)
+        return seconds
+
+    ray.get(finish.remote(0.0))  # a worker process is up, so rank 0's call returns at once
+    slow = finish.remote(60.0)
+    try:
+        with pytest.raises(LearnerError, match="learner rank 1 did not finish train_step within 5s"):
+            wait_ranks("train_step", [finish.remote(0.0), slow], timeout_s=5.0)
+    finally:
+        ray.cancel(slow, force=True)
+
+
+def test_a_failing_rank_is_named_with_its_error(ray_session):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def boom(fail: bool) -> int:
+        if fail:
+            raise ValueError("bad shard")
+        return 1
+
+    with pytest.raises(LearnerError, match="learner rank 1 failed in compute_logprobs: ValueError: bad shard"):
+        wait_ranks("compute_logprobs", [boom.remote(False), boom.remote(True)], timeout_s=60.0)
+
+
+# --- weight buckets --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_path):
+    from rlhf.learner.rank import load_hf_model
+
+    return load_hf_model(tiny_model_path, "float32", False)
+
+
+def test_buckets_hold_every_parameter_once_and_the_tied_head_on_request(tiny_model):
+    names = {n for n, _ in tiny_model.named_parameters()}
+    # 64 KiB buckets: the 12 MiB embedding gets its own, small matrices are grouped.
+    plain = list(full_parameter_buckets(tiny_model, 0, 64 << 10, include_tied_head=False))
+    seen = [n for b in plain for n in b]
+    assert sorted(seen) == sorted(names) and "lm_head.weight" not in seen
+    assert 2 < len(plain) < len(names)
+    with_head = {n: t for b in full_parameter_buckets(tiny_model, 0, 64 << 10, True) for n, t in b.items()}
+    assert torch.equal(with_head["lm_head.weight"], with_head["model.embed_tokens.weight"])
+    assert with_head["lm_head.weight"].data_ptr() != with_head["model.embed_tokens.weight"].data_ptr()
+
+
+def test_other_ranks_yield_nothing_without_zero3(tiny_model):
+    assert list(full_parameter_buckets(tiny_model, 1, 1 << 20, True)) == []
+
+
+def test_bucket_files_round_trip(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    paths, nbytes = write_buckets(full_parameter_buckets(tiny_model, 0, 1 << 20, True), tmp_path)
+    loaded = {k: v for p in paths for k, v in load_file(p).items()}
+    state = dict(tiny_model.named_parameters())
+    assert nbytes == sum(t.numel() * 4 for t in loaded.values())
+    for name, p in state.items():
+        assert torch.equal(loaded[name], p.detach())
+
+
+def test_sharded_hf_weights_load_in_transformers(tiny_model, tiny_model_path, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    write_hf_weights(full_parameter_buckets(tiny_model, 0, 1 << 20, False), tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    shutil.copy(f"{tiny_model_path}/config.json", tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    for (name, a), (_, b) in zip(tiny_model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
