@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import hydra
@@ -122,6 +123,23 @@ def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> di
     return out
 
 
+PROBE_TEXT = "Weight sync probe: 12 + 7 = 19. The engines must score this exactly as the learner does."
+
+
+def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[EngineGroup, LearnerGroup]:
+    """Start the engine and learner actors concurrently (each takes tens of seconds on CPU)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
+                                cfg.model.trust_remote_code)
+        learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
+                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps)
+        wait([engines_f, learner_f])
+    for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
+        if future.exception() is None:
+            stack.callback(future.result().shutdown)
+    return engines_f.result(), learner_f.result()
+
+
 def train(cfg: Config) -> Path:
     batches = validate(cfg)  # every config error surfaces here, before anything loads
     run_dir = Path(cfg.trainer.output_dir)
@@ -138,119 +156,116 @@ def train(cfg: Config) -> Path:
     if cfg.trainer.eval_prompts > 0:
         eval_data = PromptDataset.from_config(cfg.data, tokenizer, split="eval")
         eval_items = eval_data.eval_items(cfg.trainer.eval_prompts)
-    rewards = RewardRunner(cfg.reward)
-    ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
-    engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    learner = LearnerGroup(cfg.learner, cfg.algo, model_path, cfg.model.dtype,
-                           cfg.model.trust_remote_code, total_steps=cfg.trainer.steps)
+    probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
     ckpt_dir = run_dir / "checkpoints"
-    probe_ids = (eval_items[0].prompt_ids if eval_items else data.next_batch(1)[0].prompt_ids)[:64]
 
-    start_step = 0
-    if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
-        state = learner.load(last)
-        start_step = state["step"]
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
-        print(f"resumed from {last} at step {start_step}")
+    with ExitStack() as stack:
+        rewards = RewardRunner(cfg.reward)
+        stack.callback(rewards.close)
+        ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
+        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+        engines, learner = start_groups(cfg, model_path, stack)
 
-    logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
-                           OmegaConf.to_container(OmegaConf.structured(cfg)), resume=start_step > 0)
-    sampling = SamplingSettings(
-        n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop),
-    )
+        start_step = 0
+        if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
+            state = learner.load(last)
+            start_step = state["step"]
+            data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+            print(f"resumed from {last} at step {start_step}")
 
-    def run_eval(step: int) -> None:
-        if not eval_items:
-            return
-        with timed(m := {}, "eval"):
-            result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
-                              cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
-                              stop=tuple(cfg.rollout.stop))
-        logger.log(step, {**result.metrics(), **m})
-        print(f"eval @ step {step}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f}, "
-              f"pass@{result.k} {result.pass_at_k:.3f}")
+        logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
+                               OmegaConf.to_container(OmegaConf.structured(cfg)), resume=start_step > 0)
+        stack.callback(logger.close)
+        sampling = SamplingSettings(
+            n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop),
+        )
 
-    def save(step: int) -> None:
-        state = {
-            "step": step,
-            "data": data.state_dict(),
-            "rng": rng_state(),
-            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        }
-        learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
+        def run_eval(step: int) -> None:
+            if not eval_items:
+                return
+            with timed(m := {}, "eval"):
+                result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
+                                  cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
+                                  stop=tuple(cfg.rollout.stop))
+            logger.log(step, {**result.metrics(), **m})
+            print(f"eval @ step {step}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f}, "
+                  f"pass@{result.k} {result.pass_at_k:.3f}", flush=True)
 
-    if start_step == 0:
-        run_eval(0)
-    started, nonfinite = time.time(), 0
-    for step in range(start_step + 1, cfg.trainer.steps + 1):
-        metrics: dict[str, float] = {}
-        items, completions, scores = collect(cfg, data, engines, rewards, sampling, metrics)
-        total = [r for group, _ in scores for r in group]
-        per_fn = {k: [v for _, fns in scores for v in fns[k]] for k in scores[0][1]}
-        metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))
+        def save(step: int) -> None:
+            state = {
+                "step": step,
+                "data": data.state_dict(),
+                "rng": rng_state(),
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            }
+            learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
 
-        rewards_t = rewards_matrix(total, cfg.rollout.n)  # [G, n], NaN where a reward failed
-        advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
-        rollouts = RolloutBatch(completions=completions, n=cfg.rollout.n)
-        batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
-        if cfg.algo.kl_coef > 0:
-            with timed(metrics, "reference"):
-                batch.ref_logprobs = learner.compute_ref_logprobs(batch)
-        if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
-            batch.old_logprobs = learner.compute_logprobs(batch)
+        if start_step == 0:
+            run_eval(0)
+        started, nonfinite = time.time(), 0
+        for step in range(start_step + 1, cfg.trainer.steps + 1):
+            metrics: dict[str, float] = {}
+            items, completions, scores = collect(cfg, data, engines, rewards, sampling, metrics)
+            total = [r for group, _ in scores for r in group]
+            per_fn = {k: [v for _, fns in scores for v in fns[k]] for k in scores[0][1]}
+            metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))
 
-        engines.sleep()  # colocated: hand the KV-cache memory to the learner where vLLM can
-        with timed(metrics, "train"):
-            updates = [
-                learner.train_step(mb)
-                for epoch in range(cfg.algo.epochs_per_step)
-                for mb in mini_batches(batch, batches.mini_batches_per_step, seed=cfg.trainer.seed + step * 1000 + epoch)
-            ]
-        engines.wake_up()
-        metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
-        skipped = sum(u.get("skipped", 0) for u in updates)
-        nonfinite = nonfinite + 1 if skipped else 0
-        if nonfinite >= cfg.trainer.max_nonfinite_steps:
+            rewards_t = rewards_matrix(total, cfg.rollout.n)  # [G, n], NaN where a reward failed
+            advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
+            rollouts = RolloutBatch(completions=completions, n=cfg.rollout.n)
+            batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
+            if cfg.algo.kl_coef > 0:
+                with timed(metrics, "reference"):
+                    batch.ref_logprobs = learner.compute_ref_logprobs(batch)
+            if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
+                batch.old_logprobs = learner.compute_logprobs(batch)
+
+            engines.sleep()  # colocated: hand the KV-cache memory to the learner where vLLM can
+            with timed(metrics, "train"):
+                updates = [
+                    learner.train_step(mb)
+                    for epoch in range(cfg.algo.epochs_per_step)
+                    for mb in mini_batches(batch, batches.mini_batches_per_step,
+                                           seed=cfg.trainer.seed + step * 1000 + epoch)
+                ]
+            engines.wake_up()
+            metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+            nonfinite = nonfinite + 1 if any(u.get("skipped", 0) for u in updates) else 0
+            if nonfinite >= cfg.trainer.max_nonfinite_steps:
+                logger.log(step, metrics)
+                raise RuntimeError(
+                    f"{nonfinite} consecutive steps had a non-finite loss or gradient "
+                    f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopping with the "
+                    f"last good checkpoint in {ckpt_dir}"
+                )
+
+            with timed(metrics, "sync"):
+                report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+            metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s})
+            step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
+            trained = int(batch.attention_mask.sum())
+            metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
+            metrics["throughput/generated_tokens"] = float(rollouts.num_output_tokens)
+            ledger.add_generated(rollouts.num_output_tokens, metrics["timing/generate"])
+            ledger.add_trained(trained * cfg.algo.epochs_per_step)
             logger.log(step, metrics)
-            raise RuntimeError(
-                f"{nonfinite} consecutive steps had a non-finite loss or gradient "
-                f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopping with the "
-                f"last good checkpoint in {ckpt_dir}"
-            )
+            print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)
 
-        with timed(metrics, "sync"):
-            report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
-        metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s})
-        step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
-        trained = float(batch.attention_mask.sum())
-        metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
-        metrics["throughput/generated_tokens"] = float(rollouts.num_output_tokens)
-        ledger.add_generated(rollouts.num_output_tokens, metrics["timing/generate"])
-        ledger.add_trained(int(trained) * cfg.algo.epochs_per_step)
-        logger.log(step, metrics)
-        print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.steps:
+                run_eval(step)
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
+                save(step)
 
-        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.steps:
-            run_eval(step)
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
-            save(step)
-
-    run_eval(cfg.trainer.steps)
-    save(cfg.trainer.steps)
-    if cfg.trainer.export_at_end:
-        learner.export(run_dir / "export", tokenizer_path=model_path)
-    logger.close()
-    print(ledger.close())
+        run_eval(cfg.trainer.steps)
+        save(cfg.trainer.steps)
+        if cfg.trainer.export_at_end:
+            learner.export(run_dir / "export", tokenizer_path=model_path)
+        print(ledger.close())
     plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward.png")
-    rewards.close()
-    engines.shutdown()
-    learner.shutdown()
     print(f"run folder: {run_dir}")
     return run_dir
 

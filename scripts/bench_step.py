@@ -122,9 +122,6 @@ def draw_prompts(model_path: str, steps: int) -> list[dict[str, str]]:
     group.pop("defaults", None)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), group))
     data = PromptDataset.from_config(cfg, AutoTokenizer.from_pretrained(model_path), split="train")
-    # With trainer.eval_prompts=0, rlhf.train takes its weight-sync probe prompt from the training
-    # data before step 1, so its steps start at the second prompt.
-    data.next_batch(1)
     items = data.next_batch(steps * PROMPTS_PER_STEP)
     return [{"prompt": it.raw_prompt, "answer": it.columns["answer"]} for it in items]
 
