@@ -22,7 +22,7 @@ from rlhf.checkpoint import latest_complete, read_checkpoint, save_checkpoint
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner import LearnerError, LearnerGroup
 from rlhf.learner.optim import build_adamw, lr_factor
-from rlhf.learner.rank import load_hf_model
+from rlhf.learner.rank import batch_to, load_hf_model
 from rlhf.types import TrainBatch
 
 DTYPE = "float32"
@@ -98,13 +98,16 @@ def group(request, ray_session, tiny_model_path):
     g.shutdown()
 
 
-def plain_torch_updates(model_path: str, cfg: LearnerConfig, batches: list[TrainBatch]) -> dict:
-    """The reference: one process, whole batch in one forward, torch AdamW + LambdaLR."""
-    model = load_hf_model(model_path, DTYPE, False).train()
+def plain_torch_updates(model_path: str, cfg: LearnerConfig, batches: list[TrainBatch], device: str = "cpu") -> dict:
+    """The reference: one process, whole batch in one forward, torch AdamW + LambdaLR, fp32.
+
+    (scripts/gpu_learner_check.py runs it on CUDA.)"""
+    model = load_hf_model(model_path, "float32", False).to(device).train()
     opt = build_adamw(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.warmup_steps, TOTAL_STEPS))
     norms, losses, lrs = [], [], []
     for batch in batches:
+        batch = batch_to(batch, device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = token_logprobs(logits, batch.input_ids)
         entropy = token_entropy(logits)
@@ -123,7 +126,7 @@ def plain_torch_updates(model_path: str, cfg: LearnerConfig, batches: list[Train
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    return {"params": {k: v.detach().float() for k, v in model.named_parameters()},
+    return {"params": {k: v.detach().float().cpu() for k, v in model.named_parameters()},
             "grad_norm": norms, "loss": losses, "lr": lrs}
 
 

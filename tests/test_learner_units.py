@@ -10,7 +10,8 @@ import torch
 
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config, reference_config
-from rlhf.learner.group import LearnerError, check_settings, reduce_metrics, wait_ranks
+from rlhf.learner.group import LearnerError, reduce_metrics, wait_ranks
+from rlhf.learner.settings import check_settings
 from rlhf.learner.optim import lr_factor, param_groups
 from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf_weights
 

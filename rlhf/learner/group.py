@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner.rank import LearnerRank
+from rlhf.learner.settings import check_settings
 from rlhf.types import SyncReport, TrainBatch
 
 
@@ -47,36 +48,6 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps: int) -> None:
-    """Every learner setting that can be checked before a process starts or a weight loads."""
-    from rlhf.learner.ds_config import policy_config
-    from rlhf.learner.optim import lr_factor
-
-    for key, value in [
-        ("learner.num_ranks", cfg.num_ranks),
-        ("learner.micro_batch_size", cfg.micro_batch_size),
-        ("learner.num_threads", cfg.num_threads),
-        ("learner.sync_bucket_mb", cfg.sync_bucket_mb),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    if not cfg.timeout_s > 0:
-        raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
-    if not cfg.logprob_temperature > 0:
-        raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
-    if cfg.backend not in ("gloo", "nccl"):
-        raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
-    if cfg.backend == "nccl" and cfg.num_gpus_per_rank <= 0:
-        raise ConfigError("learner.backend=nccl needs learner.num_gpus_per_rank > 0 (one GPU per rank)")
-    policy_config(cfg, dtype, cfg.micro_batch_size)
-    lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
-    if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
-        raise ConfigError(
-            "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
-            "rollout.max_new_tokens when it is null)"
-        )
 
 
 def wait_ranks(stage: str, refs: list, timeout_s: float) -> list[Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -71,7 +71,9 @@ class LearnerRank:
 
         from rlhf.learner.ds_config import policy_config, reference_config
         from rlhf.learner.optim import build_adamw, lr_factor
+        from rlhf.learner.settings import check_settings
 
+        check_settings(cfg, algo, dtype, total_steps)
         self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
         os.environ.update(
             MASTER_ADDR=cfg.master_addr,
@@ -108,11 +110,6 @@ class LearnerRank:
             ref = load_hf_model(model_path, dtype, trust_remote_code).eval().requires_grad_(False)
             self.ref_engine, *_ = deepspeed.initialize(
                 model=ref, config=reference_config(cfg, dtype, cfg.micro_batch_size)
-            )
-        if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
-            raise ConfigError(
-                "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
-                "rollout.max_new_tokens when it is null)"
             )
 
     # ----------------------------------------------------------------------------- log-probs
@@ -170,7 +167,7 @@ class LearnerRank:
         for i, mb in enumerate(micros):
             last = i == len(micros) - 1
             self.engine.set_gradient_accumulation_boundary(last)
-            mb = _to(mb, self.device)
+            mb = batch_to(mb, self.device)
             logits = self._logits(self.engine, mb)
             t = self.cfg.logprob_temperature
             logprobs = token_logprobs(logits, mb.input_ids, temperature=t)
@@ -282,7 +279,7 @@ class LearnerRank:
             dist.destroy_process_group()
 
 
-def _to(batch: TrainBatch, device: torch.device) -> TrainBatch:
+def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
     def mv(t):
         return None if t is None else t.to(device)
 

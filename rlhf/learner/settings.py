@@ -1,0 +1,34 @@
+"""Every learner setting that can be checked before a process starts or a weight loads."""
+
+from __future__ import annotations
+
+from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.learner.ds_config import policy_config
+from rlhf.learner.optim import lr_factor
+
+
+def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps: int) -> None:
+    """Raise ConfigError naming the key and value of the first setting that cannot work."""
+    for key, value in [
+        ("learner.num_ranks", cfg.num_ranks),
+        ("learner.micro_batch_size", cfg.micro_batch_size),
+        ("learner.num_threads", cfg.num_threads),
+        ("learner.sync_bucket_mb", cfg.sync_bucket_mb),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not cfg.timeout_s > 0:
+        raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
+    if not cfg.logprob_temperature > 0:
+        raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
+    if cfg.backend not in ("gloo", "nccl"):
+        raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
+    if cfg.backend == "nccl" and cfg.num_gpus_per_rank <= 0:
+        raise ConfigError("learner.backend=nccl needs learner.num_gpus_per_rank > 0 (one GPU per rank)")
+    policy_config(cfg, dtype, cfg.micro_batch_size)
+    lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+    if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
+        raise ConfigError(
+            "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
+            "rollout.max_new_tokens when it is null)"
+        )

@@ -1,0 +1,157 @@
+"""Learner benchmark: GRPO step throughput vs a bare torch loop, and weight-sync seconds.
+
+    .venv/bin/python scripts/bench_learner.py                 # SmolLM2-135M, ZeRO-2, 1 rank, vLLM engine
+    .venv/bin/python scripts/bench_learner.py --no-engine     # learner side of the sync only
+    .venv/bin/python scripts/bench_learner.py --model tiny-random-llama --stage 3 --ranks 2
+
+1. Throughput (goal: learner overhead <= 10%). The same random batch (``--rows`` sequences of
+   ``--prompt`` + ``--response`` tokens, right-padded lengths) is trained on by
+   - the learner: ``LearnerGroup.train_step`` (Ray actor rank(s), DeepSpeed ZeRO, GRPO objective
+     with entropy metrics, micro-batches of ``--micro``), timed from the driver, and
+   - a bare loop in this process: forward, log-softmax gather, policy-gradient loss, backward over
+     the same micro-batches, gradient clipping, torch AdamW step, with the same thread count.
+   Tokens/s counts attention tokens; each side runs ``--warmup`` untimed and ``--steps`` timed steps.
+2. Weight sync (goal: <= 1 s on CPU for SmolLM2-135M): ``LearnerGroup.sync_weights`` into a real
+   vLLM engine (gather + write to /dev/shm, engine reload, probe), ``--syncs`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def make_batch(rows: int, prompt: int, response: int, vocab: int, seed: int = 0):
+    from rlhf.types import TrainBatch
+
+    g = torch.Generator().manual_seed(seed)
+    L = prompt + response
+    ids = torch.randint(0, vocab, (rows, L), generator=g)
+    lengths = prompt + torch.randint(response // 2, response + 1, (rows,), generator=g)
+    pos = torch.arange(L)[None, :]
+    attention = (pos < lengths[:, None]).long()
+    response_mask = ((pos >= prompt) & (attention > 0)).float()
+    return TrainBatch(input_ids=ids, attention_mask=attention, response_mask=response_mask,
+                      advantages=torch.randn(rows, generator=g))
+
+
+def bare_loop(model_path: str, batch, micro: int, steps: int, warmup: int, threads: int, lr: float) -> list[float]:
+    """Seconds per step of the plain torch loop."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True).train()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    tokens = batch.response_mask.sum()
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        for i in range(0, batch.size, micro):
+            ids = batch.input_ids[i : i + micro]
+            logits = model(input_ids=ids, attention_mask=batch.attention_mask[i : i + micro]).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            mask = batch.response_mask[i : i + micro, 1:]
+            loss = -(batch.advantages[i : i + micro, None] * logp * mask).sum() / tokens
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        print(f"  bare step {step}: {time.perf_counter() - start:.2f} s", flush=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per rank and for the bare loop")
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--response", type=int, default=64)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--syncs", type=int, default=3)
+    parser.add_argument("--no-engine", action="store_true", help="time only the learner side of the sync")
+    args = parser.parse_args()
+
+    import ray
+
+    from rlhf.cluster import init_ray
+    from rlhf.config import AlgoConfig, LearnerConfig, RolloutConfig
+    from rlhf.learner import LearnerGroup
+    from rlhf.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    batch = make_batch(args.rows, args.prompt, args.response, vocab=49152)
+    tokens = float(batch.attention_mask.sum())
+    print(f"model {args.model}: {args.rows} rows x {args.prompt}+{args.response} tokens ({tokens:.0f} attention "
+          f"tokens), micro-batch {args.micro}, {args.threads} threads", flush=True)
+
+    bare = bare_loop(path, batch, args.micro, args.steps, args.warmup, args.threads, lr=1e-6)
+    bare_tps = tokens / statistics.median(bare)
+    print(f"bare torch loop:   {statistics.median(bare):7.2f} s/step  {bare_tps:8.1f} tokens/s  (steps: "
+          + ", ".join(f"{t:.2f}" for t in bare) + ")")
+
+    init_ray(num_cpus=4)
+    cfg = LearnerConfig(num_ranks=args.ranks, zero_stage=args.stage, micro_batch_size=args.micro,
+                        num_threads=args.threads, lr=1e-6, timeout_s=1800.0)
+    learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_steps=100)
+    try:
+        wall = []
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            metrics = learner.train_step(batch)
+            print(f"  learner step {step}: {time.perf_counter() - start:.2f} s", flush=True)
+            if step >= args.warmup:
+                wall.append(time.perf_counter() - start)
+        learner_tps = tokens / statistics.median(wall)
+        print(f"learner (ZeRO-{args.stage}, {args.ranks} rank(s)): {statistics.median(wall):7.2f} s/step  "
+              f"{learner_tps:8.1f} tokens/s  (steps: " + ", ".join(f"{t:.2f}" for t in wall)
+              + f"; last loss {metrics['loss']:.4f})")
+        overhead = bare_tps / learner_tps - 1
+        print(f"learner overhead vs bare loop: {100 * overhead:+.1f}% (goal <= +10%)")
+
+        if args.no_engine:
+            out = []
+            for _ in range(args.syncs):
+                import shutil
+                import uuid
+
+                d = f"{cfg.sync_dir}/rlhf-bench-{uuid.uuid4().hex[:8]}"
+                try:
+                    paths, nbytes, secs = learner._call("weight gather", "write_weights", None, d, True)[0]
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+                out.append(secs)
+            print(f"weight sync, learner side (gather + write {nbytes / 1e6:.0f} MB to {cfg.sync_dir}): "
+                  + ", ".join(f"{s:.2f}" for s in out) + " s")
+        else:
+            from rollouts.group import EngineGroup
+            from transformers import AutoTokenizer
+
+            probe = AutoTokenizer.from_pretrained(path)("What is 12 + 7? Think step by step.")["input_ids"]
+            engines = EngineGroup(RolloutConfig(num_engines=1, max_model_len=512, kv_cache_gb=0.25), path, "float32")
+            try:
+                reports = [learner.sync_weights(engines, probe, tolerance=1e-3) for _ in range(args.syncs)]
+            finally:
+                engines.shutdown()
+            for r in reports:
+                print(f"weight sync: {r.seconds:.2f} s total (gather+write {r.gather_s:.2f} s, engine load "
+                      f"{r.load_s:.2f} s, probe {r.seconds - r.gather_s - r.load_s:.2f} s), "
+                      f"{r.num_bytes / 1e6:.0f} MB, {r.gb_per_s:.2f} GB/s, probe gap {r.probe_gap:.2e}")
+            print(f"weight sync median: {statistics.median(r.seconds for r in reports):.2f} s (goal <= 1 s)")
+    finally:
+        learner.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
