@@ -24,7 +24,7 @@ WORKER_EXTENSION = "rollouts.worker_ext.WeightSyncExtension"
 _GiB = 1 << 30
 
 
-def engine_env_vars(cfg: RolloutConfig, num_cpus: int | None = None) -> dict[str, str]:
+def engine_env_vars(cfg: RolloutConfig) -> dict[str, str]:
     """Environment for an engine actor, set before vLLM is imported there.
 
     On CPU vLLM reserves a core for itself by default and computes on the rest (one of two here);
@@ -33,8 +33,34 @@ def engine_env_vars(cfg: RolloutConfig, num_cpus: int | None = None) -> dict[str
     """
     bind = cfg.cpu_threads_bind
     if bind == "all":
-        bind = f"0-{(num_cpus or os.cpu_count() or 1) - 1}"
+        bind = f"0-{(os.cpu_count() or 1) - 1}"
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+
+
+def llm_kwargs(
+    cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False, engine_index: int = 0
+) -> dict:
+    """vllm.LLM arguments from the rollout config (shared with scripts/bench_rollout.py)."""
+    return dict(
+        model=model_path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        max_model_len=cfg.max_model_len,
+        # A byte budget works on CPU and GPU; VLLM_CPU_KVCACHE_SPACE takes whole GiB only.
+        kv_cache_memory_bytes=None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * _GiB),
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        # Distinct seeds so data-parallel engines do not draw the same random stream.
+        seed=cfg.seed + engine_index,
+        logprobs_mode=cfg.logprobs_mode,
+    )
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a vllm.LLM's engine processes now; leaving it to interpreter exit aborts (code 134)."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 class RolloutEngine:
@@ -55,20 +81,8 @@ class RolloutEngine:
         self.engine_index = engine_index
         # vLLM refuses enable_sleep_mode where it has none (CPU); sleep() then reports False.
         self.sleep_supported = cfg.sleep_between_steps and current_platform.is_sleep_mode_available()
-        kv_bytes = None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * _GiB)
         self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            max_model_len=cfg.max_model_len,
-            kv_cache_memory_bytes=kv_bytes,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            # Distinct seeds so data-parallel engines do not draw the same random stream.
-            seed=cfg.seed + engine_index,
-            logprobs_mode=cfg.logprobs_mode,
+            **llm_kwargs(cfg, model_path, dtype, trust_remote_code, engine_index),
             enable_sleep_mode=self.sleep_supported,
             worker_extension_cls=WORKER_EXTENSION,
         )
@@ -133,13 +147,12 @@ class RolloutEngine:
         return True
 
     def shutdown(self) -> None:
-        """Stop the engine processes now; leaving it to interpreter exit aborts (exit code 134)."""
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        llm.llm_engine.engine_core.shutdown()
-        del self.llm
-        gc.collect()
+        """Stop the engine processes now (safe to call twice)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            shutdown_llm(llm)
+            del llm
+            gc.collect()
 
 
 def _completion(prompt_index: int, prompt_ids: list[int], sample, engine_index: int) -> Completion:
