@@ -121,9 +121,6 @@ class LearnerGroup:
             getattr(a, method).remote(*(per_rank_args[r] if per_rank_args else args))
             for r, a in enumerate(self.ranks)
         ]
-        return self._wait(stage, refs)
-
-    def _wait(self, stage: str, refs: list) -> list[Any]:
         return wait_ranks(stage, refs, self.cfg.timeout_s)
 
     def _shards(self, batch: TrainBatch) -> list[TrainBatch]:

@@ -251,7 +251,7 @@ class LearnerRank:
         from rlhf.learner.weights import full_parameter_buckets
 
         out: dict[str, torch.Tensor] = {}
-        for bucket in full_parameter_buckets(self.engine.module, self.rank, 2**62, False, torch.float32):
+        for bucket in full_parameter_buckets(self.engine.module, self.rank, 2**62, False, torch.float32, copy=True):
             out.update(bucket)
         return out
 

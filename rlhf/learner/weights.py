@@ -46,14 +46,24 @@ def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, tor
 
 
 def full_parameter_buckets(
-    model: torch.nn.Module, rank: int, bucket_bytes: int, include_tied_head: bool, dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    rank: int,
+    bucket_bytes: int,
+    include_tied_head: bool,
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {HF name: full CPU tensor} buckets on rank 0 (empty dicts on other ranks).
 
+    Without ``copy``, tensors already on the CPU in the wanted dtype are the parameters themselves
+    (copying 0.5 GB costs more than writing it), and under ZeRO-3 a bucket is only valid until the
+    next one is requested: consume each bucket before asking for the next.
+
     ``include_tied_head``: with tied embeddings, ``lm_head.weight`` is the embedding itself and
     ``named_parameters`` lists it once, under the embedding's name. vLLM's reload leaves its output
-    head stale unless ``lm_head.weight`` is sent explicitly (PLATFORM.md), so the sync adds a copy;
-    the export leaves it out, as ``save_pretrained`` does.
+    head stale unless ``lm_head.weight`` is sent explicitly (PLATFORM.md), so the sync adds it, as
+    a bucket of its own (safetensors refuses two names for one storage within a file); the export
+    leaves it out, as ``save_pretrained`` does.
     """
     import deepspeed
 
@@ -64,16 +74,20 @@ def full_parameter_buckets(
         return
     for bucket in _plan(model, bucket_bytes):
         params = [p for _, p in bucket]
-        out: dict[str, torch.Tensor] = {}
         # modifier_rank=None: read-only gather, nothing is scattered back afterwards.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
-            if rank == 0:
-                for name, p in bucket:
-                    t = p.data.detach().to("cpu", dtype=dtype or p.dtype, copy=True)
-                    out[name] = t
-                    if embed is not None and p is embed:
-                        out[LM_HEAD] = t.clone()  # safetensors refuses two names on one storage
-        yield out
+            if rank != 0:
+                yield {}
+                continue
+            out = {name: _host(p.data, dtype, copy) for name, p in bucket}
+            yield out
+            for name, p in bucket:
+                if embed is not None and p is embed:
+                    yield {LM_HEAD: out[name]}
+
+
+def _host(t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Tensor:
+    return t.detach().to("cpu", dtype=dtype or t.dtype, copy=copy)
 
 
 def write_buckets(
