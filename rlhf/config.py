@@ -427,6 +427,9 @@ def validate(cfg: Config | DictConfig) -> BatchPlan:
             f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
             f"{cfg.rollout.max_new_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
+    from rlhf.learner.settings import check_settings  # learner rules live beside the learner
+
+    check_settings(cfg.learner, cfg.algo, cfg.model.dtype, cfg.trainer.steps)
     return plan_batches(cfg)
 
 

@@ -29,6 +29,6 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps
     lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
     if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
         raise ConfigError(
-            "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (the trainer sets it to "
-            "rollout.max_new_tokens when it is null)"
+            "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (conf/algo/dr_grpo.yaml "
+            "sets it to ${rollout.max_new_tokens})"
         )
