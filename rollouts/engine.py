@@ -115,7 +115,9 @@ class RolloutEngine:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"engine {self.engine_index}: weight file {path} does not exist")
         start = time.perf_counter()
-        self.llm.collective_rpc("load_weights_from_files", args=(list(paths),))
+        loaded = self.llm.collective_rpc("load_weights_from_files", args=(list(paths),))
+        if not all(loaded):  # one count per worker; 0 means the files held no tensors
+            raise ValueError(f"engine {self.engine_index}: weight files {paths} hold no tensors")
         # KV blocks computed with the old weights must not be served from the prefix cache.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"engine {self.engine_index}: prefix cache not reset (requests running)")

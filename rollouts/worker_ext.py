@@ -48,6 +48,8 @@ class WeightSyncExtension:
         for path in paths:
             with safe_open(path, framework="pt", device="cpu") as f:
                 names.update(f.keys())
+        if not names:
+            return 0  # nothing to load: the engine turns a 0 count into an error
         copy_head = _ties_embeddings(self.model_config.hf_config) and _LM_HEAD not in names
         copy_head = copy_head and any(n.endswith(_EMBED_SUFFIX) for n in names)
         # The worker's reload_weights wraps the model runner's in the vLLM config context, and

@@ -235,6 +235,14 @@ def test_load_weights_missing_file_names_it(group):
         group.load_weights(["/dev/shm/no-such-weights.safetensors"])
 
 
+def test_load_weights_with_no_tensors_is_an_error(group):
+    with tempfile.TemporaryDirectory(dir=_shm_dir()) as tmp:
+        path = os.path.join(tmp, "empty.safetensors")
+        save_file({}, path)
+        with pytest.raises(ValueError, match="hold no tensors"):
+            group.load_weights([path])
+
+
 # --- data parallel ordering ----------------------------------------------------------------------
 
 
@@ -254,6 +262,13 @@ def test_two_engines_return_complete_ordered_results(group, tokenizer):
     # Fewer prompts than engines: the idle engine is skipped, the one prompt still comes back.
     single = group.generate(prompts[:1], SamplingSettings(n=2, max_new_tokens=3))
     assert [c.prompt_index for c in single.completions] == [0, 0] and len(single.per_engine_s) == 1
+
+
+def test_engine_that_fails_to_start_is_named(ray_session, tmp_path):
+    # An empty folder is no model: vLLM's constructor raises inside actor 0, and the group's start
+    # reports which engine died instead of hanging or surfacing a bare Ray error.
+    with pytest.raises(RuntimeError, match="rollout engine 0 died during start"):
+        EngineGroup(_cfg(num_engines=1, timeout_s=300.0), str(tmp_path), dtype="float32")
 
 
 # --- colocation -----------------------------------------------------------------------------------
