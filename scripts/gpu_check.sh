@@ -24,7 +24,7 @@ MODEL=.gpu_assets/tiny-random-llama
 if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
     PY=.venv/bin/python
     EXTRA=(--dry-run-cpu)
-    BENCH=(--bench-layers 2 --bench-rows 4)
+    BENCH=(--bench-layers 1 --bench-hidden 256 --bench-rows 1)
     [[ -d $MODEL ]] || MODEL=$HOME/.cache/rlhf/models/tiny-random-llama
 else
     PY=python3

@@ -170,13 +170,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_bench_model(tokenizer_dir: str, layers: int) -> str:
+def build_bench_model(tokenizer_dir: str, layers: int, hidden: int) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(tempfile.mkdtemp(prefix="rlhf-bench-model-"))
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
-                         num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2,
+                         head_dim=128, tie_word_embeddings=True,
                          max_position_embeddings=2048, torch_dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -186,13 +187,13 @@ def build_bench_model(tokenizer_dir: str, layers: int) -> str:
     return str(out)
 
 
-def bench(model_path: str, stage: int, layers: int, rows: int) -> None:
+def bench(model_path: str, stage: int, layers: int, hidden: int, rows: int) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_learner import make_batch
 
     from rlhf.config import AlgoConfig, LearnerConfig
 
-    path = build_bench_model(model_path, layers)
+    path = build_bench_model(model_path, layers, hidden)
     batch = make_batch(rows=rows, prompt=128, response=384, vocab=49152)
     tokens = float(batch.attention_mask.sum())
     micro = 8
@@ -261,7 +262,8 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="the tiny test model folder (carried)")
     parser.add_argument("--check", type=int, choices=[2, 3], help="correctness checks at this ZeRO stage")
     parser.add_argument("--bench", type=int, choices=[2, 3], help="throughput/sync figures at this ZeRO stage")
-    parser.add_argument("--bench-layers", type=int, default=16, help="layers of the benchmark model (16: ~0.46B)")
+    parser.add_argument("--bench-layers", type=int, default=16, help="layers of the benchmark model")
+    parser.add_argument("--bench-hidden", type=int, default=1536, help="hidden size (1536 x 16 layers: ~0.46B)")
     parser.add_argument("--bench-rows", type=int, default=32, help="sequences of 512 tokens per step")
     parser.add_argument("--dry-run-cpu", action="store_true", help="run on CPU with gloo (checks the script)")
     args = parser.parse_args()
@@ -275,7 +277,7 @@ def main() -> int:
             check_fp32(args.check, args.model)
             check_bf16(args.check, args.model)
         if args.bench:
-            bench(args.model, args.bench, args.bench_layers, args.bench_rows)
+            bench(args.model, args.bench, args.bench_layers, args.bench_hidden, args.bench_rows)
     except Exception:
         traceback.print_exc()
         FAILED.append("exception")
