@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.settings import check_settings
@@ -103,7 +104,7 @@ class LearnerGroup:
             num_cpus=cfg.num_cpus_per_rank,
             num_gpus=cfg.num_gpus_per_rank,
             max_concurrency=1,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.num_threads)}},
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.num_threads), **faults.env()}},
         )
         self.ranks = [
             actor.remote(r, cfg.num_ranks, port, cfg, algo, model_path, dtype, trust_remote_code, total_steps)
@@ -217,7 +218,8 @@ class LearnerGroup:
             if not paths:
                 raise LearnerError("learner rank 0 wrote no weight buckets during weight gather")
             load_start = time.perf_counter()
-            engines.load_weights(paths)
+            if not faults.active("skip_sync"):  # tests only: the probe check must catch a lost sync
+                engines.load_weights(paths)
             load_s = time.perf_counter() - load_start
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.types import TrainBatch
 
@@ -153,16 +154,15 @@ class LearnerRank:
 
         from rlhf.algo import grpo_objective, token_entropy, token_logprobs
 
+        faults.stall("learner_stall")  # tests only: a rank that never answers
         start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
         self.engine.train()
         micros = micro_batches(batch, self.cfg.micro_batch_size)
         if not micros:
             raise ValueError(f"learner rank {self.rank} got an empty batch for train_step")
-        sums: dict[str, float] = {}
-        maxs: dict[str, float] = {}
-        mins: dict[str, float] = {}
-        local_bad = False
+        records: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        bad = torch.zeros(1, device=self.device)  # 1 once this rank saw a non-finite loss
         want_entropy_grad = self.algo.entropy_coef != 0
         for i, mb in enumerate(micros):
             last = i == len(micros) - 1
@@ -176,17 +176,24 @@ class LearnerRank:
             loss, metrics = grpo_objective(
                 logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
             )
-            local_bad |= not bool(torch.isfinite(loss.detach()))
+            if faults.active("nonfinite_loss", self.engine.global_steps + 1):  # tests only
+                loss = loss * float("nan")
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
             if last:
-                flag = torch.tensor([float(local_bad)], device=self.device)
-                dist.all_reduce(flag)  # SUM: > 0 when any rank saw a non-finite loss
-                if flag.item() > 0:
-                    loss = loss * float("nan")
+                dist.all_reduce(bad)  # SUM over ranks: > 0 when any rank saw a non-finite loss
+                # A constant factor (no grad through the flag): 1, or NaN to poison every gradient.
+                loss = loss * torch.where(bad > 0, float("nan"), 1.0)[0]
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            _accumulate(sums, maxs, mins, {"loss": loss.detach(), **metrics}, kept=_kept_tokens(mb))
+            records.append(({"loss": loss.detach(), **metrics}, _kept_tokens(mb)))
         self.engine.step()
         skipped = not self.engine.was_step_applied()
         grad_norm = self.engine.get_global_grad_norm()
+        # Metrics leave the device only now, so no micro-batch waits on a host copy.
+        sums: dict[str, float] = {}
+        maxs: dict[str, float] = {}
+        mins: dict[str, float] = {}
+        for metrics, kept in records:
+            _accumulate(sums, maxs, mins, metrics, kept=float(kept))
         out = {f"sum:{k}": v for k, v in sums.items()}
         out.update({f"max:{k}": v for k, v in maxs.items()})
         out.update({f"min:{k}": v for k, v in mins.items()})
@@ -294,11 +301,11 @@ def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
     )
 
 
-def _kept_tokens(mb: TrainBatch) -> float:
+def _kept_tokens(mb: TrainBatch) -> torch.Tensor:
     mask = mb.response_mask
     if mb.sample_weight is not None:
         mask = mask * mb.sample_weight[:, None]
-    return float(mask.sum())
+    return mask.sum()
 
 
 def _accumulate(sums: dict, maxs: dict, mins: dict, metrics: dict, kept: float) -> None:
