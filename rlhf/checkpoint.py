@@ -31,6 +31,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from rlhf import faults
+
 MARKER = "COMPLETE"
 CLIENT_STATE = "client_state.json"
 CONFIG_YAML = "config.yaml"
@@ -123,6 +125,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         write_model_state(tmp)
+        faults.crash("save_crash", step)  # tests only: a kill in the middle of a save
         _write_durable(tmp / CLIENT_STATE, state_text)
         if isinstance(client_state.get("config"), dict):
             import yaml
