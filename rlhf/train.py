@@ -49,6 +49,7 @@ from rlhf.plot import plot_run
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.types import RolloutBatch, SamplingSettings
 from rewards.runner import RewardRunner
+from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
 
 register_configs()
@@ -74,8 +75,12 @@ def print_plan(cfg: Config) -> None:
         print(f"(model {cfg.model.name_or_path} is not prepared yet: no memory estimate)")
 
 
-def collect(cfg: Config, data, engines, rewards, sampling: SamplingSettings, metrics: dict):
-    """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups."""
+def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSettings, metrics: dict):
+    """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups.
+
+    Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
+    an uninterrupted one did.
+    """
     n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
     kept_items, kept_rollouts, kept_scores = [], [], []
     draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
@@ -83,7 +88,8 @@ def collect(cfg: Config, data, engines, rewards, sampling: SamplingSettings, met
     for draw in range(draws):
         items = data.next_batch(want - len(kept_items))
         with timed(metrics, "generate"):
-            rollouts = engines.generate([it.prompt_ids for it in items], sampling)
+            rollouts = engines.generate([it.prompt_ids for it in items], sampling,
+                                        seed=derive_seed(cfg.rollout.seed, step, draw))
         prompts, completions, columns = expand_for_rewards(items, rollouts)
         with timed(metrics, "score"):
             scored = rewards.score(prompts, completions, columns)
@@ -209,7 +215,7 @@ def train(cfg: Config) -> Path:
         started, nonfinite = time.time(), 0
         for step in range(start_step + 1, cfg.trainer.steps + 1):
             metrics: dict[str, float] = {}
-            items, completions, scores = collect(cfg, data, engines, rewards, sampling, metrics)
+            items, completions, scores = collect(cfg, step, data, engines, rewards, sampling, metrics)
             total = [r for group, _ in scores for r in group]
             per_fn = {k: [v for _, fns in scores for v in fns[k]] for k in scores[0][1]}
             metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))

@@ -55,7 +55,16 @@ def llm_kwargs(
         # Distinct seeds so data-parallel engines do not draw the same random stream.
         seed=cfg.seed + engine_index,
         logprobs_mode=cfg.logprobs_mode,
+        # Weights from safetensors only: "auto" would fall back to pickled .bin/.pt files.
+        load_format="safetensors",
     )
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers, e.g. (rollout.seed, step, draw) or (seed, engine index)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def shutdown_llm(llm) -> None:
@@ -91,10 +100,18 @@ class RolloutEngine:
         """Returns the engine index once the engine is built (the actor's constructor has run)."""
         return self.engine_index
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> RolloutBatch:
-        """Sample ``sampling.n`` completions per prompt; prompt i owns rows i*n .. i*n+n-1."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int | None = None
+    ) -> RolloutBatch:
+        """Sample ``sampling.n`` completions per prompt; prompt i owns rows i*n .. i*n+n-1.
+
+        With ``seed``, the worker's generators are reset first, so the samples depend only on the
+        seed, the weights and the prompts (not on what the engine generated before).
+        """
         validate_request(prompt_ids, sampling, self.cfg.max_model_len)
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        if seed is not None:
+            self.llm.collective_rpc("reseed", args=(derive_seed(seed, self.engine_index),))
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, to_sampling_params(sampling), use_tqdm=False)
         seconds = time.perf_counter() - start

@@ -56,13 +56,18 @@ class EngineGroup:
             self.shutdown()
             raise
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> RolloutBatch:
-        """n completions per prompt, in prompt order: prompt i owns rows i*n .. i*n+n-1."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int | None = None
+    ) -> RolloutBatch:
+        """n completions per prompt, in prompt order: prompt i owns rows i*n .. i*n+n-1.
+
+        ``seed``: reseed every engine first (each mixes in its index), making the batch reproducible.
+        """
         validate_request(prompt_ids, sampling, self.cfg.max_model_len)
         chunks = [c for c in split_evenly(len(prompt_ids), len(self.engines)) if len(c)]
         start = time.perf_counter()
         refs = [
-            engine.generate.remote([prompt_ids[i] for i in chunk], sampling)
+            engine.generate.remote([prompt_ids[i] for i in chunk], sampling, seed)
             for engine, chunk in zip(self.engines, chunks)
         ]
         parts: list[RolloutBatch] = self._gather(refs, "generate")

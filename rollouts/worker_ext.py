@@ -38,7 +38,19 @@ def _read(paths: list[str], copy_embed_to_lm_head: bool) -> Iterator[tuple[str, 
 
 
 class WeightSyncExtension:
-    """Worker-side weight loading (mixed into vLLM's worker class)."""
+    """Worker-side weight loading (mixed into vLLM's worker class), and reseeding."""
+
+    def reseed(self, seed: int) -> None:
+        """Reset this worker's random generators (python, numpy, torch) to ``seed``.
+
+        Unseeded requests draw their sampling noise from the worker's global torch generator
+        (vLLM's CPU sampler: ``torch.randint`` seeds for its Gumbel noise; the native sampler:
+        ``exponential_``). Reseeding before each generate makes a batch a function of the seed,
+        so a resumed run samples what an uninterrupted one did (per-request seeds crash on CPU).
+        """
+        from vllm.utils.torch_utils import set_random_seed
+
+        set_random_seed(seed)
 
     def load_weights_from_files(self, paths: list[str]) -> int:
         """Reload the named tensors in ``paths`` into the running model; returns tensors loaded."""
