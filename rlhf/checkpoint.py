@@ -18,7 +18,11 @@ Layout of ``step-N``:
 Trust: checkpoints are artefacts of our own runs, not a format for exchanging models (use the HF
 export for that). Because DeepSpeed's files are pickles, ``read_checkpoint`` refuses a folder
 whose files differ from its manifest in any way (a file added, removed, resized or altered)
-before anything in it is unpickled.
+before anything in it is unpickled. The manifest proves integrity, not origin (whoever can write
+the folder can rewrite it), so before DeepSpeed's own unrestricted ``torch.load`` sees a file,
+``check_pickles`` test-loads every ``.pt`` file with torch's weights-only unpickler, which admits
+tensors, containers and the few DeepSpeed classes in ``DEEPSPEED_PICKLE_CLASSES`` and refuses
+anything that could run code.
 """
 
 from __future__ import annotations
@@ -172,6 +176,38 @@ def verify_checkpoint(folder: Path) -> dict:
         if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
             raise CheckpointError(f"{folder}/{name} was changed after the checkpoint was written; refusing to load it")
     return manifest
+
+
+# Classes DeepSpeed's checkpoint pickles name beyond torch's weights-only set (seen in ZeRO-0..3
+# checkpoints: the loss scaler, the partition-fragment address, the ZeRO stage enum).
+DEEPSPEED_PICKLE_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+)
+
+
+def check_pickles(folder: Path) -> None:
+    """Load every ``.pt`` file under ``folder`` with torch's weights-only unpickler (nothing can
+    run); raises CheckpointError naming the file when one needs anything else."""
+    import importlib
+
+    import torch
+
+    allowed = []
+    for spec in DEEPSPEED_PICKLE_CLASSES:
+        module, name = spec.split(":")
+        allowed.append(getattr(importlib.import_module(module), name))
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path} is not a plain tensor checkpoint ({type(e).__name__}: {str(e)[:300]}); "
+                "refusing to unpickle it"
+            ) from e
 
 
 def read_checkpoint(folder: Path) -> dict:
