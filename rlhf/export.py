@@ -85,10 +85,11 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 parameters of a verified checkpoint, by HF name (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from rlhf.checkpoint import verify_checkpoint
+    from rlhf.checkpoint import check_pickles, verify_checkpoint
     from rlhf.learner.rank import DS_TAG
 
-    verify_checkpoint(ckpt_dir)  # before DeepSpeed unpickles anything in it
+    verify_checkpoint(ckpt_dir)  # before DeepSpeed unpickles anything in it,
+    check_pickles(ckpt_dir)  # and its pickles hold tensors and DeepSpeed's few classes only
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
 
 

@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+import psutil
 import torch
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--no-engine", action="store_true", help="time only the learner side of the sync")
+    parser.add_argument("--sync-only", action="store_true", help="skip the throughput comparison")
     args = parser.parse_args()
 
     import ray
@@ -98,27 +101,42 @@ def main() -> None:
     cfg = LearnerConfig(num_ranks=args.ranks, zero_stage=args.stage, micro_batch_size=args.micro,
                         num_threads=args.threads, lr=1e-6, timeout_s=1800.0)
     learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_steps=100)
-    bare_loop = BareLoop(path, args.threads, lr=1e-6)
+    bare_loop = None if args.sync_only else BareLoop(path, args.threads, lr=1e-6)
+    # CPU seconds of the rank processes as well as wall time: on a shared 2-core box other jobs
+    # stretch wall time by several x, CPU time much less.
+    rank_procs = [psutil.Process(ray.get(a.__ray_call__.remote(lambda self: os.getpid()))) for a in learner.ranks]
+    me = psutil.Process()
+
+    def cpu(procs) -> float:
+        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
     try:
         # Alternate the two so that both see the same background load; report min and median.
-        bare, wall = [], []
-        for step in range(args.warmup + args.steps):
-            start = time.perf_counter()
+        bare, wall, bare_cpu, learner_cpu = [], [], [], []
+        for step in range(0 if args.sync_only else args.warmup + args.steps):
+            start, c0 = time.perf_counter(), cpu([me])
             bare_loop.step(batch, args.micro)
-            b = time.perf_counter() - start
-            start = time.perf_counter()
+            b, bc = time.perf_counter() - start, cpu([me]) - c0
+            start, c0 = time.perf_counter(), cpu(rank_procs)
             metrics = learner.train_step(batch)
-            w = time.perf_counter() - start
-            print(f"  step {step}: bare {b:.2f} s, learner {w:.2f} s", flush=True)
+            w, wc = time.perf_counter() - start, cpu(rank_procs) - c0
+            print(f"  step {step}: bare {b:.2f} s ({bc:.2f} CPU s), learner {w:.2f} s ({wc:.2f} CPU s)", flush=True)
             if step >= args.warmup:
                 bare.append(b)
                 wall.append(w)
-        for name, times in [("bare torch loop", bare), (f"learner (ZeRO-{args.stage}, {args.ranks} rank(s))", wall)]:
+                bare_cpu.append(bc)
+                learner_cpu.append(wc)
+        rows = [("bare torch loop", bare, bare_cpu),
+                (f"learner (ZeRO-{args.stage}, {args.ranks} rank(s))", wall, learner_cpu)]
+        for name, times, cpus in [] if args.sync_only else rows:
             print(f"{name}: min {min(times):.2f} s/step ({tokens / min(times):.1f} tokens/s), median "
-                  f"{statistics.median(times):.2f} s/step ({tokens / statistics.median(times):.1f} tokens/s)")
-        print(f"learner overhead vs bare loop: {100 * (min(wall) / min(bare) - 1):+.1f}% by min, "
-              f"{100 * (statistics.median(wall) / statistics.median(bare) - 1):+.1f}% by median (goal <= +10%); "
-              f"last loss {metrics['loss']:.4f}")
+                  f"{statistics.median(times):.2f} s/step ({tokens / statistics.median(times):.1f} tokens/s), "
+                  f"median {statistics.median(cpus):.2f} CPU s/step")
+        if not args.sync_only:
+            print(f"learner overhead vs bare loop: wall {100 * (min(wall) / min(bare) - 1):+.1f}% by min, "
+                  f"{100 * (statistics.median(wall) / statistics.median(bare) - 1):+.1f}% by median; CPU time "
+                  f"{100 * (statistics.median(learner_cpu) / statistics.median(bare_cpu) - 1):+.1f}% by median "
+                  f"(goal <= +10%); last loss {metrics['loss']:.4f}")
         del bare_loop
 
         if args.no_engine:

@@ -129,8 +129,11 @@ class LearnerGroup:
         return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(len(self.ranks))]
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, objective: str = "grpo") -> dict[str, float]:
         """One optimizer update on a mini-batch; returns the reduced metrics.
+
+        ``objective``: "grpo", or "sft" (completion-token cross-entropy; metrics: loss, grad_norm,
+        lr, tokens/s, skipped).
 
         Metrics: loss, policy_loss, kl (when ref log-probs are given), entropy, clip_frac/low,
         clip_frac/high, ratio/{mean,max,min}, grad_norm, lr (of this update), tokens/s (attention
@@ -152,7 +155,7 @@ class LearnerGroup:
             )
         start = time.perf_counter()
         shards = self._shards(batch)
-        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs) for s in shards])
+        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs, objective) for s in shards])
         wall = time.perf_counter() - start
         return reduce_metrics(results, wall)
 
@@ -167,6 +170,9 @@ class LearnerGroup:
         return self._score("compute_ref_logprobs", batch, None)
 
     def _score(self, method: str, batch: TrainBatch, temperature: float | None) -> torch.Tensor:
+        return self._score_finish(method, self._score_start(method, batch, temperature), batch.size)
+
+    def _score_start(self, method: str, batch: TrainBatch, temperature: float | None) -> list:
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective), so the
         # rows are padded with copies of the last row up to a multiple of the rank count.
         world = len(self.ranks)
@@ -175,26 +181,36 @@ class LearnerGroup:
         index = torch.cat([torch.arange(B), torch.full((padded - B,), B - 1, dtype=torch.long)])
         shards = self._shards(batch.select(index))
         extra = () if method == "compute_ref_logprobs" else (temperature,)
-        parts = self._call(method, method, [(s, *extra) for s in shards])
-        return torch.cat(parts)[:B]
+        return [getattr(a, method).remote(s, *extra) for a, s in zip(self.ranks, shards)]
+
+    def _score_finish(self, stage: str, refs: list, rows: int) -> torch.Tensor:
+        return torch.cat(wait_ranks(stage, refs, self.cfg.timeout_s))[:rows]
 
     # ----------------------------------------------------------------------------- weight sync
-    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
-        """The learner's log-probs of ``probe_ids`` at temperature 1 (engines report raw log-probs)."""
+    def _probe_start(self, probe_ids: list[int]) -> list:
+        if len(probe_ids) < 2:
+            raise ValueError(f"probe_ids has {len(probe_ids)} tokens; the probe needs at least 2")
         ids = torch.tensor([probe_ids], dtype=torch.long)
         ones = torch.ones_like(ids)
         probe = TrainBatch(input_ids=ids, attention_mask=ones, response_mask=ones.float(),
                            advantages=torch.zeros(1))
-        return self.compute_logprobs(probe, temperature=1.0)[0].tolist()
+        # Temperature 1: engines report raw log-probs for the probe.
+        return self._score_start("compute_logprobs", probe, 1.0)
 
-    def check_probe(self, engines: Engines, probe_ids: list[int], tolerance: float) -> float:
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        """The learner's log-probs of ``probe_ids`` at temperature 1 (engines report raw log-probs)."""
+        return self._score_finish("probe", self._probe_start(probe_ids), 1)[0].tolist()
+
+    def check_probe(self, engines: Engines, probe_ids: list[int], tolerance: float,
+                    learner_probe: list | None = None) -> float:
         """Max |engine - learner| probe log-prob gap over engines and positions 1..L-1; raises
-        WeightSyncError above ``tolerance`` (rollout.probe_tolerance)."""
-        if len(probe_ids) < 2:
-            raise ValueError(f"probe_ids has {len(probe_ids)} tokens; the probe needs at least 2")
-        mine = self.probe_logprobs(probe_ids)
+        WeightSyncError above ``tolerance`` (rollout.probe_tolerance). ``learner_probe``: the
+        learner's half, already started (``_probe_start``)."""
+        refs = learner_probe if learner_probe is not None else self._probe_start(probe_ids)
+        theirs_all = engines.probe(probe_ids)
+        mine = self._score_finish("probe", refs, 1)[0].tolist()
         gap = 0.0
-        for e, theirs in enumerate(engines.probe(probe_ids)):
+        for e, theirs in enumerate(theirs_all):
             if len(theirs) != len(mine):
                 raise WeightSyncError(
                     f"engine {e} returned {len(theirs)} probe log-probs for {len(mine)} probe tokens"
@@ -211,6 +227,9 @@ class LearnerGroup:
     def sync_weights(self, engines: Engines, probe_ids: list[int], tolerance: float) -> SyncReport:
         """Send the current policy weights to every engine, then check them with the probe."""
         start = time.perf_counter()
+        # The learner's half of the probe is queued first (the weights it scores are the ones about
+        # to be written) and is ready by the time the engines have loaded.
+        learner_probe = self._probe_start(probe_ids)
         out_dir = Path(self.cfg.sync_dir) / f"rlhf-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             written = self._call("weight gather", "write_weights", None, str(out_dir), True)
@@ -223,7 +242,7 @@ class LearnerGroup:
             load_s = time.perf_counter() - load_start
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        gap = self.check_probe(engines, probe_ids, tolerance)
+        gap = self.check_probe(engines, probe_ids, tolerance, learner_probe)
         return SyncReport(seconds=time.perf_counter() - start, num_bytes=nbytes, probe_gap=gap,
                           gather_s=gather_s, load_s=load_s)
 
