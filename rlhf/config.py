@@ -275,6 +275,27 @@ class TeacherConfig:
 
 
 @dataclass
+class SFTConfig:
+    # Teacher dataset (rlhf.distill.teacher output): one JSON object per line with `messages`,
+    # the prompt turns followed by the teacher's assistant answer. Required for an SFT run.
+    data_path: Optional[str] = None
+    # Passes over the dataset; each is shuffled with shuffle_seed + epoch.
+    epochs: int = 1
+    # Sequences per optimizer update, all learner ranks together (a multiple of learner.num_ranks).
+    # The last incomplete batch of each epoch is dropped.
+    batch_size: int = 16
+    shuffle_seed: int = 0
+    # Prompt + answer tokens, chat template included.
+    max_seq_len: int = 1024
+    # Sequences over max_seq_len: "filter" (dropped, counted) or "error".
+    on_too_long: str = "filter"
+    # Learning rate for SFT; None: learner.lr. (SFT usually runs at a higher rate than GRPO.)
+    lr: Optional[float] = None
+    # Checkpoint every save_every updates (0: only at the end); trainer.keep_last are kept.
+    save_every: int = 0
+
+
+@dataclass
 class LedgerConfig:
     # Device kind the run computes on, a key of device_hour_price; "auto": "cpu" or the GPU's
     # short name ("h100", "h200", ...).
@@ -306,6 +327,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     # Print the plan (batch arithmetic, placement, memory estimate) and exit without loading weights.
     plan: bool = False
 
@@ -324,6 +346,7 @@ def register_configs() -> None:
         ("trainer", TrainerConfig),
         ("teacher", TeacherConfig),
         ("ledger", LedgerConfig),
+        ("sft", SFTConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
 

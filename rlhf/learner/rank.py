@@ -142,8 +142,12 @@ class LearnerRank:
         return self._score(self.ref_engine, batch, self.cfg.logprob_temperature)
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float,
+                   objective: str = "grpo") -> dict[str, float]:
         """One optimizer update from this rank's rows of a mini-batch.
+
+        ``objective``: "grpo" (the algo config's policy objective) or "sft" (completion-token
+        cross-entropy at temperature 1, rlhf/distill/sft_loss.py; advantages are ignored).
 
         ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
         ranks). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
@@ -153,7 +157,10 @@ class LearnerRank:
         import torch.distributed as dist
 
         from rlhf.algo import grpo_objective, token_entropy, token_logprobs
+        from rlhf.distill.sft_loss import sft_loss
 
+        if objective not in ("grpo", "sft"):
+            raise ValueError(f"train_step: objective={objective!r} is not one of ['grpo', 'sft']")
         faults.stall("learner_stall")  # tests only: a rank that never answers
         start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
@@ -169,13 +176,18 @@ class LearnerRank:
             self.engine.set_gradient_accumulation_boundary(last)
             mb = batch_to(mb, self.device)
             logits = self._logits(self.engine, mb)
-            t = self.cfg.logprob_temperature
-            logprobs = token_logprobs(logits, mb.input_ids, temperature=t)
-            with torch.set_grad_enabled(want_entropy_grad):
-                entropy = token_entropy(logits, temperature=t)
-            loss, metrics = grpo_objective(
-                logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
-            )
+            if objective == "sft":
+                # The teacher's tokens, learnt as written: no sampling temperature applies.
+                logprobs = token_logprobs(logits, mb.input_ids, temperature=1.0)
+                loss, metrics = sft_loss(logprobs, mb.response_mask, total_tokens=total_tokens), {}
+            else:
+                t = self.cfg.logprob_temperature
+                logprobs = token_logprobs(logits, mb.input_ids, temperature=t)
+                with torch.set_grad_enabled(want_entropy_grad):
+                    entropy = token_entropy(logits, temperature=t)
+                loss, metrics = grpo_objective(
+                    logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
+                )
             if faults.active("nonfinite_loss", self.engine.global_steps + 1):  # tests only
                 loss = loss * float("nan")
             bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
