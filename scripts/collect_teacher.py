@@ -18,8 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config import register_configs
-from rlhf.distill.teacher import collect_from_config
-from rlhf.ledger import CostLedger
+from rlhf.distill.teacher import collect_run
 
 register_configs()
 ConfigStore.instance().store(name="collect_teacher", node={
@@ -32,26 +31,7 @@ ConfigStore.instance().store(name="collect_teacher", node={
 @hydra.main(version_base=None, config_path="../conf", config_name="collect_teacher")
 def main(cfg: DictConfig) -> None:
     teacher = OmegaConf.to_object(cfg.teacher)  # raises on a missing ??? value, naming the key
-    run_dir = Path(cfg.output_dir)
-    reward = None
-    if teacher.filter_reward:
-        from rewards.api import load_reward
-
-        reward = load_reward(teacher.filter_reward)
-    ledger = CostLedger(run_dir, OmegaConf.to_object(cfg.ledger), "collect")
-    try:
-        result = collect_from_config(teacher, run_dir, reward.batch_fn if reward else None, ledger)
-    finally:
-        if reward is not None:
-            reward.close()
-        print(ledger.close())
-    s = result.stats
-    print(f"{s.kept} of {s.answers} answers kept -> {result.dataset_path} "
-          f"({s.cache_hits} from cache, {s.paid} bought, {s.retries} retries, "
-          f"{s.rejected} below teacher.min_reward, {s.unscored} unscored)")
-    if s.missing_usage:
-        print(f"warning: {s.missing_usage} responses carried no usage field; their tokens are not "
-              "in the ledger")
+    collect_run(teacher, OmegaConf.to_object(cfg.ledger), Path(cfg.output_dir))
 
 
 if __name__ == "__main__":

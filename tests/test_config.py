@@ -37,7 +37,9 @@ def test_default_config_composes_and_validates():
 def test_every_group_option_composes(group):
     for option in sorted((CONF / group).glob("*.yaml")):
         if group == "experiment":
-            cfg = composed(f"+experiment={option.stem}")
+            # The distil chain asks its teacher: the model name and prompts file are the user's.
+            teacher = ["teacher.model=m", "teacher.path=/p.jsonl"] if option.stem == "distill_then_grpo" else []
+            cfg = composed(f"+experiment={option.stem}", *teacher)
         else:
             overrides = [f"{group}={option.stem}"]
             if group == "model" and option.stem == "hf":
@@ -46,6 +48,8 @@ def test_every_group_option_composes(group):
                 overrides.append("data.path=/some/file.jsonl")
             if group == "teacher":  # not in the GRPO root defaults; the distil experiment adds it
                 overrides = [f"+teacher={option.stem}", "teacher.model=m", "teacher.path=/p.jsonl"]
+            if group == "sft":  # likewise: python -m rlhf.distill.sft and the chain read it
+                overrides = [f"+sft={option.stem}"]
             cfg = composed(*overrides)
         validate(cfg)
 
