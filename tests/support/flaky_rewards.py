@@ -1,0 +1,40 @@
+"""Misbehaving reward functions for the reliability tests, plugged in by file path.
+
+``flaky`` scores every completion 1.0 (so every group's valid rewards are equal), except that of
+every 16 calls, call 1 raises, call 2 returns NaN and call 3 hangs past reward.timeout_s. With 4
+prompts x 4 samples a step is exactly 16 calls, so each step has 2 failures and 1 timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+from rewards.api import per_sample
+
+_calls = itertools.count()
+_lock = threading.Lock()
+
+
+@per_sample
+def flaky(prompt, completion, hang_s: float = 30.0, **_):
+    with _lock:
+        call = next(_calls) % 16
+    if call == 1:
+        raise ValueError("flaky reward: deliberate error")
+    if call == 2:
+        return float("nan")
+    if call == 3:
+        time.sleep(hang_s)
+    return 1.0
+
+
+def one_short(prompts, completions, **_):
+    """A batch function with a bug: one value fewer than completions."""
+    return [0.0] * (len(completions) - 1)
+
+
+@per_sample
+def always_raises(prompt, completion, **_):
+    raise KeyError("always_raises: the column it wanted is not there")

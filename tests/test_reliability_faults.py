@@ -1,0 +1,103 @@
+"""Faults injected into real training runs (docs/reliability.md, points 3, 4, 5 and 6).
+
+Each test runs the real loop in-process on the session's Ray with the tiny model, injects one
+fault (a killed engine process, or a hook of rlhf/faults.py switched on by $RLHF_FAULT) and checks
+that the run stops loudly, naming what failed, without training on anything it should not.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+import pytest
+import torch
+
+from rlhf.checkpoint import complete_checkpoints
+from rlhf.learner.group import LearnerError, WeightSyncError
+from rlhf.train import train
+from support.runs import axis_reward, compose, steps_logged
+
+
+def run(tmp_path, *extra: str):
+    return train(compose(
+        "+experiment=tiny_smoke", f"trainer.output_dir={tmp_path / 'run'}", "trainer.eval_prompts=0",
+        "trainer.tensorboard=false", "rollout.top_k=8", "learner.lr=1e-2", *extra,
+    ))
+
+
+def kill_engine_while_it_generates(killed: list, stop: threading.Event) -> None:
+    """SIGKILL the rollout engine actor's process (and its vLLM engine-core child) as soon as it
+    runs a `generate` task (Ray titles a busy actor process `ray::RolloutEngine.generate`)."""
+    me = psutil.Process(os.getpid())
+    while not stop.is_set():
+        for p in me.children(recursive=True):
+            try:
+                if "RolloutEngine.generate" in " ".join(p.cmdline()):
+                    family = [p, *p.children(recursive=True)]
+                    for q in family:
+                        q.kill()
+                    killed.append(p.pid)
+                    return
+            except psutil.NoSuchProcess:
+                continue
+        stop.wait(0.05)
+
+
+def test_engine_killed_mid_generation_fails_fast_naming_it(ray_session, tiny_model_path, tmp_path):
+    """Point 3. Long generations (up to 512 new tokens from a random model) keep the engine in
+    `generate` long enough to be caught there; the run must stop with the engine's name and must
+    not have trained on the interrupted batch."""
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_engine_while_it_generates, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="rollout engine 0 died during generate"):
+            run(tmp_path, "trainer.steps=3", "rollout.max_new_tokens=512", axis_reward(tiny_model_path))
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == 1
+    # It died in the first generate: no step was trained or logged, no checkpoint written.
+    assert steps_logged(tmp_path / "run") == {}
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_stalled_learner_rank_fails_within_the_timeout_naming_the_stage(ray_session, tmp_path, monkeypatch):
+    """Point 4. RLHF_FAULT=learner_stall makes the rank sleep inside train_step (as a rank stuck in
+    a collective would); the group's deadline turns that into an error naming rank and stage."""
+    monkeypatch.setenv("RLHF_FAULT", "learner_stall")
+    with pytest.raises(LearnerError, match=r"learner rank 0 did not finish train_step within 60s"):
+        run(tmp_path, "trainer.steps=2", "learner.timeout_s=60")
+    assert steps_logged(tmp_path / "run") == {}
+
+
+def test_skipped_weight_sync_fails_the_step_at_the_probe(ray_session, tiny_model_path, tmp_path, monkeypatch):
+    """Point 5. RLHF_FAULT=skip_sync writes the weights but never loads them into the engine. After
+    one update at lr 1e-2 the engine's probe log-probs are far from the learner's."""
+    monkeypatch.setenv("RLHF_FAULT", "skip_sync")
+    with pytest.raises(WeightSyncError, match=r"engine 0: probe log-prob gap .* exceeds rollout.probe_tolerance=0.001"):
+        run(tmp_path, "trainer.steps=2", axis_reward(tiny_model_path))
+    assert steps_logged(tmp_path / "run") == {}  # step 1 is not reported as a good step
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+    ray_session, tiny_model_path, tmp_path, monkeypatch
+):
+    """Point 6. RLHF_FAULT=nonfinite_loss@2: the rank's loss is NaN from its 2nd update on. Steps 2
+    and 3 are skipped (and counted); with trainer.max_nonfinite_steps=2 the run stops at step 3."""
+    monkeypatch.setenv("RLHF_FAULT", "nonfinite_loss@2")
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps had a non-finite loss .*max_nonfinite_steps=2"):
+        run(tmp_path, "trainer.steps=5", "trainer.save_every=1", "trainer.keep_last=3",
+            "trainer.max_nonfinite_steps=2", axis_reward(tiny_model_path))
+    steps = steps_logged(tmp_path / "run")
+    assert [steps[s]["skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    ckpts = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in ckpts] == [1, 2]  # nothing written after the stop
+    # The skipped update changed nothing: checkpoint 2 holds checkpoint 1's parameters, all finite.
+    one, two = (torch.load(p / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+                for _, p in ckpts)
+    for name in one:
+        assert torch.equal(one[name], two[name]) and torch.isfinite(two[name]).all(), name
