@@ -5,6 +5,27 @@ from __future__ import annotations
 import os
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make a local Ray head listen on loopback only.
+
+    Ray 2.60 turns a loopback ``_node_ip_address`` into the machine's reachable address and its
+    servers (GCS, raylet, workers) then listen on every interface. Its single-machine mode
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS/Windows) keeps the node address,
+    and so every server, on 127.0.0.1. Ray reads the variable when it is imported: set it for the
+    processes Ray starts, and in this process too if Ray is already imported.
+    tests/test_reliability_network.py lists the listening sockets to prove it.
+    """
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None) -> None:
     """Join ``address`` (or $RAY_ADDRESS) when given; otherwise start a local head on ``bind_host``.
 
@@ -20,6 +41,8 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return
+    if bind_host in LOOPBACK:
+        _keep_ray_on_loopback()
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
