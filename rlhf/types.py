@@ -77,18 +77,24 @@ class TrainBatch:
 
     def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
         """Rows of this batch (a slice or an index tensor), same fields."""
+        return self._apply(lambda t: t[rows], lambda t: t[rows])
 
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows]
+    def narrow(self, length: int) -> "TrainBatch":
+        """The first ``length`` positions of every per-token field (drops right padding)."""
+        return self._apply(lambda t: t[:, :length], lambda t: t)
+
+    def _apply(self, per_token, per_seq) -> "TrainBatch":
+        def maybe(fn, t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
 
         return TrainBatch(
-            input_ids=self.input_ids[rows],
-            attention_mask=self.attention_mask[rows],
-            response_mask=self.response_mask[rows],
-            advantages=self.advantages[rows],
-            old_logprobs=pick(self.old_logprobs),
-            ref_logprobs=pick(self.ref_logprobs),
-            sample_weight=pick(self.sample_weight),
+            input_ids=per_token(self.input_ids),
+            attention_mask=per_token(self.attention_mask),
+            response_mask=per_token(self.response_mask),
+            advantages=per_seq(self.advantages),
+            old_logprobs=maybe(per_token, self.old_logprobs),
+            ref_logprobs=maybe(per_token, self.ref_logprobs),
+            sample_weight=maybe(per_seq, self.sample_weight),
         )
 
 

@@ -37,8 +37,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
-    return [batch.select(slice(i, i + size)) for i in range(0, batch.size, size)]
+def micro_batches(batch: TrainBatch, size: int) -> list[tuple[torch.Tensor, TrainBatch]]:
+    """(row indices, micro-batch) pairs: rows sorted by length and each micro-batch cut to its
+    longest row, so little compute goes to padding. The objective normalises by whole-mini-batch
+    counts, so which rows share a micro-batch does not change the loss or its gradient.
+    """
+    lengths = batch.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = []
+    for i in range(0, batch.size, size):
+        rows = order[i : i + size]
+        out.append((rows, batch.select(rows).narrow(int(lengths[rows].max()))))
+    return out
 
 
 def load_hf_model(model_path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
@@ -124,11 +134,12 @@ class LearnerRank:
         from rlhf.algo import token_logprobs
 
         engine.eval()
-        out = []
-        for mb in micro_batches(batch, self.cfg.micro_batch_size):
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for rows, mb in micro_batches(batch, self.cfg.micro_batch_size):
             logits = self._logits(engine, mb)
-            out.append(token_logprobs(logits, mb.input_ids.to(self.device), temperature=temperature).float().cpu())
-        return torch.cat(out) if out else torch.zeros(batch.input_ids.shape)
+            lp = token_logprobs(logits, mb.input_ids.to(self.device), temperature=temperature)
+            out[rows, : mb.input_ids.shape[1]] = lp.float().cpu()
+        return out
 
     def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
         """[B, L] log-probs of ``batch`` under the current policy (no grad); position 0 holds 0."""
@@ -171,7 +182,7 @@ class LearnerRank:
         records: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         bad = torch.zeros(1, device=self.device)  # 1 once this rank saw a non-finite loss
         want_entropy_grad = self.algo.entropy_coef != 0
-        for i, mb in enumerate(micros):
+        for i, (_, mb) in enumerate(micros):
             last = i == len(micros) - 1
             self.engine.set_gradient_accumulation_boundary(last)
             mb = batch_to(mb, self.device)
