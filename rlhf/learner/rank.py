@@ -82,6 +82,7 @@ class LearnerRank:
 
         from rlhf.learner.ds_config import policy_config, reference_config
         from rlhf.learner.optim import build_adamw, lr_factor
+        from rlhf.learner.rendezvous import init_process_group
         from rlhf.learner.settings import check_settings
 
         check_settings(cfg, algo, dtype, total_steps)
@@ -95,6 +96,9 @@ class LearnerRank:
         )
         # Ray sets OMP_NUM_THREADS=1 inside actors; the rank's compute threads are configured here.
         torch.set_num_threads(cfg.num_threads)
+        # Our own store first, listening on master_addr only; DeepSpeed then finds the group ready.
+        init_process_group(cfg.backend, cfg.master_addr, master_port, rank, world_size,
+                           timedelta(seconds=cfg.timeout_s))
         deepspeed.init_distributed(dist_backend=cfg.backend, timeout=timedelta(seconds=cfg.timeout_s))
         accel = get_accelerator()
         if accel.device_name() != "cpu":
