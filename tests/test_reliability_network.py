@@ -110,4 +110,5 @@ def test_a_training_run_listens_on_loopback_only(ray_session, tmp_path):
         watcher.join()
     names = {name for name, _, _ in seen}
     assert {"gcs_server", "raylet"} <= names, seen
-    assert [s for s in seen if not is_loopback(s[1])] == [], seen
+    outside = sorted(s for s in seen if not is_loopback(s[1]))
+    assert outside == [], f"listening beyond loopback: {outside}"
