@@ -1,0 +1,66 @@
+"""Accuracy and pass@k of any HF checkpoint (base or exported) through vLLM engines.
+
+    python -m rlhf.eval model.name_or_path=runs/<run>/export trainer.eval_prompts=64 trainer.eval_samples=8
+
+Uses the same config as training: the held-out split of ``data``, the ``reward`` functions (a
+sample is correct when its total reward reaches 1.0), ``trainer.eval_*`` for prompts, samples and
+temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhf.cluster import init_ray
+from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.data import PromptDataset
+from rlhf.evaluate import EvalResult, evaluate
+from rlhf.models import resolve_model_path
+from rewards.runner import RewardRunner
+from rollouts.group import EngineGroup
+
+register_configs()
+
+
+def run_eval(cfg: Config) -> EvalResult:
+    validate(cfg)
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    items = PromptDataset.from_config(cfg.data, tokenizer, split="eval").eval_items(cfg.trainer.eval_prompts)
+    if not items:
+        raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts}: no held-out prompts to evaluate")
+    with RewardRunner(cfg.reward) as rewards:
+        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+        engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        try:
+            result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
+                              cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop))
+        finally:
+            engines.shutdown()
+    out = Path(cfg.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"model": model_path, **asdict(result)}, indent=2) + "\n")
+    print(f"{model_path}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f} "
+          f"({result.num_prompts} prompts x {result.k} samples), pass@{result.k} {result.pass_at_k:.3f}")
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    try:
+        run_eval(to_object(dcfg))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
