@@ -102,6 +102,12 @@ class RolloutConfig:
     # An engine call (start, generate, load, probe) that takes longer than this (seconds) fails,
     # naming the engine.
     timeout_s: float = 1800.0
+    # Run vLLM's engine core inside the engine actor (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
+    # generate call is scheduled only once all its requests are in: with the per-step reseed, the
+    # same weights and prompts then give the same samples, and a resumed run repeats an
+    # uninterrupted one. false: vLLM's own engine-core process (overlaps output processing; on GPUs
+    # kernels are not bit-reproducible anyway).
+    reproducible: bool = True
     # Ray resources per engine actor; fractional so engines and learner fit one machine.
     num_cpus_per_engine: float = 0.5
     num_gpus_per_engine: float = 0.0

@@ -30,11 +30,17 @@ def engine_env_vars(cfg: RolloutConfig) -> dict[str, str]:
     On CPU vLLM reserves a core for itself by default and computes on the rest (one of two here);
     reserving none and binding its OpenMP threads to every core doubles throughput. The variables
     are ignored by CUDA vLLM. Ray sets OMP_NUM_THREADS=1 in actors, which vLLM's bind overrides.
+    With ``rollout.reproducible`` the engine core runs in the actor's process (CPU and GPU).
     """
     bind = cfg.cpu_threads_bind
     if bind == "all":
         bind = f"0-{(os.cpu_count() or 1) - 1}"
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+    if cfg.reproducible:
+        # A separate engine-core process starts scheduling while requests still arrive, so the
+        # batches (and which row draws which sampling noise) depend on timing.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
 
 
 def llm_kwargs(
