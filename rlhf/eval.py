@@ -10,15 +10,13 @@ temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/e
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
 
+from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.config import Config, ConfigError, register_configs, validate
 from rlhf.data import PromptDataset
 from rlhf.evaluate import EvalResult, evaluate
 from rlhf.models import resolve_model_path
@@ -53,13 +51,7 @@ def run_eval(cfg: Config) -> EvalResult:
     return result
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    try:
-        run_eval(to_object(dcfg))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_main(run_eval)
 
 
 if __name__ == "__main__":

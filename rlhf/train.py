@@ -24,20 +24,19 @@ How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages
 from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.checkpoint import latest_complete
+from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.config import Config, register_configs, validate
 from rlhf.data import PromptDataset
 from rlhf.evaluate import evaluate, expand_for_rewards
 from rlhf.learner import LearnerGroup
@@ -276,17 +275,12 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    cfg = to_object(dcfg)
-    try:
-        if cfg.plan:
-            print_plan(cfg)
-        else:
-            train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+def run(cfg: Config) -> Path | None:
+    """``plan=true`` prints the plan and loads nothing; otherwise train."""
+    return print_plan(cfg) if cfg.plan else train(cfg)
+
+
+main = hydra_main(run)
 
 
 if __name__ == "__main__":

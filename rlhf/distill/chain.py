@@ -21,14 +21,12 @@ to the closed API's price (the ledger's ratio).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
 
-from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.cli import hydra_main
+from rlhf.config import Config, ConfigError, register_configs, validate
 from rlhf.ledger import LEDGER_FILE, atomic_write_text
 
 register_configs()
@@ -147,13 +145,7 @@ def run_chain(cfg: Config) -> ChainSummary:
     return summary
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    try:
-        run_chain(to_object(dcfg))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_main(run_chain)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,19 @@ Sequences are right-padded per batch; packing several examples into one row is n
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from rlhf.checkpoint import latest_complete
+from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import AlgoConfig, Config, ConfigError, register_configs, to_object
+from rlhf.config import AlgoConfig, Config, ConfigError, register_configs
 from rlhf.distill.teacher import read_jsonl
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger
@@ -206,13 +205,7 @@ def run_sft(cfg: Config) -> Path:
     return run_dir
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    try:
-        run_sft(to_object(dcfg))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_main(run_sft)
 
 
 if __name__ == "__main__":
