@@ -113,3 +113,19 @@ def test_reward_rises_on_a_trivial_task(ray_session, tiny_model_path, tmp_path):
     rewards = [m["reward/mean"] for m in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in m]
     assert len(rewards) == 4
     assert rewards[-1] - rewards[0] >= 0.3, rewards
+
+
+def test_dynamic_sampling_redraws_flat_groups_a_bounded_number_of_times(ray_session, tmp_path):
+    """DAPO dynamic sampling: groups whose rewards are all equal are replaced by fresh prompts.
+
+    The tiny random model never writes a correct sum, so every group of the math reward is flat
+    (all 0). With 3 draws allowed: draws 1 and 2 drop all 4 groups each (8 dropped), the last draw
+    keeps what it gets rather than loop forever, so 3 x 4 = 12 prompts were consumed.
+    """
+    _, run_dir = run(tmp_path, "trainer.steps=1", "trainer.eval_prompts=0", "trainer.export_at_end=false",
+                     "algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=3")
+    (step,) = [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in m]
+    assert step["dynamic_sampling/dropped_groups"] == 8
+    assert step["frac_reward_zero_std"] == 1.0
+    saved = json.loads((run_dir / "checkpoints" / "step-1" / "client_state.json").read_text())
+    assert saved["data"]["position"] == 12
