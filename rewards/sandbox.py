@@ -100,7 +100,9 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
         "block_sockets": mode == "socket-patch",
         "preload": list(_PRELOAD),
     }
-    python = [sys.executable, "-I", "-c", _HARNESS]
+    # The real interpreter, not a venv link: a venv under /tmp vanishes behind the sandbox's private
+    # /tmp, and the harness needs the standard library only.
+    python = [os.path.realpath(sys.executable), "-I", "-c", _HARNESS]
     workdir = None
     if mode == "socket-patch":
         workdir = tempfile.mkdtemp(prefix="rlhf-sandbox-")

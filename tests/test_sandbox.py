@@ -60,8 +60,9 @@ def test_network_attempt_fails():
 
 @needs_namespaces
 def test_write_outside_the_temp_dir_is_refused(tmp_path):
-    # A root-owned folder the parent can write to: the sandboxed code runs as `nobody`.
-    target = Path(__file__).parent / f"escaped-{os.getpid()}.txt"
+    # A root-owned folder the parent can write to, outside /tmp (whose sandbox copy is private):
+    # the sandboxed code runs as `nobody`.
+    target = Path.home() / f"escaped-{os.getpid()}.txt"
     try:
         r = run_tests(f"open({str(target)!r}, 'w').write('x')", ["assert True"])
         assert r.setup_error.startswith("PermissionError")
