@@ -50,6 +50,7 @@ from rlhf.types import RolloutBatch, SamplingSettings
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
+from rollouts.requests import sampling_from_config
 
 register_configs()
 
@@ -184,10 +185,7 @@ def train(cfg: Config) -> Path:
         logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
                                OmegaConf.to_container(OmegaConf.structured(cfg)), resume=start_step > 0)
         stack.callback(logger.close)
-        sampling = SamplingSettings(
-            n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop),
-        )
+        sampling = sampling_from_config(cfg.rollout)
 
         def run_eval(step: int) -> None:
             if not eval_items:
