@@ -456,6 +456,12 @@ def validate(cfg: Config | DictConfig) -> BatchPlan:
             f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
             f"{cfg.rollout.max_new_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
+    from rollouts.engine import bound_cores  # engine rules live beside the engine
+
+    try:
+        bound_cores(cfg.rollout.cpu_threads_bind)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from rlhf.learner.settings import check_settings  # learner rules live beside the learner
 
     check_settings(cfg.learner, cfg.algo, cfg.model.dtype, cfg.trainer.steps)

@@ -24,18 +24,40 @@ WORKER_EXTENSION = "rollouts.worker_ext.WeightSyncExtension"
 _GiB = 1 << 30
 
 
+def bound_cores(bind: str) -> list[int]:
+    """The cores named by ``rollout.cpu_threads_bind``: "all", or vLLM's list syntax ("0-3,6";
+    "|" separates tensor-parallel ranks' lists)."""
+    if bind == "all":
+        return list(range(os.cpu_count() or 1))
+    cores: list[int] = []
+    try:
+        for part in bind.replace("|", ",").split(","):
+            lo, _, hi = part.strip().partition("-")
+            cores.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(
+            f"rollout.cpu_threads_bind={bind!r}: expected 'all' or core ids like '0-3' or '0,2,4-7'"
+        ) from None
+    if not cores:
+        raise ValueError(f"rollout.cpu_threads_bind={bind!r} names no cores")
+    return cores
+
+
 def engine_env_vars(cfg: RolloutConfig) -> dict[str, str]:
     """Environment for an engine actor, set before vLLM is imported there.
 
     On CPU vLLM reserves a core for itself by default and computes on the rest (one of two here);
-    reserving none and binding its OpenMP threads to every core doubles throughput. The variables
-    are ignored by CUDA vLLM. Ray sets OMP_NUM_THREADS=1 in actors, which vLLM's bind overrides.
-    With ``rollout.reproducible`` the engine core runs in the actor's process (CPU and GPU).
+    reserving none and binding its OpenMP threads to every core doubles throughput. vLLM applies
+    the bind only to the worker processes it spawns itself; with ``rollout.reproducible`` the engine
+    core runs in the actor's process, where Ray's OMP_NUM_THREADS=1 would leave torch one thread
+    (0.6x the throughput measured on 2 cores), so CPU engines set the thread count themselves.
+    The variables are ignored by CUDA vLLM, and GPU engines keep Ray's single host thread.
     """
-    bind = cfg.cpu_threads_bind
-    if bind == "all":
-        bind = f"0-{(os.cpu_count() or 1) - 1}"
+    cores = bound_cores(cfg.cpu_threads_bind)
+    bind = cfg.cpu_threads_bind if cfg.cpu_threads_bind != "all" else f"0-{len(cores) - 1}"
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+    if cfg.num_gpus_per_engine == 0:
+        env["OMP_NUM_THREADS"] = str(len(cores))
     if cfg.reproducible:
         # A separate engine-core process starts scheduling while requests still arrive, so the
         # batches (and which row draws which sampling noise) depend on timing.

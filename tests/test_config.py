@@ -93,6 +93,8 @@ def test_misspelt_key_in_a_group_file_fails(tmp_path):
         (["learner.zero_stage=4"], "learner.zero_stage=4"),
         # arithmetic's 128 prompt tokens + 64 new tokens > 150.
         (["rollout.max_model_len=150"], "rollout.max_model_len=150"),
+        # vLLM's core-list syntax only: "two" is not a core id.
+        (["rollout.cpu_threads_bind=0-two"], "rollout.cpu_threads_bind='0-two'"),
     ],
 )
 def test_impossible_batch_arithmetic_names_keys(overrides, message):

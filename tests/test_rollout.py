@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.config import RolloutConfig
 from rlhf.types import RolloutBatch, SamplingSettings
+from rollouts.engine import bound_cores, engine_env_vars
 from rollouts.group import EngineGroup, split_evenly
 from rollouts.requests import drop_too_long
 
@@ -269,6 +271,39 @@ def test_engine_that_fails_to_start_is_named(ray_session, tmp_path):
     # reports which engine died instead of hanging or surfacing a bare Ray error.
     with pytest.raises(RuntimeError, match="rollout engine 0 died during start"):
         EngineGroup(_cfg(num_engines=1, timeout_s=300.0), str(tmp_path), dtype="float32")
+
+
+# --- threads ---------------------------------------------------------------------------------------
+
+
+def test_engine_computes_on_every_bound_core(group):
+    # The engine core runs inside the actor (rollout.reproducible), where Ray sets
+    # OMP_NUM_THREADS=1: without our own setting torch ran one thread (0.6x throughput on 2 cores).
+    def torch_threads(engine) -> int:
+        return torch.get_num_threads()
+
+    threads = [ray.get(e.__ray_call__.remote(torch_threads)) for e in group.engines]
+    assert threads == [len(bound_cores("all"))] * 2
+
+
+def test_bound_cores_parses_vllm_lists():
+    assert bound_cores("all") == list(range(os.cpu_count()))
+    assert bound_cores("0-3,6") == [0, 1, 2, 3, 6]
+    assert bound_cores("0-1|4-5") == [0, 1, 4, 5]  # "|" separates tensor-parallel ranks
+
+
+@pytest.mark.parametrize("bind", ["", "0-x", "auto", "1,,2"])
+def test_bound_cores_rejects_what_is_not_a_core_list(bind):
+    with pytest.raises(ValueError, match=f"rollout.cpu_threads_bind={bind!r}"):
+        bound_cores(bind)
+
+
+def test_engine_env_sets_threads_for_cpu_engines_only():
+    env = engine_env_vars(_cfg(cpu_threads_bind="0-2"))
+    assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # reproducible: engine core in the actor
+    gpu = engine_env_vars(_cfg(num_gpus_per_engine=1.0, reproducible=False))
+    assert "OMP_NUM_THREADS" not in gpu and "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu
 
 
 # --- colocation -----------------------------------------------------------------------------------
