@@ -83,6 +83,18 @@ class TrainBatch:
         """The first ``length`` positions of every per-token field (drops right padding)."""
         return self._apply(lambda t: t[:, :length], lambda t: t)
 
+    def tail(self, start: int) -> "TrainBatch":
+        """Positions ``start..`` of every per-token field (drops a prompt prefix no loss reads)."""
+        return self._apply(lambda t: t[:, start:], lambda t: t)
+
+    def loss_start(self) -> int:
+        """First position whose logits any loss reads: the one predicting the earliest completion
+        token (0 when a row has no completion token at all)."""
+        has = self.response_mask > 0
+        if not bool(has.any(dim=1).all()):
+            return 0
+        return max(int(has.float().argmax(dim=1).min()) - 1, 0)
+
     def _apply(self, per_token, per_seq) -> "TrainBatch":
         def maybe(fn, t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)

@@ -106,7 +106,7 @@ def check_fp32(stage: int, model_path: str) -> None:
     batch = T.make_batch(seed=7)
     got = rank.compute_logprobs(batch).double()
     want = hf_logprobs(model_path, rank.full_state(), batch, torch.float32)
-    valid = batch.attention_mask.bool()
+    valid = batch.response_mask.bool()  # only completion tokens carry a log-prob
     gap = (got[valid] - want[valid]).abs().max().item()
     report(f"{name} log-probs = transformers", gap < 1e-4, f"max gap {gap:.2e}")
 
@@ -159,7 +159,7 @@ def check_bf16(stage: int, model_path: str) -> None:
     batch = T.make_batch(seed=7)
     got = rank.compute_logprobs(batch).double()
     want = hf_logprobs(model_path, rank.full_state(), batch, torch.bfloat16)
-    valid = batch.attention_mask.bool()
+    valid = batch.response_mask.bool()  # only completion tokens carry a log-prob
     gap = (got[valid] - want[valid]).abs().max().item()
     # Both sides run the same bf16 weights; the gap is kernel/rounding noise at bf16 resolution.
     report(f"{name} log-probs = transformers (bf16)", gap < 0.05, f"max gap {gap:.2e}")

@@ -191,8 +191,9 @@ def test_reference_logprobs_stay_at_the_initial_model(group, trained, tiny_model
     with torch.no_grad():
         want = token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                               batch.input_ids)
-    # Padding positions carry no log-prob (the learner trims them away), so compare real tokens.
-    valid = batch.attention_mask.bool()
+    # Log-probs exist for completion tokens only: padding is trimmed away, and the prompt positions
+    # before the first completion token are never projected onto the vocabulary (they hold 0).
+    valid = batch.response_mask.bool()
     got = group.compute_ref_logprobs(batch)
     torch.testing.assert_close(got[valid], want.float()[valid], atol=LOGPROB_ATOL, rtol=0)
 
@@ -213,15 +214,16 @@ def test_learner_logprobs_equal_a_transformers_forward(group, tiny_model_path):
     state = group.full_state()
     got = group.compute_logprobs(batch)
     want = _hf_logprobs(state, tiny_model_path, batch)
-    valid = batch.attention_mask.bool()
+    valid = batch.response_mask.bool()
     torch.testing.assert_close(got.double()[valid], want[valid], atol=LOGPROB_ATOL, rtol=0)
-    assert got[:, 0].abs().max() == 0
+    # Every completion starts at position PROMPT=5, so positions 0..4 are never scored.
+    assert batch.loss_start() == PROMPT - 1 and got[:, :PROMPT].abs().max() == 0
 
 
 def test_logprobs_of_an_odd_row_count_are_padded_and_trimmed(group):
     batch = make_batch(seed=8)
     three = batch.select(slice(0, 3))  # 3 rows over 2 ranks
-    valid = three.attention_mask.bool()  # padding positions carry no log-prob
+    valid = three.response_mask.bool()  # only completion tokens carry a log-prob
     torch.testing.assert_close(group.compute_logprobs(three)[valid], group.compute_logprobs(batch)[:3][valid],
                                atol=1e-6, rtol=0)
 
@@ -332,7 +334,7 @@ def test_export_loads_in_transformers_with_the_learner_weights(group, tiny_model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
     assert AutoTokenizer.from_pretrained(out)("1 + 1 =")["input_ids"]
     batch = make_batch(seed=9)
-    valid = batch.attention_mask.bool()  # padding positions carry no log-prob
+    valid = batch.response_mask.bool()  # only completion tokens carry a log-prob
     torch.testing.assert_close(_hf_logprobs(dict(model.named_parameters()), str(out), batch).float()[valid],
                                group.compute_logprobs(batch)[valid], atol=LOGPROB_ATOL, rtol=0)
 

@@ -24,3 +24,32 @@ def test_micro_batches_sort_by_length_and_drop_padding():
     assert parts[1][1].advantages.tolist() == [2.0, 0.0]
     # Every real token survives the cut.
     assert sum(int(mb.attention_mask.sum()) for _, mb in parts) == sum(lengths)
+
+
+def _prompted(prompt_lengths: list[int], total: int) -> TrainBatch:
+    """Rows of ``total`` tokens whose completions start at the given positions."""
+    pos = torch.arange(total)[None, :]
+    response = (pos >= torch.tensor(prompt_lengths)[:, None]).float()
+    n = len(prompt_lengths)
+    return TrainBatch(input_ids=torch.arange(n * total).view(n, total),
+                      attention_mask=torch.ones(n, total, dtype=torch.long), response_mask=response,
+                      advantages=torch.zeros(n), old_logprobs=torch.zeros(n, total))
+
+
+def test_loss_start_is_the_position_predicting_the_earliest_completion_token():
+    # Completions start at 4 and 6: logits at position 3 predict token 4, so 3 is the first read.
+    assert _prompted([6, 4], total=8).loss_start() == 3
+    # A completion from position 1 needs the logits of position 0.
+    assert _prompted([1, 5], total=8).loss_start() == 0
+
+
+def test_loss_start_is_zero_when_a_row_has_no_completion_token():
+    batch = _prompted([3, 8], total=8)  # row 1's completion would start past its last position
+    assert batch.loss_start() == 0
+
+
+def test_tail_drops_the_prefix_of_per_token_fields_only():
+    tail = _prompted([6, 4], total=8).tail(3)
+    assert tail.input_ids.tolist() == [[3, 4, 5, 6, 7], [11, 12, 13, 14, 15]]
+    assert tail.response_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    assert tail.old_logprobs.shape == (2, 5) and tail.advantages.shape == (2,)

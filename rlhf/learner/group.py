@@ -160,11 +160,11 @@ class LearnerGroup:
         return reduce_metrics(results, wall)
 
     def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
-        """[B, L] policy log-probs (no grad), rows spread over the ranks."""
+        """[B, L] policy log-probs of the completion tokens (no grad), rows spread over the ranks."""
         return self._score("compute_logprobs", batch, temperature)
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """[B, L] reference-model log-probs; needs algo.kl_coef > 0."""
+        """[B, L] reference-model log-probs of the completion tokens; needs algo.kl_coef > 0."""
         if self.algo.kl_coef <= 0:
             raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (loaded only when > 0)")
         return self._score("compute_ref_logprobs", batch, None)
