@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -26,6 +27,16 @@ def _keep_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def protect_token_file() -> Path:
+    """Ray 2.60 writes its authentication token to ~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH)
+    readable by every local user (mode 0644), which would let any of them drive the cluster:
+    keep the file to its owner (0600). Returns the path checked."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
+
+
 def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None) -> None:
     """Join ``address`` (or $RAY_ADDRESS) when given; otherwise start a local head on ``bind_host``.
 
@@ -40,13 +51,14 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
-        return
-    if bind_host in LOOPBACK:
-        _keep_ray_on_loopback()
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address=bind_host,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
+    else:
+        if bind_host in LOOPBACK:
+            _keep_ray_on_loopback()
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address=bind_host,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+    protect_token_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import threading
 import psutil
 import pytest
 
+from rlhf.cluster import protect_token_file
 from rlhf.train import train
 from support.runs import ROOT, TrainProcess, compose
 
@@ -85,6 +87,15 @@ def test_ray_token_authentication_is_on_and_enforced(ray_head, tmp_path):
     # With it, the same address accepts a driver: the refusal was the token, not the network.
     accepted = connect(info["gcs_address"], {"RAY_AUTH_MODE": "token"})
     assert "CONNECTED" in accepted, accepted[-2000:]
+
+
+def test_ray_token_file_is_readable_by_its_owner_only(ray_session):
+    # Ray writes the token 0644; init_ray (this session's) left it 0600.
+    token = protect_token_file()
+    assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
+    token.chmod(0o644)  # as Ray writes it
+    protect_token_file()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
 
 
 def test_a_training_run_listens_on_loopback_only(ray_session, tmp_path):
