@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rlhf.checkpoint import CheckpointError, _manifest, check_pickles, read_checkpoint, save_checkpoint
-from support.runs import ROOT, TrainProcess, compose
+from support.runs import TrainProcess, compose
 
 
 # ----------------------------------------------------------------------------- point 8
