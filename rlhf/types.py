@@ -87,6 +87,10 @@ class TrainBatch:
         """Positions ``start..`` of every per-token field (drops a prompt prefix no loss reads)."""
         return self._apply(lambda t: t[:, start:], lambda t: t)
 
+    def to(self, device: torch.device) -> "TrainBatch":
+        """Every field on ``device``."""
+        return self._apply(lambda t: t.to(device), lambda t: t.to(device))
+
     def loss_start(self) -> int:
         """First position whose logits any loss reads: the one predicting the earliest completion
         token (0 when a row has no completion token at all)."""

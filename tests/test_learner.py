@@ -22,7 +22,7 @@ from rlhf.checkpoint import latest_complete, read_checkpoint, save_checkpoint
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner import LearnerError, LearnerGroup
 from rlhf.learner.optim import build_adamw, lr_factor
-from rlhf.learner.rank import batch_to, load_hf_model
+from rlhf.learner.rank import load_hf_model
 from rlhf.types import TrainBatch
 
 DTYPE = "float32"
@@ -107,7 +107,7 @@ def plain_torch_updates(model_path: str, cfg: LearnerConfig, batches: list[Train
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.warmup_steps, TOTAL_STEPS))
     norms, losses, lrs = [], [], []
     for batch in batches:
-        batch = batch_to(batch, device)
+        batch = batch.to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = token_logprobs(logits, batch.input_ids)
         entropy = token_entropy(logits)

@@ -204,7 +204,7 @@ class LearnerRank:
             self.engine.set_gradient_accumulation_boundary(last)
             start = mb.loss_start()
             logits = self._logits(self.engine, mb, start)
-            mb = batch_to(mb.tail(start), self.device)  # every loss reads completion positions only
+            mb = mb.tail(start).to(self.device)  # every loss reads completion positions only
             if objective == "sft":
                 # The teacher's tokens, learnt as written: no sampling temperature applies.
                 logprobs = token_logprobs(logits, mb.input_ids, temperature=1.0)
@@ -325,21 +325,6 @@ class LearnerRank:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    def mv(t):
-        return None if t is None else t.to(device)
-
-    return TrainBatch(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        response_mask=batch.response_mask.to(device),
-        advantages=batch.advantages.to(device),
-        old_logprobs=mv(batch.old_logprobs),
-        ref_logprobs=mv(batch.ref_logprobs),
-        sample_weight=mv(batch.sample_weight),
-    )
 
 
 def _kept_tokens(mb: TrainBatch) -> torch.Tensor:
