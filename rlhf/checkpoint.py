@@ -214,3 +214,11 @@ def read_checkpoint(folder: Path) -> dict:
     """Verify ``folder`` and return its client state (JSON)."""
     verify_checkpoint(folder)
     return json.loads((Path(folder) / CLIENT_STATE).read_text())
+
+
+def open_checkpoint(folder: Path) -> dict:
+    """``read_checkpoint`` for a folder DeepSpeed is about to unpickle (a resume, an export): the
+    manifest verified, then every pickle checked (``check_pickles``); returns the client state."""
+    state = read_checkpoint(folder)
+    check_pickles(folder)
+    return state

@@ -6,7 +6,7 @@ tokenizer files. Tied output heads are left out, as ``save_pretrained`` does.
 
 Two sources: a live ``LearnerGroup`` (``LearnerGroup.export``) or any saved checkpoint
 (``export_checkpoint``, used by ``scripts/export.py``), whose DeepSpeed shards are merged with
-DeepSpeed's own ``zero_to_fp32`` after the checkpoint's manifest has been verified.
+DeepSpeed's own ``zero_to_fp32`` after the checkpoint's manifest and pickles have been checked.
 The folder is built beside the target and renamed into place when complete.
 """
 
@@ -81,18 +81,6 @@ def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: i
         yield bucket
 
 
-def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 parameters of a verified checkpoint, by HF name (DeepSpeed's zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from rlhf.checkpoint import check_pickles, verify_checkpoint
-    from rlhf.learner.rank import DS_TAG
-
-    verify_checkpoint(ckpt_dir)  # before DeepSpeed unpickles anything in it,
-    check_pickles(ckpt_dir)  # and its pickles hold tensors and DeepSpeed's few classes only
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
-
-
 def export_checkpoint(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -105,14 +93,16 @@ def export_checkpoint(
     ``base_model_path`` (config, generation config, tokenizer) and ``dtype`` default to the run's
     own ``model.name_or_path`` / ``model.dtype`` recorded in the checkpoint's client state.
     """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
-    from rlhf.checkpoint import read_checkpoint
-    from rlhf.learner.rank import torch_dtype
+    from rlhf.checkpoint import open_checkpoint
+    from rlhf.learner.rank import DS_TAG, torch_dtype
     from rlhf.models import resolve_model_path
 
     ckpt_dir = Path(ckpt_dir)
-    run_model = read_checkpoint(ckpt_dir).get("config", {}).get("model", {})
+    # The manifest and the pickles are checked once, before zero_to_fp32 unpickles anything.
+    run_model = open_checkpoint(ckpt_dir).get("config", {}).get("model", {})
     if base_model_path is None:
         if "name_or_path" not in run_model:
             raise ValueError(
@@ -122,7 +112,7 @@ def export_checkpoint(
         base_model_path = resolve_model_path(run_model["name_or_path"], run_model.get("cache_dir"))
     dtype = dtype or run_model.get("dtype", "float32")
     trust = bool(run_model.get("trust_remote_code", False))
-    state = checkpoint_weights(ckpt_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)  # fp32, by HF name
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(text_config, "tie_word_embeddings", False):

@@ -258,10 +258,9 @@ class LearnerGroup:
 
     def load(self, ckpt_dir: str | Path) -> dict:
         """Restore model, optimizer and schedule on every rank; returns the run's client state."""
-        from rlhf.checkpoint import check_pickles, read_checkpoint
+        from rlhf.checkpoint import open_checkpoint
 
-        state = read_checkpoint(Path(ckpt_dir))  # verifies the manifest before any file is unpickled
-        check_pickles(Path(ckpt_dir))  # and that no pickle in it can run code (a rewritten manifest)
+        state = open_checkpoint(Path(ckpt_dir))  # manifest and pickles checked before any is unpickled
         self._call("load_checkpoint", "load_checkpoint", None, str(ckpt_dir))
         return state
 
