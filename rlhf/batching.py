@@ -17,6 +17,22 @@ def rewards_matrix(total: list[float | None], n: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(-1, n)
 
 
+def pad_sequences(
+    seqs: list[list[int]], prompt_lens: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L] right-padded input_ids, attention_mask and response_mask (1 from each row's
+    ``prompt_lens[i]`` to its end) of token sequences."""
+    B, L = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    response_mask = torch.zeros((B, L), dtype=torch.float32)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+        response_mask[i, p : len(s)] = 1.0
+    return input_ids, attention_mask, response_mask
+
+
 def build_train_batch(
     rollouts: RolloutBatch, advantages: torch.Tensor, rewards: torch.Tensor, pad_id: int
 ) -> TrainBatch:
@@ -24,17 +40,12 @@ def build_train_batch(
 
     advantages, rewards: [G, n] (rewards NaN where the reward failed: such rows get weight 0).
     """
-    seqs = [c.prompt_ids + c.completion_ids for c in rollouts.completions]
-    B, L = len(seqs), max(len(s) for s in seqs)
-    if advantages.numel() != B:
-        raise ValueError(f"{advantages.numel()} advantages for {B} completions")
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    response_mask = torch.zeros((B, L), dtype=torch.float32)
-    for i, (c, s) in enumerate(zip(rollouts.completions, seqs)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-        response_mask[i, len(c.prompt_ids) : len(s)] = 1.0
+    completions = rollouts.completions
+    if advantages.numel() != len(completions):
+        raise ValueError(f"{advantages.numel()} advantages for {len(completions)} completions")
+    input_ids, attention_mask, response_mask = pad_sequences(
+        [c.prompt_ids + c.completion_ids for c in completions], [len(c.prompt_ids) for c in completions], pad_id
+    )
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from rlhf.batching import pad_sequences
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
@@ -94,17 +95,11 @@ def load_examples(path: str | Path, tokenizer: Any, max_seq_len: int, on_too_lon
 
 def collate(examples: list[SFTExample], pad_id: int) -> TrainBatch:
     """Right-padded batch; response_mask is 1 on answer tokens only."""
-    B, L = len(examples), max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    response_mask = torch.zeros((B, L), dtype=torch.float32)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        response_mask[i, e.prompt_len : n] = 1.0
+    input_ids, attention_mask, response_mask = pad_sequences(
+        [e.input_ids for e in examples], [e.prompt_len for e in examples], pad_id
+    )
     return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                      advantages=torch.zeros(B))
+                      advantages=torch.zeros(len(examples)))
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
