@@ -57,11 +57,16 @@ class BareLoop:
         tokens = batch.response_mask.sum()
         self.opt.zero_grad()
         for i in range(0, batch.size, micro):
-            ids = batch.input_ids[i : i + micro]
-            logits = self.model(input_ids=ids, attention_mask=batch.attention_mask[i : i + micro]).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            mask = batch.response_mask[i : i + micro, 1:]
-            loss = -(batch.advantages[i : i + micro, None] * logp * mask).sum() / tokens
+            mb = batch.select(slice(i, i + micro))
+            # The same work as the learner: logits only from the position predicting the first
+            # completion token (TrainBatch.loss_start).
+            start = mb.loss_start()
+            ids = mb.input_ids
+            logits = self.model(input_ids=ids, attention_mask=mb.attention_mask,
+                                logits_to_keep=ids.shape[1] - start).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, start + 1 :, None])[..., 0]
+            mask = mb.response_mask[:, start + 1 :]
+            loss = -(mb.advantages[:, None] * logp * mask).sum() / tokens
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
