@@ -93,6 +93,40 @@ def test_symbolic_check_works_off_the_main_thread():
         m.close()
 
 
+def test_math_verify_timeout_raises_but_an_unreadable_prediction_scores_zero():
+    # 9^(9^(9^9)) has about 10^(3.7e8) digits: comparing it with 1/2 runs into math-verify's 1 s
+    # alarm (measured: it fires at 1.0 s). Left to itself math-verify answers False to a timeout,
+    # which would score 0 here; this must be an error the runner counts.
+    m = MathAnswer(mode="boxed", symbolic=True, timeout_s=1)
+    try:
+        with pytest.raises(TimeoutError, match="math-verify timed out"):
+            m.score_one("q", r"\boxed{9^{9^{9^{9}}}}", answer=r"\frac{1}{2}")
+        # The same child goes on answering.
+        assert m.score_one("q", r"\boxed{0.5}", answer=r"\frac{1}{2}") == 1.0
+        # "???" holds no expression: a wrong answer (0), not a failure.
+        assert m.score_one("q", r"\boxed{???}", answer=r"\frac{1}{2}") == 0.0
+        # A reference with no expression would mark every completion wrong: an error instead.
+        with pytest.raises(RuntimeError, match="no expression in the reference"):
+            m.score_one("q", r"\boxed{0.5}", answer=r"\boxed{}")
+    finally:
+        m.close()
+
+
+def test_math_verify_timeout_becomes_a_counted_none_in_the_runner():
+    from rewards.runner import RewardRunner
+    from rlhf.config import RewardConfig, RewardFnConfig
+
+    cfg = RewardConfig(functions=[RewardFnConfig(fn="math_answer", kwargs={
+        "mode": "boxed", "symbolic": True, "timeout_s": 1})], timeout_s=60)
+    completions = [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{0.5}", r"\boxed{???}"]
+    with RewardRunner(cfg) as runner:
+        got = runner.score(["q"] * 3, completions, {"answer": [r"\frac{1}{2}"] * 3})
+    # The timeout is left out (None) and counted; the right answer is 1, the unreadable one 0.
+    assert got.per_fn["math_answer"] == [None, 1.0, 0.0]
+    assert got.metrics["reward/math_answer/failures"] == 1.0
+    assert got.metrics["reward/math_answer/none"] == 0.0  # not a deliberate None
+
+
 def test_answer_parsing_helpers():
     assert parse_number("1,000") == parse_number("1000") == parse_number("$1,000.00")
     assert parse_number("1,2,3") is None

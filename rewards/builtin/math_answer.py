@@ -10,7 +10,8 @@ Where the answer is read from (``mode``):
 The reference (the ``answer`` column) may be a bare answer or a full GSM8K solution ending in
 ``#### 42``. Two numbers compare exactly as decimals (``1,000`` == ``1000.0``, ``18`` != ``180``).
 Anything else compares as normalised text, or, with ``symbolic: true``, by math-verify
-(``\\frac{1}{2}`` == ``0.5``) in a killable child process (see :mod:`rewards.builtin.symbolic`).
+(``\\frac{1}{2}`` == ``0.5``) in a killable child process (see :mod:`rewards.builtin.symbolic`):
+a prediction math-verify cannot read scores 0; math-verify crashing or timing out raises.
 A row without a reference answer is an error (counted as a failure), not a 0.
 """
 

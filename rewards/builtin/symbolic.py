@@ -3,11 +3,21 @@
 math-verify guards its sympy work with ``signal.alarm``, which only works on a process's main
 thread; rewards run on worker threads. So the comparison runs in a small child process (its own
 main thread, where math-verify's alarms work), and the parent adds a hard deadline on top: a
-child that overruns is killed and replaced, and the call raises ``TimeoutError`` (the runner
-records a timeout, never a 0).
+child that overruns is killed and replaced, and the call raises ``TimeoutError``.
+
+What counts as "not equal" and what counts as a failure:
+
+- the prediction holds no expression math-verify can read (the model wrote garbage): not equal,
+  ``False`` (the reward scores it 0; that is the model's fault);
+- the reference holds no expression math-verify can read: ``RuntimeError`` (a data problem; a 0
+  here would mark every completion wrong);
+- math-verify raised, or its alarm fired while parsing or comparing: ``RuntimeError`` or
+  ``TimeoutError``. By default math-verify swallows both and answers ``[]``/``False``, which would
+  score a correct answer 0; it is called with ``raise_on_error=True`` so the runner counts a
+  failure and the sample becomes None instead.
 
 Protocol: one JSON line per request on the child's stdin (``[gold, pred, seconds]``), one JSON
-line back (``{"equal": bool}`` or ``{"error": "..."}``).
+line back (``{"equal": bool}``, ``{"error": "..."}`` or ``{"timeout": "..."}``).
 """
 
 from __future__ import annotations
@@ -46,8 +56,11 @@ class SymbolicChecker:
                 self._kill()
                 raise TimeoutError(f"math-verify gave no answer within {deadline:.1f}s for {pred[:80]!r}")
         reply = json.loads(line)
+        where = f"gold={gold[:80]!r} pred={pred[:80]!r}"
+        if "timeout" in reply:
+            raise TimeoutError(f"math-verify timed out ({self.timeout_s}s alarm) on {where}: {reply['timeout']}")
         if "error" in reply:
-            raise RuntimeError(f"math-verify failed on gold={gold[:80]!r} pred={pred[:80]!r}: {reply['error']}")
+            raise RuntimeError(f"math-verify failed on {where}: {reply['error']}")
         return bool(reply["equal"])
 
     def close(self) -> None:
@@ -82,19 +95,31 @@ def _as_latex(text: str) -> str:
     return text if "$" in text or "\\boxed" in text else f"${text}$"
 
 
+def compare(gold: str, pred: str, seconds: float) -> bool:
+    """math-verify's verdict, in the calling process's main thread; raises on its errors and timeouts."""
+    from math_verify import parse, verify
+
+    alarm = max(1, math.ceil(seconds))  # signal.alarm takes whole seconds
+    gold_parsed = parse(_as_latex(gold), parsing_timeout=alarm, raise_on_error=True)
+    if not gold_parsed:
+        raise ValueError(f"math-verify finds no expression in the reference answer {gold[:80]!r}")
+    # An empty parse of the prediction is a wrong answer, not an error: verify() then says False.
+    pred_parsed = parse(_as_latex(pred), parsing_timeout=alarm, raise_on_error=True)
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=alarm, raise_on_error=True))
+
+
 def _serve() -> None:
     import logging
 
-    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
     logging.disable(logging.WARNING)  # math-verify logs parse failures at warning level
     for line in sys.stdin:
         gold, pred, seconds = json.loads(line)
-        alarm = max(1, math.ceil(seconds))  # signal.alarm takes whole seconds
         try:
-            equal = verify(parse(_as_latex(gold), parsing_timeout=alarm),
-                           parse(_as_latex(pred), parsing_timeout=alarm), timeout_seconds=alarm)
-            reply = {"equal": bool(equal)}
+            reply = {"equal": compare(gold, pred, seconds)}
+        except TimeoutException as e:  # a BaseException: `except Exception` would let it end the child
+            reply = {"timeout": str(e)}
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
             reply = {"error": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(reply) + "\n")
