@@ -21,12 +21,20 @@ wall-clock limit enforced by the parent (the whole process group is killed), the
 stdout/stderr discarded. Results come back on a private descriptor, each line tagged with a random
 nonce so printed text cannot pose as a result. This is containment, not a proof against code
 written to attack the harness itself (it runs in the same interpreter as the code).
+
+Whose fault a bad run is: the harness reports "ready" just before it runs the code. Without that
+line (``unshare``, a mount, the limits, ``prctl``/``setuid`` or the interpreter start failed or ran
+past the time limit) no test result means nothing about the code, so :func:`run_tests` raises
+:class:`SandboxError` (the reward runner counts a failure). After it, a crash, a timeout, a memory
+blow-up or an early exit is the code's doing and its tests count as failed. :func:`isolation`
+picks a mode by running a real probe job through that same path.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pwd
 import secrets
@@ -37,12 +45,18 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
+
 _PRIVATE_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 # Imported before dropping privileges: the interpreter's own files may be unreadable to `nobody`.
 _PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re",
             "string", "random", "json", "typing", "dataclasses", "operator", "fractions", "decimal",
             "statistics", "copy", "time", "datetime", "array", "io", "socket", "traceback",
             "encodings.idna", "encodings.latin_1", "unicodedata")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed before the code ran: no verdict on the code (not a 0)."""
 
 
 @dataclass(frozen=True)
@@ -71,22 +85,49 @@ class SandboxResult:
         return self.passed / len(self.outcomes) if self.outcomes else 0.0
 
 
+# The start-up probe: a file written in the working directory and read back by a test, run through
+# every step a real job takes (unshare, mounts, limits, privilege drop).
+_PROBE_CODE = "open('probe.txt', 'w').write('ok')\n"
+_PROBE_TESTS = ["assert open('probe.txt').read() == 'ok'"]
+_PROBE_LIMITS = SandboxLimits(time_s=30.0)  # generous: interpreter start on a loaded machine
+
+
 @functools.lru_cache(maxsize=1)
 def isolation() -> str:
-    """The containment this machine supports: ``namespaces``, ``userns`` or ``socket-patch``."""
-    unshare, mount = shutil.which("unshare"), shutil.which("mount")
-    if unshare and mount:
-        probe = [unshare, "--net", "--mount", "true"]
-        if os.geteuid() == 0 and _works(probe):
-            return "namespaces"
-        if _works([unshare, "--user", "--map-root-user", "--net", "--mount", "true"]):
-            return "userns"
-    return "socket-patch"
+    """The strongest containment whose probe job passes: ``namespaces``, ``userns`` or ``socket-patch``.
+
+    A mode whose probe fails is logged (with why) and the next one is tried; if none passes,
+    :class:`SandboxError`.
+    """
+    candidates = []
+    if shutil.which("unshare") and shutil.which("mount"):
+        if os.geteuid() == 0:
+            candidates.append("namespaces")
+        candidates.append("userns")
+    candidates.append("socket-patch")
+    failures = []
+    for mode in candidates:
+        try:
+            result = _run(mode, _PROBE_CODE, _PROBE_TESTS, _PROBE_LIMITS)
+        except (SandboxError, OSError) as e:
+            failures.append(f"{mode}: {e}")
+        else:
+            if result.outcomes == ["pass"]:
+                return mode
+            failures.append(f"{mode}: probe test outcomes {result.outcomes}, setup_error={result.setup_error!r}")
+        log.warning("sandbox isolation %r does not work here, trying a weaker one: %s", mode, failures[-1])
+    raise SandboxError("no sandbox isolation mode works on this machine: " + "; ".join(failures))
 
 
 def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run ``code``, then each test (Python statements, e.g. ``assert f(2) == 4``) in its namespace."""
-    mode = isolation()
+    """Run ``code``, then each test (Python statements, e.g. ``assert f(2) == 4``) in its namespace.
+
+    Raises :class:`SandboxError` when the harness failed before the code ran.
+    """
+    return _run(isolation(), code, tests, limits)
+
+
+def _run(mode: str, code: str, tests: list[str], limits: SandboxLimits) -> SandboxResult:
     nonce = secrets.token_hex(16)
     payload = {
         "nonce": nonce,
@@ -129,8 +170,13 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    return _parse(out.decode(errors="replace"), nonce, len(tests), timed_out, proc.returncode, mode,
-                  err.decode(errors="replace")[-2000:])
+    result, ready, harness_error = _parse(out.decode(errors="replace"), nonce, len(tests), timed_out,
+                                          proc.returncode, mode, err.decode(errors="replace")[-2000:])
+    if not ready:
+        why = harness_error or (f"killed after time_s={limits.time_s}" if timed_out else
+                                f"exit code {proc.returncode}, stderr: {result.stderr.strip()[-500:]!r}")
+        raise SandboxError(f"the sandbox ({mode}) failed before the code ran: {why}")
+    return result
 
 
 def extract_code(completion: str) -> str:
@@ -146,9 +192,11 @@ def extract_code(completion: str) -> str:
 
 
 def _parse(out: str, nonce: str, num_tests: int, timed_out: bool, returncode: int | None, mode: str,
-           stderr: str) -> SandboxResult:
+           stderr: str) -> tuple[SandboxResult, bool, str | None]:
+    """(the result, whether the harness reached the code, the harness's own error if it reported one)."""
     outcomes = ["not run"] * num_tests
-    setup_error = None
+    setup_error = harness_error = None
+    ready = False
     for line in out.splitlines():
         try:
             tag, index, status, detail = json.loads(line)
@@ -156,12 +204,17 @@ def _parse(out: str, nonce: str, num_tests: int, timed_out: bool, returncode: in
             continue
         if tag != nonce:
             continue
-        if index == -1:
+        if status == "ready":
+            ready = True
+        elif status == "harness":
+            harness_error = detail
+        elif index == -1:
             setup_error = detail
         elif 0 <= index < num_tests:
             outcomes[index] = "pass" if status == "pass" else f"fail: {detail}"
-    return SandboxResult(outcomes=outcomes, setup_error=setup_error, timed_out=timed_out,
-                         returncode=returncode, isolation=mode, stderr=stderr)
+    result = SandboxResult(outcomes=outcomes, setup_error=setup_error, timed_out=timed_out,
+                           returncode=returncode, isolation=mode, stderr=stderr)
+    return result, ready, harness_error
 
 
 def _nobody() -> list[int]:
@@ -172,16 +225,9 @@ def _nobody() -> list[int]:
         return [65534, 65534]
 
 
-def _works(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={},
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 # Runs inside the sandbox as `python -I -c`, reading its job as JSON on stdin. Everything before
-# exec(code) is ours; the order matters: limits, imports, then privileges are dropped.
+# exec(code) is ours; the order matters: imports, limits, then privileges are dropped. Its own
+# failures are reported as "harness" (stderr is /dev/null by then); "ready" marks the hand-over.
 _HARNESS = r'''
 import json, os, resource, sys
 
@@ -196,16 +242,25 @@ def main():
     def report(index, status, detail=""):
         results.write(json.dumps([nonce, index, status, detail[:300]]) + "\n")
 
+    try:
+        contain(job)
+    except BaseException as e:
+        report(None, "harness", f"{type(e).__name__}: {e}")
+        return
+    report(None, "ready")
+    run(job, report)
+
+def contain(job):
     for name in job["preload"]:
         try:
             __import__(name)
         except ImportError:
             pass
+    import ctypes  # the harness's own, before the memory limit (loading it maps memory)
     for limit, value in ((resource.RLIMIT_AS, job["memory_bytes"]), (resource.RLIMIT_CPU, job["cpu_s"]),
                          (resource.RLIMIT_FSIZE, job["file_bytes"]), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     if job["drop_to"] is not None:
-        import ctypes
         uid, gid = job["drop_to"]
         resource.setrlimit(resource.RLIMIT_NPROC, (job["max_processes"], job["max_processes"]))
         if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
@@ -223,6 +278,7 @@ def main():
         socket.socket = _Blocked
         socket.create_connection = lambda *a, **k: _Blocked()
 
+def run(job, report):
     scope = {"__name__": "solution"}
     try:
         exec(compile(job["code"], "solution.py", "exec"), scope)

@@ -7,13 +7,17 @@ Which containment this machine gets is printed by `rewards.sandbox.isolation()`;
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
+from rewards import sandbox
 from rewards.builtin.code_exec import code_exec
-from rewards.sandbox import SandboxLimits, extract_code, isolation, run_tests
+from rewards.runner import RewardRunner
+from rewards.sandbox import SandboxError, SandboxLimits, extract_code, isolation, run_tests
+from rlhf.config import RewardConfig, RewardFnConfig
 
 ADD = "def add(a, b):\n    return a + b\n"
 needs_namespaces = pytest.mark.skipif(isolation() != "namespaces", reason=f"isolation is {isolation()}")
@@ -105,6 +109,57 @@ def test_printed_text_cannot_pose_as_results():
 def test_sys_exit_in_the_code_fails_the_tests():
     r = run_tests("import sys\nsys.exit(0)", ["assert True"])
     assert r.setup_error.startswith("SystemExit") and r.fraction == 0.0
+
+
+def test_a_sandbox_killed_before_the_code_ran_raises_instead_of_scoring_zero():
+    # No interpreter starts (let alone unshare and the mounts) in 1 ms: the harness never reports
+    # "ready", so the missing test results say nothing about the code.
+    with pytest.raises(SandboxError, match=r"failed before the code ran: killed after time_s=0.001"):
+        run_tests(ADD, ["assert add(1, 2) == 3"], SandboxLimits(time_s=0.001))
+
+
+def test_harness_failure_is_a_counted_failure_in_the_runner():
+    # Every completion hits the same harness failure: both are None and counted as failures
+    # (max_failure_rate=1.0 so the runner reports instead of stopping).
+    cfg = RewardConfig(functions=[RewardFnConfig(fn="code_exec", kwargs={"time_s": 0.001})],
+                       timeout_s=30, max_failure_rate=1.0)
+    with RewardRunner(cfg) as runner:
+        got = runner.score(["q", "q"], [ADD, "x = 1"], {"tests": [["assert add(1, 2) == 3"], ["assert x == 1"]]})
+    assert got.per_fn["code_exec"] == [None, None]
+    assert got.metrics["reward/code_exec/failures"] == 2.0
+
+
+def test_the_codes_own_memory_blow_up_still_scores_zero_in_the_runner():
+    # The contrast to the harness failure: the code ran and failed, so the tests failed (0.0).
+    cfg = RewardConfig(functions=[RewardFnConfig(fn="code_exec", kwargs={"memory_mb": 256})], timeout_s=30)
+    with RewardRunner(cfg) as runner:
+        got = runner.score(["q"], ["x = bytearray(8 * 2**30)"], {"tests": [["assert True"]]})
+    assert got.per_fn["code_exec"] == [0.0]
+    assert got.metrics["reward/code_exec/failures"] == 0.0
+
+
+@needs_namespaces
+def test_a_privilege_drop_failure_is_reported_by_the_harness(monkeypatch):
+    # gid 2**32 does not fit in a gid_t: os.setgid fails inside the harness, whose stderr is
+    # /dev/null by then; the error must come back on the results channel.
+    monkeypatch.setattr(sandbox, "_nobody", lambda: [2**32, 2**32])
+    with pytest.raises(SandboxError, match=r"\(namespaces\) failed before the code ran: OverflowError"):
+        run_tests(ADD, ["assert add(1, 2) == 3"])
+
+
+@needs_namespaces
+def test_isolation_probe_runs_every_step_of_a_real_job(monkeypatch, caplog):
+    # The probe must take the real path (unshare, mounts, limits, privilege drop), not `unshare
+    # true`: with the privilege drop broken, "namespaces" cannot work and the probe says so.
+    monkeypatch.setattr(sandbox, "_nobody", lambda: [2**32, 2**32])
+    isolation.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
+            mode = isolation()
+    finally:
+        isolation.cache_clear()  # the next caller probes this machine as it really is
+    assert mode in ("userns", "socket-patch")
+    assert "'namespaces' does not work here" in caplog.text and "OverflowError" in caplog.text
 
 
 def test_extract_code():

@@ -4,7 +4,8 @@ The code is the completion's last fenced block (```python ... ```), else the who
 runs in :mod:`rewards.sandbox` (time and memory limits, no network, a throw-away directory, an
 empty environment), then each test from the ``tests`` column runs in the code's namespace. A test
 that fails, a crash, a timeout or a memory blow-up all count as failed tests: that is the code's
-fault and scores low, not None. A row without tests is an error (counted as a failure).
+fault and scores low, not None. The sandbox failing before the code ran (``SandboxError``) and a row
+without tests are errors (counted as failures, the sample left out), not a 0.
 
 The ``tests`` column holds a list of Python snippets (``"assert add(2, 3) == 5"``), or one string:
 a JSON list of them, or a single snippet.
@@ -13,12 +14,9 @@ a JSON list of them, or a single snippet.
 from __future__ import annotations
 
 import json
-import logging
 
 from rewards.api import per_sample
 from rewards.sandbox import SandboxLimits, extract_code, run_tests
-
-log = logging.getLogger(__name__)
 
 
 @per_sample
@@ -29,10 +27,8 @@ def code_exec(prompt: str, completion: str, tests: list[str] | str | None = None
     cases = _as_list(tests)
     if not cases:
         raise ValueError(f"code_exec: empty test list for prompt {prompt[:80]!r}")
-    result = run_tests(extract_code(completion), cases, SandboxLimits(time_s=time_s, memory_mb=memory_mb))
-    if result.timed_out or result.setup_error:
-        log.debug("code_exec: timed_out=%s setup_error=%s", result.timed_out, result.setup_error)
-    return result.fraction
+    limits = SandboxLimits(time_s=time_s, memory_mb=memory_mb)
+    return run_tests(extract_code(completion), cases, limits).fraction
 
 
 def _as_list(tests: list[str] | str) -> list[str]:
