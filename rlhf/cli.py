@@ -9,7 +9,8 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from rlhf.config import Config, ConfigError, register_configs, to_object
+from rlhf.config import Config, ConfigError
+from rlhf.config.store import register_configs, to_object
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

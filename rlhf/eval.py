@@ -3,7 +3,8 @@
     python -m rlhf.eval model.name_or_path=runs/<run>/export trainer.eval_prompts=64 trainer.eval_samples=8
 
 Uses the same config as training: the held-out split of ``data``, the ``reward`` functions (a
-sample is correct when its total reward reaches 1.0), ``trainer.eval_*`` for prompts, samples and
+sample is correct when the reward ``trainer.eval_reward``, by default the first, reaches 1.0; a
+failed reward is counted apart, not as wrong), ``trainer.eval_*`` for prompts, samples and
 temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/eval.json.
 """
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import Config, ConfigError, register_configs, validate
+from rlhf.config import Config, ConfigError
+from rlhf.config.store import register_configs
 from rlhf.data import PromptDataset
 from rlhf.evaluate import EvalResult, evaluate
 from rlhf.models import resolve_model_path
+from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
 
@@ -40,14 +43,13 @@ def run_eval(cfg: Config) -> EvalResult:
         engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
         try:
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
-                              cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop))
+                              cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
         finally:
             engines.shutdown()
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"model": model_path, **asdict(result)}, indent=2) + "\n")
-    print(f"{model_path}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f} "
-          f"({result.num_prompts} prompts x {result.k} samples), pass@{result.k} {result.pass_at_k:.3f}")
+    print(f"{model_path}: {result.describe()}")
     return result
 
 

@@ -1,27 +1,41 @@
 """Held-out evaluation through the rollout engines: accuracy, its standard error, and pass@k.
 
-A sample counts as correct when its total reward reaches ``threshold`` (1.0 for the 0/1 answer
-rewards). The standard error treats prompts as the unit (samples of one prompt are correlated):
-the std of per-prompt accuracies over sqrt(number of prompts).
+A sample is correct when one named reward (``trainer.eval_reward``, by default the first reward
+function) reaches ``threshold`` (1.0 for the 0/1 answer rewards). One reward, not the weighted
+total: a length penalty or a format bonus beside the answer reward must not change which answers
+count as correct. A sample whose reward failed (None) is neither right nor wrong: it is left out
+of the accuracy and counted in ``failures``, next to the reward runner's own failure counts.
+
+The standard error treats prompts as the unit (samples of one prompt are correlated): the std of
+per-prompt accuracies over sqrt(number of prompts scored).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from rlhf.types import SamplingSettings
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    accuracy: float
+    accuracy: float  # NaN when no sample could be scored
     accuracy_stderr: float
-    pass_at_k: float  # fraction of prompts with at least one correct sample among k
+    pass_at_k: float  # fraction of scored prompts with at least one correct sample among k
     k: int
-    reward_mean: float
-    num_prompts: int
+    reward_mean: float  # of the accuracy reward, over scored samples
+    num_prompts: int  # prompts with at least one scored sample
     response_length: float
+    failures: int = 0  # samples whose accuracy reward failed (None): not counted right or wrong
+    reward: str = ""  # the reward accuracy was read from
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # the runner's, all functions
+
+    def describe(self) -> str:
+        """One line for the console: accuracy, pass@k, and failures when there were any."""
+        text = (f"accuracy {self.accuracy:.3f} ± {self.accuracy_stderr:.3f} ({self.reward}, "
+                f"{self.num_prompts} prompts x {self.k} samples), pass@{self.k} {self.pass_at_k:.3f}")
+        return text + (f", {self.failures} samples not scored (reward failed)" if self.failures else "")
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         return {
@@ -30,41 +44,49 @@ class EvalResult:
             f"{prefix}/pass@{self.k}": self.pass_at_k,
             f"{prefix}/reward_mean": self.reward_mean,
             f"{prefix}/response_length": self.response_length,
+            f"{prefix}/failures": float(self.failures),
+            **{f"{prefix}/{k}": v for k, v in self.reward_metrics.items()},
         }
 
 
-def summarise(correct: list[list[bool]], rewards: list[float | None], lengths: list[int]) -> EvalResult:
-    """Pure arithmetic over per-prompt correctness lists (each of length k)."""
+def summarise(correct: list[list[bool | None]], rewards: list[float | None], lengths: list[int]) -> EvalResult:
+    """Pure arithmetic over per-prompt correctness lists (each of length k; None: not scored)."""
     k = len(correct[0])
-    per_prompt = [sum(c) / k for c in correct]
+    scored = [[c for c in prompt if c is not None] for prompt in correct]
+    per_prompt = [sum(c) / len(c) for c in scored if c]
     P = len(per_prompt)
-    acc = sum(per_prompt) / P
+    acc = sum(per_prompt) / P if P else math.nan
     var = sum((a - acc) ** 2 for a in per_prompt) / (P - 1) if P > 1 else 0.0
     valid = [r for r in rewards if r is not None]
     return EvalResult(
         accuracy=acc,
-        accuracy_stderr=math.sqrt(var / P),
-        pass_at_k=sum(any(c) for c in correct) / P,
+        accuracy_stderr=math.sqrt(var / P) if P else math.nan,
+        pass_at_k=sum(any(c) for c in scored if c) / P if P else math.nan,
         k=k,
-        reward_mean=sum(valid) / len(valid) if valid else float("nan"),
+        reward_mean=sum(valid) / len(valid) if valid else math.nan,
         num_prompts=P,
         response_length=sum(lengths) / len(lengths),
+        failures=sum(c is None for prompt in correct for c in prompt),
     )
 
 
 def evaluate(engines, items, reward_runner, samples: int, temperature: float, max_new_tokens: int,
-             threshold: float = 1.0, stop: tuple[str, ...] = ()) -> EvalResult:
-    """Generate ``samples`` completions for each prompt item and score them."""
+             reward: str, threshold: float = 1.0, stop: tuple[str, ...] = ()) -> EvalResult:
+    """Generate ``samples`` completions for each prompt item; accuracy from the reward named ``reward``."""
     sampling = SamplingSettings(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, stop=stop)
     rollouts = engines.generate([it.prompt_ids for it in items], sampling)
     prompts, completions, columns = expand_for_rewards(items, rollouts)
     scored = reward_runner.score(prompts, completions, columns)
+    if reward not in scored.per_fn:
+        raise KeyError(f"trainer.eval_reward={reward!r} is not a configured reward ({sorted(scored.per_fn)})")
+    values = scored.per_fn[reward]
     correct = [
-        [(r is not None and r >= threshold) for r in scored.total[i * samples : (i + 1) * samples]]
+        [None if r is None else r >= threshold for r in values[i * samples : (i + 1) * samples]]
         for i in range(len(items))
     ]
     lengths = [len(c.completion_ids) for c in rollouts.completions]
-    return summarise(correct, scored.total, lengths)
+    result = summarise(correct, values, lengths)
+    return replace(result, reward=reward, reward_metrics=scored.metrics)
 
 
 def expand_for_rewards(items, rollouts) -> tuple[list[str], list[str], dict[str, list]]:

@@ -52,6 +52,7 @@ class CostReport:
     tokens_per_s: float | None  # measured generation throughput; None if nothing was generated
     serving_usd_per_m: float | None  # our cost per 1M output tokens on this run's hardware
     closed_api_usd_per_m: float | None  # None when no closed-API price is configured
+    closed_api_name: str  # which model that price is for (ledger.closed_api_name)
     ratio: float | None  # closed API price / our serving cost
 
 
@@ -98,6 +99,7 @@ def cost_report(totals: LedgerTotals, cfg: LedgerConfig, device_kind: str) -> Co
             ratio = closed / serving
     return CostReport(compute_usd=compute, teacher_usd=teacher, total_usd=compute + teacher,
                       tokens_per_s=tps, serving_usd_per_m=serving, closed_api_usd_per_m=closed,
+                      closed_api_name=cfg.closed_api_name,
                       ratio=ratio)
 
 
@@ -121,7 +123,8 @@ def format_summary(totals: LedgerTotals, report: CostReport, device_kind: str) -
     if report.closed_api_usd_per_m is None:
         lines.append("  closed API         price not set (ledger.closed_api_completion_price_per_m)")
     else:
-        lines.append(f"  closed API         ${report.closed_api_usd_per_m:.4f} per 1M output tokens")
+        lines.append(f"  closed API         ${report.closed_api_usd_per_m:.4f} per 1M output tokens "
+                     f"({report.closed_api_name})")
     if report.ratio is not None:
         lines.append(f"  ratio              closed API / tuned model = {report.ratio:.1f}x")
     return "\n".join(lines)
@@ -233,6 +236,7 @@ class CostLedger:
                 "device_hour_price": dict(self.cfg.device_hour_price),
                 "teacher_prompt_price_per_m": self.cfg.teacher_prompt_price_per_m,
                 "teacher_completion_price_per_m": self.cfg.teacher_completion_price_per_m,
+                "closed_api_name": self.cfg.closed_api_name,
                 "closed_api_prompt_price_per_m": self.cfg.closed_api_prompt_price_per_m,
                 "closed_api_completion_price_per_m": self.cfg.closed_api_completion_price_per_m,
             },

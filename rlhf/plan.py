@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.config import BatchPlan, Config
+from rlhf.config import Config
+from rlhf.config.batches import BatchPlan
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -27,16 +27,18 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf.algo import compute_advantages
+from rlhf.algo import compute_advantages, group_has_signal
 from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import Config, register_configs, validate
+from rlhf.config import Config
+from rlhf.config.store import register_configs
 from rlhf.data import PromptDataset
 from rlhf.evaluate import evaluate, expand_for_rewards
 from rlhf.learner import LearnerGroup
@@ -47,6 +49,7 @@ from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.types import RolloutBatch, SamplingSettings
+from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
@@ -75,28 +78,43 @@ def print_plan(cfg: Config) -> None:
         print(f"(model {cfg.model.name_or_path} is not prepared yet: no memory estimate)")
 
 
-def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSettings, metrics: dict):
+# Reward-runner metrics that count events (failed, timed-out, declined calls): summed over draws.
+_COUNTED = ("/failures", "/timeouts", "/none")
+
+
+@dataclass
+class Collected:
+    """One step's kept groups, and what every draw cost (dropped groups included)."""
+
+    items: list  # PromptItem per kept group
+    completions: list  # Completion per sample, n per kept group, in group order
+    scores: list  # (total rewards, {fn: rewards}) per kept group
+    generated_tokens: int  # over every draw: dropped groups were generated too
+
+
+def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSettings,
+            metrics: dict) -> Collected:
     """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups.
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
-    an uninterrupted one did.
+    an uninterrupted one did. Failure counts and generated tokens add up over draws.
     """
     n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
     kept_items, kept_rollouts, kept_scores = [], [], []
     draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
-    dropped = 0
+    dropped = generated = 0
     for draw in range(draws):
         items = data.next_batch(want - len(kept_items))
         with timed(metrics, "generate"):
             rollouts = engines.generate([it.prompt_ids for it in items], sampling,
                                         seed=derive_seed(cfg.rollout.seed, step, draw))
+        generated += rollouts.num_output_tokens
         prompts, completions, columns = expand_for_rewards(items, rollouts)
         with timed(metrics, "score"):
             scored = rewards.score(prompts, completions, columns)
         for g, item in enumerate(items):
             group = scored.total[g * n : (g + 1) * n]
-            values = [r for r in group if r is not None]
-            flat = len(values) < 2 or max(values) == min(values)
+            flat = not group_has_signal(group)
             last_draw = draw == draws - 1
             if cfg.algo.dynamic_sampling and flat and not last_draw:
                 dropped += 1
@@ -104,18 +122,21 @@ def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSe
             kept_items.append(item)
             kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
             kept_scores.append((group, {k: v[g * n : (g + 1) * n] for k, v in scored.per_fn.items()}))
-        metrics.update(scored.metrics)
+        for key, value in scored.metrics.items():
+            counted = key.endswith(_COUNTED)
+            metrics[key] = metrics.get(key, 0.0) + value if counted else value
         if len(kept_items) == want:
             break
     metrics["dynamic_sampling/dropped_groups"] = dropped
-    return kept_items, kept_rollouts, kept_scores
+    metrics["dynamic_sampling/draws"] = draw + 1
+    return Collected(kept_items, kept_rollouts, kept_scores, generated)
 
 
 def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> dict[str, float]:
     """The field's usual names: reward/mean, reward/<fn>/mean, frac_reward_zero_std, lengths."""
     valid = [r for r in total if r is not None]
     groups = [total[i : i + n] for i in range(0, len(total), n)]
-    zero_std = sum(1 for g in groups if len({r for r in g if r is not None}) <= 1)
+    zero_std = sum(not group_has_signal(g) for g in groups)
     out = {
         "reward/mean": sum(valid) / len(valid) if valid else float("nan"),
         "reward/none_frac": 1 - len(valid) / len(total),
@@ -125,7 +146,9 @@ def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> di
     }
     for name, values in per_fn.items():
         ok = [v for v in values if v is not None]
-        out[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
+        mean = sum(ok) / len(ok) if ok else float("nan")
+        out[f"reward/{name}/mean"] = mean
+        out[f"reward/{name}/std"] = (sum((v - mean) ** 2 for v in ok) / len(ok)) ** 0.5 if ok else float("nan")
     return out
 
 
@@ -193,10 +216,9 @@ def train(cfg: Config) -> Path:
             with timed(m := {}, "eval"):
                 result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
                                   cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
-                                  stop=tuple(cfg.rollout.stop))
+                                  reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
             logger.log(step, {**result.metrics(), **m})
-            print(f"eval @ step {step}: accuracy {result.accuracy:.3f} ± {result.accuracy_stderr:.3f}, "
-                  f"pass@{result.k} {result.pass_at_k:.3f}", flush=True)
+            print(f"eval @ step {step}: {result.describe()}", flush=True)
 
         def save(step: int) -> None:
             state = {
@@ -212,9 +234,10 @@ def train(cfg: Config) -> Path:
         started, nonfinite = time.time(), 0
         for step in range(start_step + 1, cfg.trainer.steps + 1):
             metrics: dict[str, float] = {}
-            items, completions, scores = collect(cfg, step, data, engines, rewards, sampling, metrics)
-            total = [r for group, _ in scores for r in group]
-            per_fn = {k: [v for _, fns in scores for v in fns[k]] for k in scores[0][1]}
+            got = collect(cfg, step, data, engines, rewards, sampling, metrics)
+            completions = got.completions
+            total = [r for group, _ in got.scores for r in group]
+            per_fn = {k: [v for _, fns in got.scores for v in fns[k]] for k in got.scores[0][1]}
             metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))
 
             rewards_t = rewards_matrix(total, cfg.rollout.n)  # [G, n], NaN where a reward failed
@@ -252,8 +275,9 @@ def train(cfg: Config) -> Path:
             step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
             trained = int(batch.attention_mask.sum())
             metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
-            metrics["throughput/generated_tokens"] = float(rollouts.num_output_tokens)
-            ledger.add_generated(rollouts.num_output_tokens, metrics["timing/generate"])
+            # Every token generated this step is billed, including the groups dynamic sampling dropped.
+            metrics["throughput/generated_tokens"] = float(got.generated_tokens)
+            ledger.add_generated(got.generated_tokens, metrics["timing/generate"])
             ledger.add_trained(trained * cfg.algo.epochs_per_step)
             logger.log(step, metrics)
             print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)

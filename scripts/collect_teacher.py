@@ -17,7 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import register_configs
+from rlhf.config.store import register_configs
 from rlhf.distill.teacher import collect_run
 
 register_configs()

@@ -71,3 +71,21 @@ def test_eval_summary_accuracy_stderr_and_pass_at_k():
     assert r.pass_at_k == pytest.approx(2 / 3)
     assert r.reward_mean == pytest.approx(5 / 11)  # 2 + 3 ones over 11 valid rewards (one None)
     assert r.k == 4 and r.response_length == 10
+
+
+def test_eval_summary_leaves_unscored_samples_out():
+    # Prompt A: [True, None, False] -> 1/2 scored correct; prompt B: [None, None, None] -> not scored,
+    # so not a prompt of the accuracy; prompt C: [True, True, None] -> 1. Accuracy (0.5 + 1) / 2 = 0.75,
+    # sample variance ((0.25)^2 * 2) / 1 = 0.125 -> stderr sqrt(0.125 / 2) = 0.25; pass@3 2/2; 5 failures.
+    correct = [[True, None, False], [None] * 3, [True, True, None]]
+    rewards = [1.0, None, 0.0, None, None, None, 1.0, 1.0, None]
+    r = summarise(correct, rewards, lengths=[4] * 9)
+    assert r.accuracy == pytest.approx(0.75)
+    assert r.accuracy_stderr == pytest.approx(0.25)
+    assert (r.pass_at_k, r.num_prompts, r.failures) == (1.0, 2, 5)
+    assert r.reward_mean == pytest.approx(3 / 4)
+
+
+def test_eval_summary_with_nothing_scored_is_nan_not_zero():
+    r = summarise([[None, None]], [None, None], lengths=[1, 1])
+    assert math.isnan(r.accuracy) and math.isnan(r.pass_at_k) and r.failures == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from rlhf.config import Config, ConfigError, register_configs, to_object, validate
+from rlhf.config import Config, ConfigError
+from rlhf.config.store import register_configs, to_object
+from rlhf.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -95,10 +98,20 @@ def test_misspelt_key_in_a_group_file_fails(tmp_path):
         (["rollout.max_model_len=150"], "rollout.max_model_len=150"),
         # vLLM's core-list syntax only: "two" is not a core id.
         (["rollout.cpu_threads_bind=0-two"], "rollout.cpu_threads_bind='0-two'"),
+        # Names looked up in the registries before anything starts, not at the first step.
+        (["algo.advantage=grpoo"], "algo.advantage='grpoo'"),
+        (["algo.policy_loss=ppo"], "algo.policy_loss='ppo'"),
+        (["algo.loss_agg=mean"], "algo.loss_agg='mean'"),
+        # Checked even with kl_coef=0: a misspelt name is a typo whether or not it is used yet.
+        (["algo.kl_estimator=k4"], "algo.kl_estimator='k4'"),
+        # Reward specs resolve to functions (imported, not built) before start-up.
+        (["reward.functions=[{fn: math_answr}]"], "reward.functions[0].fn"),
+        (["reward.functions=[{fn: 'rewards.builtin.math_answer:Nope'}]"], "reward.functions[0].fn"),
+        (["reward.functions=[{fn: '/no/such/rewards.py:score'}]"], "reward.functions[0].fn"),
     ],
 )
 def test_impossible_batch_arithmetic_names_keys(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate(composed(*overrides))
 
 
@@ -128,6 +141,20 @@ def test_plan_mode_prints_arithmetic_and_memory(tiny_model_path, tmp_path):
     assert "16 x samples/prompt 8 = 128 samples/step" in out.stdout
     assert "ZeRO-3" in out.stdout
     assert "per learner rank" in out.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.advantage=grpoo", "algo.advantage='grpoo' is not a registered advantage estimator"),
+    ("reward.functions=[{fn: math_answr}]", "reward.functions[0].fn"),
+])
+def test_plan_mode_rejects_unknown_names(tmp_path, override, message):
+    # Before: plan=true printed a plan and exited 0; the run failed after engines had started.
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf.train", "plan=true", override, f"trainer.output_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
 
 
 def test_plan_mode_rejects_impossible_plan(tmp_path):

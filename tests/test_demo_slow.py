@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import register_configs, to_object
+from rlhf.config.store import register_configs, to_object
 from rlhf.metrics import read_metrics
 from rlhf.train import train
 

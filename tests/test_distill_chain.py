@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rlhf.config import register_configs, to_object
+from rlhf.config.store import register_configs, to_object
 from rlhf.distill.chain import STAGE_MARKER, SUMMARY_FILE, run_chain
 from rlhf.metrics import read_metrics
 from test_teacher import ChatServer

@@ -91,6 +91,19 @@ def test_run_cost_and_serving_ratio(tmp_path):
     assert "$2.5000 (compute $2.0000, teacher API $0.5000)" in text
 
 
+def test_default_prices_compare_with_a_named_closed_model(tmp_path):
+    # The shipped default: gpt-4o's $10/M output list price on a $0.10/h CPU. 100 tok/s for 1 h:
+    # 0.10 / (100 * 3600) * 1e6 = $0.27778 per 1M tokens; 10 / 0.27778 = 36.0x.
+    clock = FakeClock(0.0)
+    ledger = CostLedger(tmp_path, LedgerConfig(device_kind="cpu", save_every_s=0.0), "grpo", clock=clock)
+    ledger.add_generated(tokens=360_000, seconds=3600.0)
+    clock.t = 3600.0
+    text = ledger.close()
+    assert "$10.0000 per 1M output tokens (gpt-4o (OpenAI list price, 2026))" in text
+    assert "closed API / tuned model = 36.0x" in text
+    assert read(tmp_path / "ledger.json")["prices"]["closed_api_name"].startswith("gpt-4o")
+
+
 def test_summary_without_generation_or_closed_price(tmp_path):
     ledger = CostLedger(tmp_path, prices(closed_api_completion_price_per_m=0.0), "sft",
                         clock=FakeClock())

@@ -14,7 +14,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from rlhf.config import ConfigError, register_configs, to_object
+from rlhf.config import ConfigError
+from rlhf.config.store import register_configs, to_object
 from rlhf.distill.sft import batch_indices, collate, load_examples, run_sft
 from rlhf.metrics import read_metrics
 

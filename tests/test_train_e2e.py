@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from rlhf.config import register_configs, to_object
+from rlhf.config.store import register_configs, to_object
 from rlhf.metrics import read_metrics
 from rlhf.train import train
 
@@ -118,14 +118,25 @@ def test_reward_rises_on_a_trivial_task(ray_session, tiny_model_path, tmp_path):
 def test_dynamic_sampling_redraws_flat_groups_a_bounded_number_of_times(ray_session, tmp_path):
     """DAPO dynamic sampling: groups whose rewards are all equal are replaced by fresh prompts.
 
-    The tiny random model never writes a correct sum, so every group of the math reward is flat
-    (all 0). With 3 draws allowed: draws 1 and 2 drop all 4 groups each (8 dropped), the last draw
-    keeps what it gets rather than loop forever, so 3 x 4 = 12 prompts were consumed.
+    tests/support/flaky_rewards.py:flaky scores 1.0 everywhere, so every group is flat, and each
+    16 calls (one draw: 4 prompts x 4 samples) hold 2 failures and 1 timeout. With 3 draws allowed:
+    draws 1 and 2 drop all 4 groups each (8 dropped), the last draw keeps what it gets rather than
+    loop forever, so 3 x 4 = 12 prompts were consumed. Failures add up over the draws (3 x 2 = 6,
+    3 x 1 = 3 timeouts), and the dropped groups' tokens are counted and billed too.
     """
+    spec = (ROOT / "tests" / "support" / "flaky_rewards.py").as_posix() + ":flaky"
     _, run_dir = run(tmp_path, "trainer.steps=1", "trainer.eval_prompts=0", "trainer.export_at_end=false",
-                     "algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=3")
+                     "algo.dynamic_sampling=true", "algo.dynamic_sampling_max_draws=3",
+                     f"reward.functions=[{{fn: '{spec}', kwargs: {{hang_s: 4.0}}}}]", "reward.timeout_s=2")
     (step,) = [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in m]
     assert step["dynamic_sampling/dropped_groups"] == 8
+    assert step["dynamic_sampling/draws"] == 3
     assert step["frac_reward_zero_std"] == 1.0
+    assert (step["reward/flaky/failures"], step["reward/flaky/timeouts"]) == (6, 3)
     saved = json.loads((run_dir / "checkpoints" / "step-1" / "client_state.json").read_text())
     assert saved["data"]["position"] == 12
+    # Kept: 16 samples; dropped: 32 more, each at least one token long.
+    kept_tokens = 16 * step["response_length/mean"]
+    assert step["throughput/generated_tokens"] >= kept_tokens + 32
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["totals"]["tokens_generated"] == step["throughput/generated_tokens"]

@@ -1,9 +1,11 @@
-"""Structured configuration: one typed dataclass per hydra config group.
+"""The schema: one typed dataclass per hydra config group, importing nothing of ours.
 
-Every group file in ``conf/`` is validated against these dataclasses when hydra composes the
+Every group file in ``conf/`` is type-checked against these dataclasses when hydra composes the
 config, so a misspelt key fails at composition with hydra's own error naming it. ``MISSING``
-(``???`` in YAML) marks values the user must give. Cross-field rules (batch arithmetic) live in
-``validate`` and run before anything expensive starts.
+(``???`` in YAML) marks values the user must give. The defaults here are the defaults of the
+group files named in ``conf/config.yaml`` (tests/test_config_defaults.py holds them equal).
+Cross-field rules that need a registry or a component live above the schema, in
+``rlhf.validation``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+# OmegaConf's marker for a mandatory value (omegaconf.MISSING is this same string); spelt out so the
+# schema imports neither hydra nor omegaconf.
+MISSING: Any = "???"
 
 
 class ConfigError(ValueError):
@@ -69,7 +72,7 @@ class DataConfig:
     system_prompt: Optional[str] = None
     # Apply the tokenizer's chat template (once, when the dataset is prepared).
     apply_chat_template: bool = True
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 128
     # What to do with prompts over max_prompt_tokens: "filter" (dropped, count logged) or "error".
     on_too_long: str = "filter"
     shuffle_seed: int = 0
@@ -86,7 +89,7 @@ class RolloutConfig:
     # (VLLM_CPU_KVCACHE_SPACE takes whole GiB only). null: size it from gpu_memory_utilization.
     kv_cache_gb: Optional[float] = 1.0
     # Fraction of device memory for the engine when kv_cache_gb is null (on CPU: of the NUMA node).
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -180,7 +183,8 @@ class AlgoConfig:
     dual_clip: Optional[float] = None
     # Added to the group std in the grpo estimator.
     eps: float = 1e-6
-    # Normaliser for seq_mean_token_sum_norm (Dr.GRPO's constant); None: the rollout max_new_tokens.
+    # Normaliser for seq_mean_token_sum_norm (Dr.GRPO's constant), required by it: conf/algo/dr_grpo.yaml
+    # sets it to ${rollout.max_new_tokens}.
     norm_length: Optional[int] = None
     entropy_coef: float = 0.0
     # Optimiser updates per generated batch (the batch is split into this many mini-batches).
@@ -205,7 +209,10 @@ class RewardFnConfig:
 
 @dataclass
 class RewardConfig:
-    functions: list[RewardFnConfig] = field(default_factory=list)
+    # Weighted sum of these functions; the default is the arithmetic demo's (conf/reward/math.yaml).
+    functions: list[RewardFnConfig] = field(
+        default_factory=lambda: [RewardFnConfig(fn="math_answer", kwargs={"mode": "last_number"})]
+    )
     timeout_s: float = 10.0
     num_workers: int = 4
     # Stop the run when more than this fraction of one function's calls fail in a step.
@@ -221,8 +228,11 @@ class TrainerConfig:
     # Evaluate before training, every eval_every steps (0: only before and after) and at the end.
     eval_every: int = 0
     eval_prompts: int = 64
-    eval_samples: int = 4
+    eval_samples: int = 8
     eval_temperature: float = 0.7
+    # The reward (its metrics name) whose value >= 1 makes an answer correct; None: the first of
+    # reward.functions. One reward: a length penalty beside it must not change what counts as correct.
+    eval_reward: Optional[str] = None
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: bool = False
@@ -295,8 +305,8 @@ class SFTConfig:
     max_seq_len: int = 1024
     # Sequences over max_seq_len: "filter" (dropped, counted) or "error".
     on_too_long: str = "filter"
-    # Learning rate for SFT; None: learner.lr. (SFT usually runs at a higher rate than GRPO.)
-    lr: Optional[float] = None
+    # Learning rate for SFT; None: learner.lr.
+    lr: Optional[float] = 1e-5
     # Checkpoint every save_every updates (0: only at the end); trainer.keep_last are kept.
     save_every: int = 0
 
@@ -315,9 +325,11 @@ class LedgerConfig:
     # USD per 1M tokens of the teacher API (0 for a teacher you host: its hours count instead).
     teacher_prompt_price_per_m: float = 0.0
     teacher_completion_price_per_m: float = 0.0
-    # USD per 1M tokens of the closed API the tuned model replaces (0: not compared).
-    closed_api_prompt_price_per_m: float = 0.0
-    closed_api_completion_price_per_m: float = 0.0
+    # The closed API the tuned model replaces and its USD per 1M tokens (0: not compared). Default:
+    # gpt-4o's list price ($2.50 / $10.00), source and date in conf/ledger/default.yaml.
+    closed_api_name: str = "gpt-4o (OpenAI list price, 2026)"
+    closed_api_prompt_price_per_m: float = 2.5
+    closed_api_completion_price_per_m: float = 10.0
     # Seconds between rewrites of ledger.json while the run goes (0: every update).
     save_every_s: float = 5.0
 
@@ -336,140 +348,3 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     # Print the plan (batch arithmetic, placement, memory estimate) and exit without loading weights.
     plan: bool = False
-
-
-def register_configs() -> None:
-    """Register the schema so hydra type-checks every group file against it."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("rollout", RolloutConfig),
-        ("learner", LearnerConfig),
-        ("algo", AlgoConfig),
-        ("reward", RewardConfig),
-        ("trainer", TrainerConfig),
-        ("teacher", TeacherConfig),
-        ("ledger", LedgerConfig),
-        ("sft", SFTConfig),
-    ]:
-        cs.store(group=group, name=f"base_{group}", node=node)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch arithmetic derived once from the config."""
-
-    prompts_per_step: int
-    samples_per_prompt: int
-    samples_per_step: int
-    mini_batches_per_step: int
-    samples_per_mini_batch: int
-    num_ranks: int
-    samples_per_rank: int  # per mini-batch
-    micro_batch_size: int
-    grad_accum_steps: int  # micro-batches per rank per mini-batch
-
-
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-
-
-def plan_batches(cfg: Config | DictConfig) -> BatchPlan:
-    """Check the batch arithmetic and derive the sizes; errors name the keys and values."""
-    P = cfg.trainer.prompts_per_step
-    n = cfg.rollout.n
-    M = cfg.algo.mini_batches_per_step
-    R = cfg.learner.num_ranks
-    mb = cfg.learner.micro_batch_size
-    for key, value in [
-        ("trainer.prompts_per_step", P),
-        ("rollout.n", n),
-        ("algo.mini_batches_per_step", M),
-        ("learner.num_ranks", R),
-        ("learner.micro_batch_size", mb),
-        ("algo.epochs_per_step", cfg.algo.epochs_per_step),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    if cfg.algo.advantage in GROUP_ADVANTAGES and n < 2:
-        raise ConfigError(
-            f"rollout.n={n}: algo.advantage={cfg.algo.advantage} compares samples within a group, "
-            "so it needs at least 2 samples per prompt"
-        )
-    total = P * n
-    if total % M:
-        raise ConfigError(
-            f"trainer.prompts_per_step * rollout.n = {P} * {n} = {total} samples is not divisible by "
-            f"algo.mini_batches_per_step={M}"
-        )
-    per_mini = total // M
-    if per_mini % R:
-        raise ConfigError(
-            f"{per_mini} samples per mini-batch (trainer.prompts_per_step * rollout.n / "
-            f"algo.mini_batches_per_step) is not divisible by learner.num_ranks={R}"
-        )
-    per_rank = per_mini // R
-    if per_rank % mb and mb < per_rank:
-        raise ConfigError(
-            f"{per_rank} samples per rank per mini-batch is not divisible by "
-            f"learner.micro_batch_size={mb}"
-        )
-    mb_eff = min(mb, per_rank)
-    return BatchPlan(
-        prompts_per_step=P,
-        samples_per_prompt=n,
-        samples_per_step=total,
-        mini_batches_per_step=M,
-        samples_per_mini_batch=per_mini,
-        num_ranks=R,
-        samples_per_rank=per_rank,
-        micro_batch_size=mb_eff,
-        grad_accum_steps=per_rank // mb_eff,
-    )
-
-
-def validate(cfg: Config | DictConfig) -> BatchPlan:
-    """Every cross-field rule, run right after composition and before any model loads."""
-    choices = {
-        "learner.lr_schedule": (cfg.learner.lr_schedule, ("constant", "cosine")),
-        "learner.zero_stage": (cfg.learner.zero_stage, (0, 1, 2, 3)),
-        "data.on_too_long": (cfg.data.on_too_long, ("filter", "error")),
-        "trainer.placement": (cfg.trainer.placement, ("colocated", "separate")),
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
-    if cfg.algo.clip_low < 0 or cfg.algo.clip_high < 0:
-        raise ConfigError(
-            f"algo.clip_low={cfg.algo.clip_low}, algo.clip_high={cfg.algo.clip_high} must be >= 0"
-        )
-    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
-        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip} must be > 1 (or null)")
-    if cfg.algo.kl_coef < 0:
-        raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
-    if cfg.rollout.max_new_tokens < 1:
-        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be >= 1")
-    if cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len:
-        raise ConfigError(
-            f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
-            f"{cfg.rollout.max_new_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
-        )
-    from rollouts.engine import bound_cores  # engine rules live beside the engine
-
-    try:
-        bound_cores(cfg.rollout.cpu_threads_bind)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from rlhf.learner.settings import check_settings  # learner rules live beside the learner
-
-    check_settings(cfg.learner, cfg.algo, cfg.model.dtype, cfg.trainer.steps)
-    return plan_batches(cfg)
-
-
-def to_object(cfg: DictConfig) -> Config:
-    """The composed DictConfig as typed, read-only dataclasses."""
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    return obj

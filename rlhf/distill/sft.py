@@ -32,7 +32,8 @@ from rlhf.batching import pad_sequences
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
-from rlhf.config import AlgoConfig, Config, ConfigError, register_configs
+from rlhf.config import AlgoConfig, Config, ConfigError
+from rlhf.config.store import register_configs
 from rlhf.distill.teacher import read_jsonl
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger

@@ -31,7 +31,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from rlhf.config import register_configs, to_object
+    from rlhf.config.store import register_configs, to_object
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

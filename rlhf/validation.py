@@ -1,0 +1,82 @@
+"""Every rule a composed config must meet, checked before anything loads or starts.
+
+The schema (``rlhf.config``) knows types; the rules that need more live here, one floor up: names
+looked up in the algorithm registries, reward specs resolved to their functions, the engines' and
+the learner's own checks, and the batch arithmetic. ``plan=true`` runs exactly these checks, so a
+plan that prints is a run that starts.
+"""
+
+from __future__ import annotations
+
+from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from rlhf.config import Config, ConfigError
+from rlhf.config.batches import BatchPlan, plan_batches
+from rlhf.learner.settings import check_settings
+from rewards.api import check_specs, default_name
+from rollouts.engine import bound_cores
+
+
+def validate(cfg: Config) -> BatchPlan:
+    """Raise ConfigError naming the key and value of the first setting that cannot work."""
+    choices = {
+        "learner.lr_schedule": (cfg.learner.lr_schedule, ("constant", "cosine")),
+        "learner.zero_stage": (cfg.learner.zero_stage, (0, 1, 2, 3)),
+        "data.on_too_long": (cfg.data.on_too_long, ("filter", "error")),
+        "trainer.placement": (cfg.trainer.placement, ("colocated", "separate")),
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    for key, registry in [
+        ("algo.advantage", ADVANTAGES),
+        ("algo.policy_loss", POLICY_LOSSES),
+        ("algo.loss_agg", AGGREGATIONS),
+        ("algo.kl_estimator", KL_ESTIMATORS),
+    ]:
+        name = getattr(cfg.algo, key.split(".")[1])
+        if name not in registry:
+            raise ConfigError(f"{key}={name!r} is not a registered {registry.kind}; known: {registry.names()}")
+    # Every registered estimator takes its baseline from the prompt's own group of samples.
+    if cfg.rollout.n < 2:
+        raise ConfigError(
+            f"rollout.n={cfg.rollout.n}: algo.advantage={cfg.algo.advantage} compares samples within a "
+            "group, so it needs at least 2 samples per prompt"
+        )
+    if cfg.algo.clip_low < 0 or cfg.algo.clip_high < 0:
+        raise ConfigError(
+            f"algo.clip_low={cfg.algo.clip_low}, algo.clip_high={cfg.algo.clip_high} must be >= 0"
+        )
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
+        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip} must be > 1 (or null)")
+    if cfg.algo.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
+    if cfg.rollout.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be >= 1")
+    if cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
+            f"{cfg.rollout.max_new_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
+        )
+    try:
+        bound_cores(cfg.rollout.cpu_threads_bind)
+        check_specs(cfg.reward.functions)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    names = reward_names(cfg)
+    if cfg.trainer.eval_reward is not None and cfg.trainer.eval_reward not in names:
+        raise ConfigError(f"trainer.eval_reward={cfg.trainer.eval_reward!r} is not one of the rewards {names}")
+    check_settings(cfg.learner, cfg.algo, cfg.model.dtype, cfg.trainer.steps)
+    return plan_batches(cfg)
+
+
+def reward_names(cfg: Config) -> list[str]:
+    """The name each reward function has in metrics (its ``name``, else derived from ``fn``)."""
+    return [f.name or default_name(f.fn) for f in cfg.reward.functions]
+
+
+def eval_reward(cfg: Config) -> str:
+    """The reward evaluation reads accuracy from: trainer.eval_reward, else the first function."""
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions is empty: configure at least one reward function")
+    return cfg.trainer.eval_reward or reward_names(cfg)[0]
