@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.learner.weights import LM_HEAD, write_hf_weights
+from rlhf.learner.weights import write_hf_weights
+from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
 
 _BUCKET_BYTES = 2 << 30  # shard size of exports made from checkpoints
 
@@ -114,8 +115,7 @@ def export_checkpoint(
     trust = bool(run_model.get("trust_remote_code", False))
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)  # fp32, by HF name
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "tie_word_embeddings", False):
+    if ties_embeddings(config):
         state.pop(LM_HEAD, None)
     buckets = _buckets(state, torch_dtype(dtype), _BUCKET_BYTES)
     return publish_hf_folder(

@@ -13,13 +13,9 @@ from collections.abc import Iterator
 
 import torch
 
-_LM_HEAD = "lm_head.weight"
+from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
+
 _EMBED_SUFFIX = "embed_tokens.weight"
-
-
-def _ties_embeddings(hf_config) -> bool:
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
 def _read(paths: list[str], copy_embed_to_lm_head: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -34,7 +30,7 @@ def _read(paths: list[str], copy_embed_to_lm_head: bool) -> Iterator[tuple[str, 
                 # Tied embeddings: vLLM reloads the output head only when lm_head.weight is given;
                 # without it every weight but the head changes (probe gap ~1.0 after an embed edit).
                 if copy_embed_to_lm_head and name.endswith(_EMBED_SUFFIX):
-                    yield _LM_HEAD, tensor
+                    yield LM_HEAD, tensor
 
 
 class WeightSyncExtension:
@@ -62,7 +58,7 @@ class WeightSyncExtension:
                 names.update(f.keys())
         if not names:
             return 0  # nothing to load: the engine turns a 0 count into an error
-        copy_head = _ties_embeddings(self.model_config.hf_config) and _LM_HEAD not in names
+        copy_head = ties_embeddings(self.model_config.hf_config) and LM_HEAD not in names
         copy_head = copy_head and any(n.endswith(_EMBED_SUFFIX) for n in names)
         # The worker's reload_weights wraps the model runner's in the vLLM config context, and
         # reload (unlike model.load_weights) re-runs the CPU backend's weight repacking.

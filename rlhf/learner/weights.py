@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-LM_HEAD = "lm_head.weight"
+from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
 
 
 def is_zero3(param: torch.nn.Parameter) -> bool:
@@ -24,11 +24,6 @@ def is_zero3(param: torch.nn.Parameter) -> bool:
 
 def _numel(param: torch.nn.Parameter) -> int:
     return param.ds_numel if is_zero3(param) else param.numel()
-
-
-def ties_embeddings(model: torch.nn.Module) -> bool:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -61,13 +56,13 @@ def full_parameter_buckets(
 
     ``include_tied_head``: with tied embeddings, ``lm_head.weight`` is the embedding itself and
     ``named_parameters`` lists it once, under the embedding's name. vLLM's reload leaves its output
-    head stale unless ``lm_head.weight`` is sent explicitly (PLATFORM.md), so the sync adds it, as
-    a bucket of its own (safetensors refuses two names for one storage within a file); the export
-    leaves it out, as ``save_pretrained`` does.
+    head stale unless ``lm_head.weight`` is sent explicitly (tests/test_rollout.py pins it), so the
+    sync adds it, as a bucket of its own (safetensors refuses two names for one storage within a
+    file); the export leaves it out, as ``save_pretrained`` does.
     """
     import deepspeed
 
-    tied = include_tied_head and ties_embeddings(model) and hasattr(model, "get_input_embeddings")
+    tied = include_tied_head and ties_embeddings(model.config) and hasattr(model, "get_input_embeddings")
     embed = model.get_input_embeddings().weight if tied else None
     zero3 = any(is_zero3(p) for p in model.parameters())
     if not zero3 and rank != 0:
