@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.algo import ADVANTAGES, UnknownNameError, compute_advantages, valid_mask
+from rlhf.algo import ADVANTAGES, UnknownNameError, compute_advantages, group_has_signal, has_signal, valid_mask
 
 NAN = float("nan")
 ALL = ["grpo", "dr_grpo", "rloo", "reinforce_pp"]
@@ -38,6 +38,33 @@ def test_groups_with_fewer_than_two_valid_rewards_get_zero(name):
     rewards = torch.tensor([[NAN, 1.0, NAN], [NAN, NAN, NAN], [0.0, 1.0, 2.0]])
     adv = compute_advantages(rewards, name)
     assert torch.equal(adv[:2], torch.zeros(2, 3))  # no NaN leaks out
+
+
+@pytest.mark.parametrize(
+    "values, signal",
+    [
+        ([0.0, 1.0, 0.0, 1.0], True),
+        ([1.0, None, 0.0, None], True),  # two valid rewards that differ
+        ([0.1, 0.1, 0.1, 0.1], False),  # all equal
+        ([0.3, None, 0.3, 0.3], False),  # the valid ones all equal
+        ([None, 1.0, None, None], False),  # one valid reward: nothing to compare it with
+        ([None, None, None, None], False),
+        # Distinct as float64 but equal as float32 (2**-30 is below float32's 2**-23 spacing at
+        # 1.0): the advantage sees float32 rewards and gives this group 0, so it has no signal.
+        ([1.0, 1.0 + 2**-30], False),
+    ],
+)
+def test_a_group_has_signal_with_two_valid_rewards_that_differ(values, signal):
+    assert group_has_signal(values) is signal
+    rewards = torch.tensor([[NAN if v is None else v for v in values]], dtype=torch.float32)
+    assert has_signal(rewards).tolist() == [signal]
+    # The definition the estimators use: a group without signal gets exactly 0, one with gets some.
+    assert bool((compute_advantages(rewards, "grpo") != 0).any()) is signal
+
+
+def test_an_empty_group_is_refused():
+    with pytest.raises(ValueError, match="at least one completion"):
+        group_has_signal([])
 
 
 def test_valid_mask_marks_non_nan():

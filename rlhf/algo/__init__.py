@@ -1,6 +1,6 @@
 """GRPO algorithm core as pure tensor functions, each family in a name -> function registry.
 
-advantages.py   rewards [G, n] -> advantages (grpo, dr_grpo, rloo, reinforce_pp)
+advantages.py   rewards [G, n] -> advantages (grpo, dr_grpo, rloo, reinforce_pp), has_signal
 losses.py       clipped per-token policy losses (ppo_clip, gspo)
 kl.py           per-token KL estimators (k1, k2, k3)
 aggregation.py  per-token loss -> scalar, micro-batch safe (token_mean, seq_mean_token_mean, ...)
@@ -8,7 +8,7 @@ logprobs.py     token log-probs / entropies from logits in bounded memory
 objective.py    the composed loss for one micro-batch
 """
 
-from rlhf.algo.advantages import ADVANTAGES, compute_advantages, valid_mask
+from rlhf.algo.advantages import ADVANTAGES, compute_advantages, group_has_signal, has_signal, valid_mask
 from rlhf.algo.aggregation import AGGREGATIONS, aggregate, normalisers
 from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.logprobs import token_entropy, token_logprobs
@@ -25,7 +25,9 @@ __all__ = [
     "UnknownNameError",
     "aggregate",
     "compute_advantages",
+    "group_has_signal",
     "grpo_objective",
+    "has_signal",
     "normalisers",
     "token_entropy",
     "token_logprobs",

@@ -10,6 +10,8 @@ every estimator:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,24 +26,49 @@ def valid_mask(rewards: Tensor) -> Tensor:
     return ~torch.isnan(rewards)
 
 
+def _check_rewards(rewards: Tensor) -> None:
+    expect_dim("rewards", rewards, 2, "[G, n] (groups x samples)")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a float tensor (NaN marks missing), got {rewards.dtype}")
+
+
+def has_signal(rewards: Tensor) -> Tensor:
+    """[G] bool from rewards [G, n]: True where a group has >= 2 valid rewards that are not all
+    equal. Every estimator gives the other groups exactly 0; dynamic sampling redraws them."""
+    _check_rewards(rewards)
+    valid = valid_mask(rewards)
+    # max > min already needs two valid rewards (none: -inf > inf; one: r > r). Compare max with
+    # min rather than std with 0: the mean of equal floats may be off by an ulp.
+    hi = torch.where(valid, rewards, -torch.inf).amax(dim=1)
+    lo = torch.where(valid, rewards, torch.inf).amin(dim=1)
+    return hi > lo
+
+
+def group_has_signal(values: list[float | None]) -> bool:
+    """``has_signal`` of one group given as a list (None: the reward failed).
+
+    The rewards are compared as float32, the dtype of the advantages' [G, n] input
+    (rlhf/batching.py rewards_matrix), so True means exactly "this group gets nonzero advantages".
+    """
+    if not values:
+        raise ValueError("group_has_signal: a group needs at least one completion")
+    row = torch.tensor([[math.nan if v is None else float(v) for v in values]], dtype=torch.float32)
+    return bool(has_signal(row)[0])
+
+
 def _group_stats(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(valid [G,n], count [G,1], centred [G,n], informative [G,n]) for one batch of groups.
 
     centred = r - mean of the group's valid rewards (0 on NaN entries); informative marks the valid
-    entries of groups that have >= 2 valid rewards that are not all equal.
+    entries of the groups with a signal (``has_signal``).
     """
-    expect_dim("rewards", rewards, 2, "[G, n] (groups x samples)")
-    if not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a float tensor (NaN marks missing), got {rewards.dtype}")
+    signal = has_signal(rewards)  # checks the shape and dtype first
     valid = valid_mask(rewards)
     count = valid.sum(dim=1, keepdim=True)
     filled = torch.where(valid, rewards, 0.0)
     mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1)
     centred = torch.where(valid, rewards - mean, 0.0)
-    hi = torch.where(valid, rewards, -torch.inf).amax(dim=1, keepdim=True)
-    lo = torch.where(valid, rewards, torch.inf).amin(dim=1, keepdim=True)
-    # Compare max with min rather than std with 0: the mean of equal floats may be off by an ulp.
-    informative = valid & (count >= 2) & (hi > lo)
+    informative = valid & signal[:, None]
     return valid, count, centred, informative
 
 
