@@ -12,6 +12,12 @@ use :func:`per_sample`, which also lets the runner time out and isolate each com
 A function that does not take ``**columns`` is passed only the columns it names, so built-ins
 list the columns they read and a misspelt keyword in the config fails when the reward is loaded.
 
+Each keyword parameter of the call (beyond prompts and completions) is filled from a column of
+that name, else from the config's kwargs (a function's; a class's kwargs go to its constructor),
+else its default. Given the column names that will be passed, :func:`column_problems` says which
+parameters none of these fill: the runner refuses a required one at load time and warns once about
+the ones left to their defaults (a misspelt column would otherwise silently take its default).
+
 A config spec names the function three ways (``RewardFnConfig.fn``):
 
 - a built-in name: ``math_answer`` (see :data:`BUILTINS`),
@@ -33,7 +39,7 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 BatchFn = Callable[..., Any]  # (prompts, completions, **columns) -> list[float | None] (or awaitable)
 SampleFn = Callable[..., Any]  # (prompt, completion, **row) -> float | None (or awaitable)
@@ -128,6 +134,88 @@ def load_reward(spec: str, kwargs: dict[str, Any] | None = None, weight: float =
         sample_fn=_accepting_known_columns(sample_fn) if sample_fn else None,
         owner=owner,
     )
+
+
+def check_specs(functions: Sequence[Any], columns: Sequence[str] | None = None) -> None:
+    """Config validation: every reward spec resolves and its kwargs fit, without building anything.
+
+    ``functions`` are ``reward.functions`` entries (``fn``, ``kwargs``, ``name``). Resolving imports
+    the spec's module (a file spec runs the file's top level), but no class is instantiated and
+    nothing is called. With ``columns`` (the names the runner will pass), a parameter that has no
+    default and is neither a column nor a kwarg is an error too. Raises ValueError naming
+    ``reward.functions[i].fn`` (or ``.kwargs``) and the spec.
+    """
+    for i, f in enumerate(functions):
+        where, spec, kwargs = f"reward.functions[{i}]", f.fn, dict(f.kwargs or {})
+        try:
+            target = resolve(spec)
+        except Exception as e:  # import errors and a user file's own errors: named by the spec here
+            raise ValueError(f"{where}.fn={spec!r}: {type(e).__name__}: {e}") from None
+        if not callable(target):
+            raise ValueError(f"{where}.fn={spec!r} resolves to {type(target).__name__}, not a function or class")
+        try:
+            _check_fit(spec, target, kwargs)
+        except TypeError as e:
+            raise ValueError(f"{where}.kwargs (fn={spec!r}): {e}") from None
+        if columns is not None:
+            required, _ = column_problems(target, kwargs, columns)
+            if required:
+                raise ValueError(missing_columns_message(where, f.name or default_name(spec), spec, required,
+                                                         columns))
+
+
+def column_problems(target: Any, kwargs: dict[str, Any], columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(required, defaulted): the call's keyword parameters that no column and no kwarg fills.
+
+    ``target`` is what a spec resolves to. For a class, the call is its instances' ``score_one`` (or
+    ``__call__``); its kwargs went to the constructor, so they fill nothing here.
+    """
+    given = set(columns) if inspect.isclass(target) else set(columns) | set(kwargs)
+    params = _call_parameters(target)
+    required = sorted(p for p, needed in params.items() if needed and p not in given)
+    defaulted = sorted(p for p, needed in params.items() if not needed and p not in given)
+    return required, defaulted
+
+
+def missing_columns_message(where: str, name: str, spec: str, missing: list[str], columns: Sequence[str]) -> str:
+    return (f"{where} {name!r} ({spec}): parameter(s) {missing} have no default and are neither a "
+            f"column nor a kwarg; the columns passed are {sorted(columns)} (data.answer_column as "
+            "'answer', data.reward_columns, completion_length, completion_ids)")
+
+
+def _call_parameters(target: Any) -> dict[str, bool]:
+    """The call's keyword parameters after prompt(s) and completion(s): name -> has no default."""
+    one = getattr(target, "score_one", None)
+    if inspect.isclass(target):  # read from the class: self, prompt(s), completion(s) come first
+        call, positional = (one if callable(one) else target.__call__), 3
+    else:
+        call, positional = (one if callable(one) else target), 2
+    try:
+        params = inspect.signature(call).parameters.values()
+    except (TypeError, ValueError):  # no readable signature: nothing to check
+        return {}
+    out: dict[str, bool] = {}
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and positional > 0:
+            positional -= 1
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[p.name] = p.default is p.empty
+    return out
+
+
+def _check_fit(spec: str, target: Any, kwargs: dict[str, Any]) -> None:
+    """TypeError when ``kwargs`` do not fit a class's constructor or a function's parameters."""
+    if not inspect.isclass(target):
+        _check_kwargs(spec, target, kwargs)
+        return
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no readable signature: the constructor will say
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"reward {spec!r}: cannot build it from kwargs {sorted(kwargs)}: {e}") from None
 
 
 def default_name(spec: str) -> str:

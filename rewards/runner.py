@@ -11,6 +11,11 @@ moment it starts. Outcomes, per completion:
   exception covers its whole batch; a per-sample function's only that completion);
 - a batch function returning a list of the wrong length: :class:`RewardError` at once (a bug).
 
+Given ``columns`` (the column names ``score`` will be passed), loading checks every function's
+keyword parameters against them and the kwargs (:func:`rewards.api.column_problems`): one with no
+default that nothing fills is a ValueError before any function is built; ones left to their
+defaults are logged as one warning per function.
+
 When one function's failures + timeouts exceed ``cfg.max_failure_rate`` of the batch, ``score``
 raises :class:`RewardError` naming the function, the first error and the input that caused it.
 The total is the weighted sum over functions with weight != 0; it is None for a completion when
@@ -19,20 +24,24 @@ any of those gave None. Nothing is ever replaced by 0.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from rewards.api import LoadedReward, load_reward
+from rewards.api import (LoadedReward, column_problems, default_name, load_reward, missing_columns_message,
+                         resolve)
 from rewards.pool import DaemonPool, Task
 from rlhf.config import RewardConfig
 
 _POLL_S = 0.05  # how often running tasks are checked against their deadline
+
+log = logging.getLogger(__name__)
 
 
 class RewardError(RuntimeError):
@@ -71,7 +80,8 @@ class _Outcome:
 
 
 class RewardRunner:
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, columns: Sequence[str] | None = None):
+        """``columns``: the column names ``score`` will be passed; None skips the check against them."""
         if not cfg.functions:
             raise ValueError("reward.functions is empty: configure at least one reward function")
         if cfg.timeout_s <= 0:
@@ -79,9 +89,12 @@ class RewardRunner:
         self.timeout_s = float(cfg.timeout_s)
         self.max_failure_rate = float(cfg.max_failure_rate)
         self.functions: list[LoadedReward] = []
+        all_kwargs = [_plain(f.kwargs) for f in cfg.functions]
+        if columns is not None:  # before any function is built (a reward model starts an actor)
+            for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
+                _check_columns(f"reward.functions[{i}]", f.name or default_name(f.fn), f.fn, kwargs, columns)
         try:
-            for i, f in enumerate(cfg.functions):
-                kwargs = OmegaConf.to_container(f.kwargs) if OmegaConf.is_config(f.kwargs) else dict(f.kwargs or {})
+            for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
                 loaded = load_reward(f.fn, kwargs, f.weight, f.name)
                 if loaded.name in {g.name for g in self.functions}:
                     raise ValueError(
@@ -173,6 +186,20 @@ class RewardRunner:
     def _close_functions(self) -> None:
         for f in self.functions:
             f.close()
+
+
+def _plain(kwargs: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(kwargs) if OmegaConf.is_config(kwargs) else dict(kwargs or {})
+
+
+def _check_columns(where: str, name: str, spec: str, kwargs: dict[str, Any], columns: Sequence[str]) -> None:
+    required, defaulted = column_problems(resolve(spec), kwargs, columns)
+    if required:
+        raise ValueError(missing_columns_message(where, name, spec, required, columns))
+    if defaulted:
+        # Tunables (time_s=5.0) legitimately keep their defaults; a misspelt column lands here too.
+        log.warning("%s %r (%s): parameter(s) %s are neither a column nor a kwarg and take their "
+                    "defaults; the columns passed are %s", where, name, spec, defaulted, sorted(columns))
 
 
 def _bind(fn: Any, prompt: Any, completion: Any, columns: dict[str, Any]) -> Any:

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Prepared columns (the user's own columns keep their names beside these).
 _TEXT, _IDS, _RAW = "_prompt_text", "_prompt_ids", "_raw_prompt"
+# Added per completion by rlhf.evaluate.expand_for_rewards, beside the dataset's reward columns.
+ROLLOUT_COLUMNS = ("completion_length", "completion_ids")
 
 
 @dataclass
@@ -166,6 +168,19 @@ def _load_files(key: str, path: str) -> datasets.Dataset:
         raise DataError(f"{key}={path!r}: cannot load it: {type(e).__name__}: {e}") from e
 
 
+def reward_column_names(cfg: DataConfig) -> list[str]:
+    """The column names reward functions are passed at score time (``RewardRunner(columns=...)``)."""
+    return [*_reward_columns(cfg), *ROLLOUT_COLUMNS]
+
+
+def _reward_columns(cfg: DataConfig) -> dict[str, str]:
+    """PromptItem column name -> dataset column: data.reward_columns as they are, the answer as ``answer``."""
+    columns = {c: c for c in cfg.reward_columns}
+    if cfg.answer_column is not None:
+        columns["answer"] = cfg.answer_column
+    return columns
+
+
 def _check_columns(cfg: DataConfig, raw: datasets.Dataset, source: str) -> dict[str, str]:
     wanted = [("data.prompt_column", cfg.prompt_column)]
     if cfg.answer_column is not None:
@@ -174,10 +189,7 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset, source: str) -> dict[
     for key, column in wanted:
         if column not in raw.column_names:
             raise DataError(f"{source}: {key}={column!r} is not a column; the columns are {raw.column_names}")
-    columns = {c: c for c in cfg.reward_columns}
-    if cfg.answer_column is not None:
-        columns["answer"] = cfg.answer_column
-    return columns
+    return _reward_columns(cfg)
 
 
 def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str) -> datasets.Dataset:
