@@ -19,7 +19,7 @@ from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
-from rlhf.data import PromptDataset
+from rlhf.data import PromptDataset, reward_column_names
 from rlhf.evaluate import EvalResult, evaluate
 from rlhf.models import resolve_model_path
 from rlhf.validation import eval_reward, validate
@@ -38,8 +38,9 @@ def run_eval(cfg: Config) -> EvalResult:
     items = PromptDataset.from_config(cfg.data, tokenizer, split="eval").eval_items(cfg.trainer.eval_prompts)
     if not items:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts}: no held-out prompts to evaluate")
-    with RewardRunner(cfg.reward) as rewards:
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+    # Ray before the rewards: a reward_model reward starts its actor when it is built.
+    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+    with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data)) as rewards:
         engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
         try:
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,

@@ -39,7 +39,7 @@ from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import Config
 from rlhf.config.store import register_configs
-from rlhf.data import PromptDataset
+from rlhf.data import PromptDataset, reward_column_names
 from rlhf.evaluate import evaluate, expand_for_rewards
 from rlhf.learner import LearnerGroup
 from rlhf.ledger import CostLedger
@@ -190,10 +190,11 @@ def train(cfg: Config) -> Path:
     ckpt_dir = run_dir / "checkpoints"
 
     with ExitStack() as stack:
-        rewards = RewardRunner(cfg.reward)
+        # Ray before the rewards: a reward_model reward starts its actor when it is built.
+        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+        rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
         ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
         engines, learner = start_groups(cfg, model_path, stack)
 
         start_step = 0
