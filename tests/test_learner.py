@@ -12,6 +12,7 @@ The GPU path (NCCL, bf16) is checked by scripts/gpu_check.sh, which runs Learner
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -134,16 +135,19 @@ def plain_torch_updates(model_path: str, cfg: LearnerConfig, batches: list[Train
 def trained(group, tiny_model_path):
     """Two updates on the fresh group, and the same two in plain torch."""
     initial = group.full_state()
-    batches, metrics = [], []
+    batches, metrics, walls = [], [], []
     for step in range(2):
         batch = make_batch(seed=step)
         batch.ref_logprobs = group.compute_ref_logprobs(batch)
         batch = off_policy(batch, group.compute_logprobs(batch), seed=100 + step)
         batches.append(batch)
+        start = time.perf_counter()
         metrics.append(group.train_step(batch))
+        walls.append(time.perf_counter() - start)
     after = group.full_state()
     reference = plain_torch_updates(tiny_model_path, group.cfg, batches)
-    return {"initial": initial, "after": after, "metrics": metrics, "batches": batches, "reference": reference}
+    return {"initial": initial, "after": after, "metrics": metrics, "batches": batches, "reference": reference,
+            "walls": walls}
 
 
 # --- the update ------------------------------------------------------------------------------
@@ -183,6 +187,17 @@ def test_metrics_are_the_whole_batch_values(trained):
     # Random tiny model: near-uniform over 49,152 tokens -> entropy close to ln(49152) = 10.80.
     assert 10.0 < m["entropy"] < math.log(VOCAB) + 1e-3
     assert m["tokens/s"] > 0
+
+
+def test_step_seconds_are_the_ranks_time_inside_the_update(trained):
+    for m, wall in zip(trained["metrics"], trained["walls"]):
+        # The slowest rank's train_step runs inside the group's call, so it is > 0 and <= the
+        # wall time measured around that call (a timer restarted mid-step, or one subtracting a
+        # token position from perf_counter, breaks one bound or the other).
+        assert 0.0 < m["learner/step_s"] <= wall
+        # tokens/s divides the batch's attention tokens, 14+12+9+14+11+7+13+10 = 90 (the dropped
+        # row is still computed), by the group's wall time, which lies within the test's.
+        assert m["tokens/s"] >= 90 / wall
 
 
 def test_reference_logprobs_stay_at_the_initial_model(group, trained, tiny_model_path):

@@ -10,7 +10,8 @@ import torch
 
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config, reference_config
-from rlhf.learner.group import LearnerError, reduce_metrics, wait_ranks
+from rlhf.learner.group import LearnerError, wait_ranks
+from rlhf.learner.rank_metrics import RankMetrics, reduce_metrics
 from rlhf.learner.settings import check_settings
 from rlhf.learner.optim import lr_factor, param_groups
 from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf_weights
@@ -120,18 +121,69 @@ def test_dr_grpo_aggregation_needs_norm_length():
 # --- metric reduction ------------------------------------------------------------------------
 
 
-def test_rank_metrics_sum_extremes_and_rank0_scalars():
-    r0 = {"sum:loss": 0.25, "sum:clip_frac/low": 0.1, "max:ratio/max": 1.3, "min:ratio/min": 0.7,
-          "sum:tokens": 60.0, "max:seconds": 1.0, "grad_norm": 2.0, "lr": 1e-5, "skipped": 0.0}
-    r1 = {"sum:loss": -0.05, "sum:clip_frac/low": 0.05, "max:ratio/max": 1.6, "min:ratio/min": 0.9,
-          "sum:tokens": 40.0, "max:seconds": 1.5, "grad_norm": 2.0, "lr": 1e-5, "skipped": 0.0}
+def _rank(sums, maxs, mins, tokens, seconds, skipped=False, lr=1e-5):
+    return RankMetrics(sums, maxs, mins, tokens=tokens, seconds=seconds, grad_norm=2.0, lr=lr, skipped=skipped)
+
+
+def test_micro_batches_add_shares_and_keep_extremes_of_kept_tokens_only():
+    inf, nan = math.inf, math.nan
+    m = RankMetrics.from_micro_batches(
+        [
+            ({"loss": 0.5, "clip_frac/low": 0.1, "ratio/max": 1.2, "ratio/min": 0.9}, 3.0),
+            ({"loss": -0.2, "clip_frac/low": 0.05, "ratio/max": 1.4, "ratio/min": 0.95}, 2.0),
+            # Every row dropped (sample_weight 0): token shares are 0/0 and the ratio extremes are
+            # max/min's identities; only the loss (a finite 0 share) is counted.
+            ({"loss": 0.0, "clip_frac/low": nan, "ratio/max": -inf, "ratio/min": inf}, 0.0),
+        ],
+        tokens=30.0, seconds=1.25, grad_norm=2.0, lr=1e-5, skipped=False,
+    )
+    assert m.sums == pytest.approx({"loss": 0.3, "clip_frac/low": 0.15})  # 0.5 - 0.2 + 0; 0.1 + 0.05
+    assert m.maxs == {"ratio/max": 1.4} and m.mins == {"ratio/min": 0.9}
+    assert (m.tokens, m.seconds) == (30.0, 1.25)
+
+
+def test_a_rank_with_no_kept_tokens_still_reports_every_share_as_zero():
+    m = RankMetrics.from_micro_batches(
+        [({"loss": 0.0, "clip_frac/low": math.nan, "ratio/max": -math.inf}, 0.0)],
+        tokens=10.0, seconds=0.5, grad_norm=2.0, lr=1e-5, skipped=False,
+    )
+    assert m.sums == {"loss": 0.0, "clip_frac/low": 0.0} and m.maxs == {}
+
+
+def test_ranks_sum_shares_and_tokens_take_extremes_and_the_slowest_rank():
+    r0 = _rank({"loss": 0.25, "clip_frac/low": 0.1}, {"ratio/max": 1.3}, {"ratio/min": 0.7},
+               tokens=60.0, seconds=1.0)
+    r1 = _rank({"loss": -0.05, "clip_frac/low": 0.05}, {"ratio/max": 1.6}, {"ratio/min": 0.9},
+               tokens=40.0, seconds=1.5)
     m = reduce_metrics([r0, r1], wall_s=2.0)
-    assert m["loss"] == pytest.approx(0.20)  # shares of the whole-batch loss add up
-    assert m["clip_frac/low"] == pytest.approx(0.15)
+    assert m["loss"] == pytest.approx(0.20)  # shares of the whole-batch loss add up: 0.25 - 0.05
+    assert m["clip_frac/low"] == pytest.approx(0.15)  # 0.1 + 0.05
     assert m["ratio/max"] == 1.6 and m["ratio/min"] == 0.7
-    assert m["tokens/s"] == pytest.approx(100.0 / 2.0)
+    assert m["tokens/s"] == pytest.approx(50.0)  # (60 + 40) tokens / 2.0 s of wall time
+    assert m["learner/step_s"] == 1.5  # the slower rank's 1.5 s, not the 2.5 s sum
     assert m["grad_norm"] == 2.0 and m["lr"] == 1e-5 and m["skipped"] == 0.0
     assert "tokens" not in m and "seconds" not in m
+
+
+def test_a_rank_missing_the_extremes_leaves_the_others():
+    # Rank 1 kept no tokens, so it has no ratio extremes: rank 0's stand.
+    r0 = _rank({"loss": 0.25}, {"ratio/max": 1.3}, {"ratio/min": 0.7}, tokens=60.0, seconds=1.0)
+    r1 = _rank({"loss": 0.0}, {}, {}, tokens=40.0, seconds=1.0)
+    m = reduce_metrics([r0, r1], wall_s=1.0)
+    assert (m["ratio/max"], m["ratio/min"], m["loss"]) == (1.3, 0.7, 0.25)
+
+
+@pytest.mark.parametrize("other", [dict(skipped=True), dict(lr=2e-5)], ids=["skipped", "lr"])
+def test_ranks_that_took_different_updates_raise(other):
+    r0 = _rank({"loss": 0.1}, {}, {}, tokens=1.0, seconds=1.0)
+    r1 = _rank({"loss": 0.1}, {}, {}, tokens=1.0, seconds=1.0, **other)
+    with pytest.raises(RuntimeError, match="learner rank 1 took a different update from rank 0"):
+        RankMetrics.combine([r0, r1])
+
+
+def test_no_ranks_raise():
+    with pytest.raises(ValueError, match="no ranks"):
+        RankMetrics.combine([])
 
 
 # --- waiting on ranks ------------------------------------------------------------------------

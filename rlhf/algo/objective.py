@@ -6,10 +6,11 @@
 aggregation.py), so the learner sums the micro-batch losses and gradients. Sequences with
 sample_weight 0 are masked out of every term and every diagnostic.
 
-Metrics (detached 0-dim tensors), and how the learner combines them over micro-batches and ranks:
-- sum: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean (token shares:
-  micro-batch mean x its kept tokens / total_tokens).
-- max / min: ratio/max, ratio/min.
+Metrics (detached 0-dim tensors), and how the learner combines them over micro-batches and ranks
+(``RankMetrics`` in rlhf/learner/rank_metrics.py):
+- added up: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean (token
+  shares: micro-batch mean x its kept tokens / total_tokens).
+- largest / smallest: the names in MAX_METRICS / MIN_METRICS (ratio/max, ratio/min).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.losses import POLICY_LOSSES
 from rlhf.config import AlgoConfig
 from rlhf.types import TrainBatch
+
+# Metrics that are extremes, not shares: they combine over micro-batches and ranks by max / min.
+MAX_METRICS = ("ratio/max",)
+MIN_METRICS = ("ratio/min",)
 
 
 def grpo_objective(
@@ -38,8 +43,9 @@ def grpo_objective(
     logprobs [B, L]: the policy's token log-probs (token_logprobs), with grad.
     batch: the micro-batch (response_mask, advantages, old/ref log-probs, sample_weight).
     total_tokens, total_seqs: normalisers(...) of the whole mini-batch.
-    norm_length: Dr.GRPO's constant; defaults to cfg.norm_length (the trainer resolves a null
-        there to rollout.max_new_tokens and passes it here).
+    norm_length: Dr.GRPO's constant; defaults to cfg.norm_length. A null there raises for
+        seq_mean_token_sum_norm (conf/algo/dr_grpo.yaml sets it to ${rollout.max_new_tokens};
+        the learner's settings check refuses a null before any rank starts).
     entropy [B, L]: token_entropy(...), needed when cfg.entropy_coef > 0.
     """
     if cfg.kl_coef > 0 and batch.ref_logprobs is None:
@@ -49,7 +55,8 @@ def grpo_objective(
     norm_length = cfg.norm_length if norm_length is None else norm_length
     if cfg.loss_agg == "seq_mean_token_sum_norm" and norm_length is None:
         raise ValueError(
-            "algo.norm_length is null: pass norm_length= (the trainer uses rollout.max_new_tokens)"
+            "algo.norm_length is null: set it or pass norm_length= (conf/algo/dr_grpo.yaml sets it "
+            "to ${rollout.max_new_tokens})"
         )
     mask = batch.response_mask.to(logprobs.dtype)
     if batch.sample_weight is not None:
@@ -69,7 +76,7 @@ def grpo_objective(
     policy_loss = aggregate(cfg.loss_agg, per_token, mask, **agg)
     loss = policy_loss
     share = mask.sum() / total_tokens  # turns micro-batch token means into summable shares
-    metrics = {k: v if k in ("ratio/max", "ratio/min") else v * share for k, v in diag.items()}
+    metrics = {k: v if k in MAX_METRICS + MIN_METRICS else v * share for k, v in diag.items()}
     metrics["policy_loss"] = policy_loss.detach()
 
     if batch.ref_logprobs is not None:

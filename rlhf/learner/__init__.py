@@ -1,14 +1,16 @@
 """The learner: DeepSpeed ZeRO ranks as Ray actors.
 
-ds_config.py  DeepSpeed config dicts (policy, frozen reference) from LearnerConfig
-optim.py      AdamW parameter groups and the warm-up + constant/cosine LR schedule
-settings.py   learner settings checked before any process starts
-weights.py    full parameters out of (ZeRO-3 sharded) models, in buckets, as safetensors
-rank.py       LearnerRank: one rank's engines, train_step, log-probs, checkpoint and weight RPCs
-group.py      LearnerGroup: the actors, fan-out with deadlines, weight sync with the probe check
+ds_config.py     DeepSpeed config dicts (policy, frozen reference) from LearnerConfig
+optim.py         AdamW parameter groups and the warm-up + constant/cosine LR schedule
+settings.py      learner settings checked before any process starts
+weights.py       full parameters out of (ZeRO-3 sharded) models, in buckets, as safetensors
+rank_metrics.py  RankMetrics: train_step metrics over micro-batches and ranks, as they cross Ray
+rank.py          LearnerRank: one rank's engines, train_step, log-probs, checkpoint and weight RPCs
+group.py         LearnerGroup: the actors, fan-out with deadlines, weight sync with the probe check
 """
 
-from rlhf.learner.group import LearnerError, LearnerGroup, WeightSyncError, reduce_metrics
+from rlhf.learner.group import LearnerError, LearnerGroup, WeightSyncError
 from rlhf.learner.rank import LearnerRank
+from rlhf.learner.rank_metrics import RankMetrics, reduce_metrics
 
-__all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "WeightSyncError", "reduce_metrics"]
+__all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "RankMetrics", "WeightSyncError", "reduce_metrics"]

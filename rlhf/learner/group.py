@@ -25,6 +25,7 @@ import torch
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner.rank import LearnerRank
+from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.settings import check_settings
 from rlhf.types import SyncReport, TrainBatch
 
@@ -133,12 +134,13 @@ class LearnerGroup:
         """One optimizer update on a mini-batch; returns the reduced metrics.
 
         ``objective``: "grpo", or "sft" (completion-token cross-entropy; metrics: loss, grad_norm,
-        lr, tokens/s, skipped).
+        lr, tokens/s, learner/step_s, skipped).
 
         Metrics: loss, policy_loss, kl (when ref log-probs are given), entropy, clip_frac/low,
         clip_frac/high, ratio/{mean,max,min}, grad_norm, lr (of this update), tokens/s (attention
-        tokens of the mini-batch / wall time), skipped (1 when a non-finite loss or gradient on any
-        rank dropped the update).
+        tokens of the mini-batch / wall time), learner/step_s (the slowest rank's seconds inside
+        its train_step), skipped (1 when a non-finite loss or gradient on any rank dropped the
+        update). How the ranks' combine: rlhf/learner/rank_metrics.py.
         """
         from rlhf.algo import normalisers
 
@@ -289,24 +291,3 @@ class LearnerGroup:
         for a in getattr(self, "ranks", []):
             ray.kill(a, no_restart=True)
         self.ranks = []
-
-
-def reduce_metrics(results: list[dict[str, float]], wall_s: float) -> dict[str, float]:
-    """Combine rank metrics: ``sum:`` keys add, ``max:``/``min:`` keys take the extreme, plain keys
-    (grad_norm, lr, skipped: identical on every rank) come from rank 0."""
-    out: dict[str, float] = {}
-    for res in results:
-        for key, v in res.items():
-            kind, _, name = key.partition(":")
-            if not name:
-                out.setdefault(key, v)
-            elif kind == "sum":
-                out[name] = out.get(name, 0.0) + v
-            elif kind == "max":
-                out[name] = max(out.get(name, -math.inf), v)
-            elif kind == "min":
-                out[name] = min(out.get(name, math.inf), v)
-    tokens = out.pop("tokens", 0.0)
-    out.pop("seconds", None)
-    out["tokens/s"] = tokens / wall_s if wall_s > 0 else 0.0
-    return out

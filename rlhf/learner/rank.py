@@ -9,7 +9,7 @@ WHOLE mini-batch, so the mini-batch loss is the plain SUM of micro-batch losses 
 DeepSpeed instead assumes means: ``engine.backward`` divides by gradient_accumulation_steps and
 the data-parallel reduction averages over ranks. We therefore mark the accumulation boundary
 ourselves, call ``backward(loss * world_size, scale_wrt_gas=False)``, and check the result
-against a plain single-process torch step in tests/test_learner_update.py.
+against a plain single-process torch step in tests/test_learner.py.
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ import torch
 
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
+from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
-
-# How micro-batch metrics combine (see rlhf/algo/objective.py): ratio extremes by max/min, every
-# other objective metric is a share of the mini-batch value and adds up.
-MAX_METRICS = ("ratio/max",)
-MIN_METRICS = ("ratio/min",)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -171,7 +167,7 @@ class LearnerRank:
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float,
-                   objective: str = "grpo") -> dict[str, float]:
+                   objective: str = "grpo") -> RankMetrics:
         """One optimizer update from this rank's rows of a mini-batch.
 
         ``objective``: "grpo" (the algo config's policy objective) or "sft" (completion-token
@@ -181,6 +177,7 @@ class LearnerRank:
         ranks). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
         rank (metric ``skipped`` = 1): the last backward is multiplied by NaN everywhere so that
         DeepSpeed's own overflow check drops the gradients and the step identically on all ranks.
+        Returns this rank's metrics; ``LearnerGroup`` combines the ranks' (``reduce_metrics``).
         """
         import torch.distributed as dist
 
@@ -190,7 +187,7 @@ class LearnerRank:
         if objective not in ("grpo", "sft"):
             raise ValueError(f"train_step: objective={objective!r} is not one of ['grpo', 'sft']")
         faults.stall("learner_stall")  # tests only: a rank that never answers
-        start = time.perf_counter()
+        step_start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
         self.engine.train()
         micros = micro_batches(batch, self.cfg.micro_batch_size)
@@ -230,24 +227,14 @@ class LearnerRank:
         skipped = not self.engine.was_step_applied()
         grad_norm = self.engine.get_global_grad_norm()
         # Metrics leave the device only now, so no micro-batch waits on a host copy.
-        sums: dict[str, float] = {}
-        maxs: dict[str, float] = {}
-        mins: dict[str, float] = {}
-        for metrics, kept in records:
-            _accumulate(sums, maxs, mins, metrics, kept=float(kept))
-        out = {f"sum:{k}": v for k, v in sums.items()}
-        out.update({f"max:{k}": v for k, v in maxs.items()})
-        out.update({f"min:{k}": v for k, v in mins.items()})
-        out.update(
-            {
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": lr,
-                "skipped": float(skipped),
-                "sum:tokens": float(batch.attention_mask.sum()),
-                "max:seconds": time.perf_counter() - start,
-            }
+        return RankMetrics.from_micro_batches(
+            [({k: float(v) for k, v in metrics.items()}, float(kept)) for metrics, kept in records],
+            tokens=float(batch.attention_mask.sum()),
+            seconds=time.perf_counter() - step_start,  # after the host copies: every kernel has run
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=lr,
+            skipped=skipped,
         )
-        return out
 
     # ----------------------------------------------------------------------------- weights out
     def write_weights(self, out_dir: str, include_tied_head: bool = True) -> tuple[list[str], int, float]:
@@ -332,20 +319,3 @@ def _kept_tokens(mb: TrainBatch) -> torch.Tensor:
     if mb.sample_weight is not None:
         mask = mask * mb.sample_weight[:, None]
     return mask.sum()
-
-
-def _accumulate(sums: dict, maxs: dict, mins: dict, metrics: dict, kept: float) -> None:
-    """Fold one micro-batch's metrics in. Token-share metrics of a micro-batch with no kept tokens
-    are 0/0 in the objective (NaN x share 0); they carry no weight and are left out."""
-    for k, v in metrics.items():
-        x = float(v)
-        if k in MAX_METRICS:
-            if kept > 0:
-                maxs[k] = max(maxs.get(k, -float("inf")), x)
-        elif k in MIN_METRICS:
-            if kept > 0:
-                mins[k] = min(mins.get(k, float("inf")), x)
-        elif kept > 0 or k == "loss":
-            sums[k] = sums.get(k, 0.0) + x
-        else:
-            sums.setdefault(k, 0.0)
