@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from support.reward_models import make_tiny_classifier
+
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, tiny_model_path):
     """A random 2-layer LlamaForSequenceClassification (one label) with the SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_labels=1,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-rm")
-    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return str(out)
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny-rm"), tiny_model_path)
 
 
 def direct_scores(path: str, texts: list[str]) -> list[float]:
