@@ -28,6 +28,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from rlhf.batching import ROLLOUT_COLUMNS
 from rlhf.config import ConfigError, DataConfig
 from rlhf.tasks import arithmetic, gsm8k
 
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Prepared columns (the user's own columns keep their names beside these).
 _TEXT, _IDS, _RAW = "_prompt_text", "_prompt_ids", "_raw_prompt"
-# Added per completion by rlhf.evaluate.expand_for_rewards, beside the dataset's reward columns.
-ROLLOUT_COLUMNS = ("completion_length", "completion_ids")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
-from rlhf.evaluate import summarise
+from rlhf.heldout import summarise
 from rlhf.types import Completion, RolloutBatch
 
 

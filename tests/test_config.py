@@ -108,6 +108,9 @@ def test_misspelt_key_in_a_group_file_fails(tmp_path):
         (["reward.functions=[{fn: math_answr}]"], "reward.functions[0].fn"),
         (["reward.functions=[{fn: 'rewards.builtin.math_answer:Nope'}]"], "reward.functions[0].fn"),
         (["reward.functions=[{fn: '/no/such/rewards.py:score'}]"], "reward.functions[0].fn"),
+        # A required parameter no column fills (the data has no `solution`): refused before start-up.
+        ([f"reward.functions=[{{fn: '{ROOT.as_posix()}/tests/support/eval_rewards.py:needs_solution'}}]"],
+         "solution"),
     ],
 )
 def test_impossible_batch_arithmetic_names_keys(overrides, message):

@@ -214,7 +214,7 @@ def test_loaded_weights_change_outputs_and_probe_matches_new_model(group, tokeni
 
 
 def test_embedding_only_update_reaches_tied_output_head(group, tokenizer, tiny_model_path):
-    # The trap from PLATFORM.md: reloading only embed_tokens left vLLM's output head stale (gap
+    # The trap this test pins: reloading only embed_tokens left vLLM's output head stale (gap
     # ~1.0). The worker adds lm_head.weight = embed_tokens.weight when the config ties them.
     probe = tokenizer("Tied embeddings share one matrix for input and output.")["input_ids"]
     original_file = str(Path(tiny_model_path) / "model.safetensors")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from rlhf.batching import expand_for_rewards
 from rlhf.types import SamplingSettings
 
 
@@ -87,22 +88,3 @@ def evaluate(engines, items, reward_runner, samples: int, temperature: float, ma
     lengths = [len(c.completion_ids) for c in rollouts.completions]
     result = summarise(correct, values, lengths)
     return replace(result, reward=reward, reward_metrics=scored.metrics)
-
-
-def expand_for_rewards(items, rollouts) -> tuple[list[str], list[str], dict[str, list]]:
-    """Per-completion prompts, completions and dataset columns (each prompt's row repeated n times).
-
-    ``completion_ids`` and ``completion_length`` (tokens) are added for token-level rewards.
-    """
-    prompts, completions = [], []
-    columns: dict[str, list] = {key: [] for key in (items[0].columns if items else {})}
-    columns["completion_length"], columns["completion_ids"] = [], []
-    for c in rollouts.completions:
-        item = items[c.prompt_index]
-        prompts.append(item.raw_prompt)
-        completions.append(c.text)
-        for key in item.columns:
-            columns[key].append(item.columns[key])
-        columns["completion_length"].append(len(c.completion_ids))
-        columns["completion_ids"].append(list(c.completion_ids))
-    return prompts, completions, columns
