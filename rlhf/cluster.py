@@ -37,9 +37,12 @@ def protect_token_file() -> Path:
     return path
 
 
-def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None,
+             log_to_driver: bool = True) -> None:
     """Join ``address`` (or $RAY_ADDRESS) when given; otherwise start a local head on ``bind_host``.
 
+    ``log_to_driver=False`` when the actors write their own log files (rlhf/console.py): Ray then
+    forwards no worker output to this process; an actor's failure still arrives as an exception.
     Ray 2.60 generates its authentication token by itself; we never turn that off.
     """
     import ray
@@ -50,7 +53,7 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
     # Actors import our packages from the driver's working tree; no upload needed on one machine.
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         if bind_host in LOOPBACK:
             _keep_ray_on_loopback()
@@ -59,6 +62,6 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
             include_dashboard=False,
             _node_ip_address=bind_host,
             runtime_env=runtime_env,
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     protect_token_file()

@@ -19,8 +19,9 @@ from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
+from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
-from rlhf.evaluate import EvalResult, evaluate
+from rlhf.heldout import EvalResult, evaluate
 from rlhf.models import resolve_model_path
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
@@ -39,9 +40,11 @@ def run_eval(cfg: Config) -> EvalResult:
     if not items:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts}: no held-out prompts to evaluate")
     # Ray before the rewards: a reward_model reward starts its actor when it is built.
-    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+    logs = component_logs(cfg.trainer)
+    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
+             log_to_driver=logs is None)
     with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data)) as rewards:
-        engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
         try:
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
                               cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))

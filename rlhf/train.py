@@ -33,14 +33,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages, group_has_signal
-from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
+from rlhf.batching import build_train_batch, expand_for_rewards, mini_batches, rewards_matrix
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import Config
 from rlhf.config.store import register_configs
+from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
-from rlhf.evaluate import evaluate, expand_for_rewards
+from rlhf.heldout import evaluate
 from rlhf.learner import LearnerGroup
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
@@ -157,11 +158,12 @@ PROBE_TEXT = "Weight sync probe: 12 + 7 = 19. The engines must score this exactl
 
 def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[EngineGroup, LearnerGroup]:
     """Start the engine and learner actors concurrently (each takes tens of seconds on CPU)."""
+    logs = component_logs(cfg.trainer)
     with ThreadPoolExecutor(max_workers=2) as pool:
         engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code)
+                                cfg.model.trust_remote_code, logs)
         learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps)
+                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps, logs=logs)
         wait([engines_f, learner_f])
     for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
         if future.exception() is None:
@@ -190,11 +192,12 @@ def train(cfg: Config) -> Path:
     ckpt_dir = run_dir / "checkpoints"
 
     with ExitStack() as stack:
+        ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
         # Ray before the rewards: a reward_model reward starts its actor when it is built.
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
+                 log_to_driver=component_logs(cfg.trainer) is None)
         rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
-        ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
         engines, learner = start_groups(cfg, model_path, stack)
 
         start_step = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from rlhf.config import Config, ConfigError
 from rlhf.config.batches import BatchPlan, plan_batches
+from rlhf.console import CONSOLE_MODES
+from rlhf.data import reward_column_names
 from rlhf.learner.settings import check_settings
 from rewards.api import check_specs, default_name
 from rollouts.engine import bound_cores
@@ -23,6 +25,7 @@ def validate(cfg: Config) -> BatchPlan:
         "learner.zero_stage": (cfg.learner.zero_stage, (0, 1, 2, 3)),
         "data.on_too_long": (cfg.data.on_too_long, ("filter", "error")),
         "trainer.placement": (cfg.trainer.placement, ("colocated", "separate")),
+        "trainer.console": (cfg.trainer.console, CONSOLE_MODES),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
     }
     for key, (value, allowed) in choices.items():
@@ -60,7 +63,7 @@ def validate(cfg: Config) -> BatchPlan:
         )
     try:
         bound_cores(cfg.rollout.cpu_threads_bind)
-        check_specs(cfg.reward.functions)
+        check_specs(cfg.reward.functions, columns=reward_column_names(cfg.data))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     names = reward_names(cfg)

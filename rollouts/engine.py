@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RolloutConfig
+from rlhf.console import redirect_output
 from rlhf.types import Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request
 
@@ -110,7 +111,12 @@ class RolloutEngine:
         dtype: str = "float32",
         trust_remote_code: bool = False,
         engine_index: int = 0,
+        log_path: str | None = None,
     ) -> None:
+        """``log_path``: this engine's log file (vLLM's processes inherit it); None: output goes where
+        Ray sends worker output (the driver's terminal by default)."""
+        if log_path is not None:  # first, so vLLM's import-time output lands in the file too
+            redirect_output(log_path)
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -8,12 +8,14 @@ Every wait has a timeout, and a dead or stuck engine fails the call with its ind
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from rlhf.config import RolloutConfig
+from rlhf.console import log_file
 from rlhf.types import RolloutBatch, SamplingSettings
 from rollouts.engine import RolloutEngine, engine_env_vars
 from rollouts.requests import validate_request
@@ -29,10 +31,12 @@ def split_evenly(num_items: int, num_parts: int) -> list[range]:
 
 
 class EngineGroup:
-    """``cfg.num_engines`` RolloutEngine actors, started together."""
+    """``cfg.num_engines`` RolloutEngine actors, started together; with ``logs`` (a folder), engine
+    i writes its output to ``logs``/engine-i.log instead of Ray's worker log."""
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False
+        self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
+        logs: Path | None = None,
     ) -> None:
         if cfg.num_engines < 1:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
@@ -46,7 +50,8 @@ class EngineGroup:
             runtime_env={"env_vars": engine_env_vars(cfg)},
         )
         self.engines = [
-            actor_cls.options(**options).remote(cfg, model_path, dtype, trust_remote_code, i)
+            actor_cls.options(**options).remote(cfg, model_path, dtype, trust_remote_code, i,
+                                                log_file(logs, f"engine-{i}"))
             for i in range(cfg.num_engines)
         ]
         # All actors were created above, so the engines start concurrently; now wait for them all.

@@ -3,7 +3,7 @@
 Every group file in ``conf/`` is type-checked against these dataclasses when hydra composes the
 config, so a misspelt key fails at composition with hydra's own error naming it. ``MISSING``
 (``???`` in YAML) marks values the user must give. The defaults here are the defaults of the
-group files named in ``conf/config.yaml`` (tests/test_config_defaults.py holds them equal).
+group files named in ``conf/config.yaml`` (tests/test_config_structure.py holds them equal).
 Cross-field rules that need a registry or a component live above the schema, in
 ``rlhf.validation``.
 """
@@ -247,6 +247,10 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3
     tensorboard: bool = True
     wandb_project: Optional[str] = None
+    # What the terminal shows. "progress": our step lines, evaluations, cost summary, run folder and
+    # errors; vLLM, DeepSpeed, Ray and library logs go to files in <output_dir>/logs/ (rlhf/console.py).
+    # "full": every component's log live on the terminal, as they print it (no log files).
+    console: str = "progress"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import AlgoConfig, Config, ConfigError
 from rlhf.config.store import register_configs
+from rlhf.console import component_logs
 from rlhf.distill.teacher import read_jsonl
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger
@@ -156,10 +157,12 @@ def run_sft(cfg: Config) -> Path:
 
     with ExitStack() as stack:
         ledger = CostLedger(run_dir, cfg.ledger, run_kind="sft")
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus)
+        logs = component_logs(cfg.trainer)
+        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
+                 log_to_driver=logs is None)
         # AlgoConfig(): kl_coef 0, so no reference model is loaded; the GRPO settings go unused.
         learner = LearnerGroup(learner_cfg, AlgoConfig(), model_path, cfg.model.dtype,
-                               cfg.model.trust_remote_code, total_steps=total_steps)
+                               cfg.model.trust_remote_code, total_steps=total_steps, logs=logs)
         stack.callback(learner.shutdown)
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:

@@ -24,6 +24,7 @@ import torch
 
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
+from rlhf.console import log_file
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.settings import check_settings
@@ -92,7 +93,9 @@ class LearnerGroup:
         dtype: str,
         trust_remote_code: bool,
         total_steps: int,
+        logs: Path | None = None,
     ) -> None:
+        """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output)."""
         import ray
 
         check_settings(cfg, algo, dtype, total_steps)
@@ -108,7 +111,8 @@ class LearnerGroup:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.num_threads), **faults.env()}},
         )
         self.ranks = [
-            actor.remote(r, cfg.num_ranks, port, cfg, algo, model_path, dtype, trust_remote_code, total_steps)
+            actor.remote(r, cfg.num_ranks, port, cfg, algo, model_path, dtype, trust_remote_code, total_steps,
+                         log_file(logs, f"learner-rank-{r}"))
             for r in range(cfg.num_ranks)
         ]
         try:

@@ -24,6 +24,7 @@ import torch
 
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
+from rlhf.console import redirect_output
 from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.types import TrainBatch
 
@@ -73,7 +74,10 @@ class LearnerRank:
         dtype: str,
         trust_remote_code: bool,
         total_steps: int,
+        log_path: str | None = None,
     ) -> None:
+        if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
+            redirect_output(log_path)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
