@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RolloutConfig
+from rlhf.node import NodeInfo, this_node
 from rlhf.console import redirect_output
 from rlhf.types import Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request
@@ -133,6 +134,10 @@ class RolloutEngine:
     def ready(self) -> int:
         """Returns the engine index once the engine is built (the actor's constructor has run)."""
         return self.engine_index
+
+    def node(self) -> NodeInfo:
+        """The node this engine's actor runs on (placement checks, node-aware weight transport)."""
+        return this_node()
 
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int | None = None

@@ -26,6 +26,7 @@ from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import redirect_output
 from rlhf.learner.rank_metrics import RankMetrics
+from rlhf.node import NodeInfo
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -310,6 +311,12 @@ class LearnerRank:
 
     def ready(self) -> int:
         return self.rank
+
+    def node(self) -> NodeInfo:
+        """The node this rank runs on (placement checks, node-aware weight transport)."""
+        from rlhf.node import this_node
+
+        return this_node()
 
     def close(self) -> None:
         import torch.distributed as dist
