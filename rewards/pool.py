@@ -20,10 +20,11 @@ from typing import Any, Callable
 
 @dataclass(eq=False)
 class Task:
-    call: Callable[[], Any]
+    call: Callable[[], Any] | None  # None for a Ray task (rewards/remote.py)
     future: Future = field(default_factory=Future)
     started_at: float | None = None  # time.monotonic() when a worker picked it up
     worker: threading.Thread | None = None
+    ref: Any = None  # a Ray task's generator (reward.executor=ray), else None
 
 
 class DaemonPool:
@@ -47,7 +48,7 @@ class DaemonPool:
 
     def abandon(self, task: Task, error: BaseException) -> None:
         """Give up on a started task: fail its future, retire its worker, start a replacement."""
-        _settle(task.future, error=error)
+        settle(task.future, error=error)
         with self._lock:
             if task.worker is not None and task.worker not in self._retired:
                 self._retired.add(task.worker)
@@ -74,9 +75,9 @@ class DaemonPool:
             task.worker = me
             task.started_at = time.monotonic()
             try:
-                _settle(task.future, result=run_maybe_async(task.call))
+                settle(task.future, result=run_maybe_async(task.call))
             except BaseException as e:  # noqa: BLE001 - reported through the future
-                _settle(task.future, error=e)
+                settle(task.future, error=e)
             with self._lock:
                 if me in self._retired:
                     self._retired.discard(me)
@@ -98,7 +99,7 @@ def run_maybe_async(call: Callable[[], Any]) -> Any:
     return result
 
 
-def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
     """Set a future's outcome once; the loser of a timeout/finish race is ignored."""
     try:
         if error is not None:

@@ -1,8 +1,10 @@
 """Scoring a batch of completions with the configured reward functions.
 
 Every function runs concurrently on a :class:`~rewards.pool.DaemonPool`: a batch function as one
-task, a per-sample function as one task per completion. Each task has ``cfg.timeout_s`` from the
-moment it starts. Outcomes, per completion:
+task, a per-sample function as one task per completion. With ``reward.executor=ray`` the function
+rewards' tasks are Ray tasks instead (rewards/remote.py; class-based rewards stay on the pool),
+with the same outcomes and metrics. Each task has ``cfg.timeout_s`` from the moment it starts.
+Outcomes, per completion:
 
 - a number: kept;
 - None returned by the function: kept as None ("could not score"), counted in ``/none``;
@@ -37,9 +39,14 @@ from omegaconf import OmegaConf
 from rewards.api import (LoadedReward, column_problems, default_name, load_reward, missing_columns_message,
                          resolve)
 from rewards.pool import DaemonPool, Task
+from rewards.remote import RayTasks
 from rlhf.config import RewardConfig
 
 _POLL_S = 0.05  # how often running tasks are checked against their deadline
+EXECUTORS = ("threads", "ray")
+# A Ray task that cannot start (no free CPU in the cluster) has no deadline of its own: when no call
+# has started or finished for timeout_s + this long, the runner stops instead of hanging.
+_QUEUED_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +93,13 @@ class RewardRunner:
             raise ValueError("reward.functions is empty: configure at least one reward function")
         if cfg.timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
+        if cfg.executor not in EXECUTORS:
+            raise ValueError(f"reward.executor={cfg.executor!r} is not one of {list(EXECUTORS)}")
         self.timeout_s = float(cfg.timeout_s)
         self.max_failure_rate = float(cfg.max_failure_rate)
         self.functions: list[LoadedReward] = []
         all_kwargs = [_plain(f.kwargs) for f in cfg.functions]
+        self._kwargs: dict[str, dict] = {}  # by function name: what a Ray task loads it with
         if columns is not None:  # before any function is built (a reward model starts an actor)
             for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
                 _check_columns(f"reward.functions[{i}]", f.name or default_name(f.fn), f.fn, kwargs, columns)
@@ -102,10 +112,12 @@ class RewardRunner:
                         "already configured; give one of them a distinct `name`"
                     )
                 self.functions.append(loaded)
+                self._kwargs[loaded.name] = kwargs
         except BaseException:
             self._close_functions()
             raise
         self._pool = DaemonPool(max(1, cfg.num_workers))
+        self._remote = RayTasks() if cfg.executor == "ray" else None
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardResult:
         n = len(completions)
@@ -120,13 +132,12 @@ class RewardRunner:
         for fn in self.functions:
             if fn.sample_fn is not None:
                 tasks = [
-                    self._pool.submit(_bind(fn.sample_fn, prompts[i], completions[i],
-                                            {k: v[i] for k, v in columns.items()}))
+                    self._submit(fn, True, (prompts[i], completions[i]), {k: v[i] for k, v in columns.items()})
                     for i in range(n)
                 ]
             else:
-                tasks = [self._pool.submit(_bind(fn.batch_fn, list(prompts), list(completions),
-                                                 {k: list(v) for k, v in columns.items()}))]
+                tasks = [self._submit(fn, False, (list(prompts), list(completions)),
+                                      {k: list(v) for k, v in columns.items()})]
             submitted.append((fn, tasks))
         self._wait([t for _, tasks in submitted for t in tasks])
 
@@ -150,12 +161,20 @@ class RewardRunner:
         scored = [t for t in total if t is not None]
         metrics["reward/total/mean"] = sum(scored) / len(scored) if scored else math.nan
         metrics["reward/total/none"] = float(n - len(scored))
-        metrics["reward/abandoned_tasks"] = float(self._pool.abandoned)
+        metrics["reward/abandoned_tasks"] = float(self._pool.abandoned + self._abandoned_remote())
         return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
 
     def close(self) -> None:
         self._pool.shutdown()
         self._close_functions()
+
+    def _submit(self, fn: LoadedReward, per_sample: bool, args: tuple, columns: dict) -> Task:
+        if self._remote is not None and fn.owner is None:  # class-based rewards keep to the driver
+            return self._remote.submit(fn, self._kwargs[fn.name], per_sample, args, columns)
+        return self._pool.submit(_bind(fn.sample_fn if per_sample else fn.batch_fn, *args, columns))
+
+    def _abandoned_remote(self) -> int:
+        return self._remote.abandoned if self._remote is not None else 0
 
     def __enter__(self) -> "RewardRunner":
         return self
@@ -165,15 +184,32 @@ class RewardRunner:
 
     def _wait(self, tasks: list[Task]) -> None:
         pending = set(tasks)
+        progress, started = time.monotonic(), 0
         while pending:
-            wait([t.future for t in pending], timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            remote = [t for t in pending if t.ref is not None]
+            if remote:
+                self._remote.poll(remote, _POLL_S)
+            else:
+                wait([t.future for t in pending], timeout=_POLL_S, return_when=FIRST_COMPLETED)
             now = time.monotonic()
             for t in list(pending):
                 if t.future.done():
                     pending.discard(t)
+                    progress = now
                 elif t.started_at is not None and now - t.started_at > self.timeout_s:
-                    self._pool.abandon(t, RewardTimeout(f"no result after {self.timeout_s}s"))
+                    owner = self._remote if t.ref is not None else self._pool
+                    owner.abandon(t, RewardTimeout(f"no result after {self.timeout_s}s"))
                     pending.discard(t)
+                    progress = now
+            if (now_started := sum(t.started_at is not None for t in pending)) != started:
+                progress, started = now, now_started
+            queued = [t for t in pending if t.ref is not None and t.started_at is None]
+            if queued and now - progress > self.timeout_s + _QUEUED_S:
+                self._remote.cancel(list(pending))
+                raise RewardError(
+                    f"reward.executor=ray: {len(queued)} reward calls waited {now - progress:.0f}s for a "
+                    "Ray worker and none started; each asks for 1 CPU and the cluster has none free"
+                )
 
     def _total(self, per_fn: dict[str, list[float | None]], n: int) -> list[float | None]:
         weighted = [(f.weight, per_fn[f.name]) for f in self.functions if f.weight != 0]

@@ -15,6 +15,7 @@ from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
 from rlhf.learner.settings import check_settings
 from rewards.api import check_specs, default_name
+from rewards.runner import EXECUTORS
 from rollouts.engine import bound_cores
 
 
@@ -27,6 +28,7 @@ def validate(cfg: Config) -> BatchPlan:
         "trainer.placement": (cfg.trainer.placement, ("colocated", "separate")),
         "trainer.console": (cfg.trainer.console, CONSOLE_MODES),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
+        "reward.executor": (cfg.reward.executor, EXECUTORS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -217,6 +217,9 @@ class RewardConfig:
     num_workers: int = 4
     # Stop the run when more than this fraction of one function's calls fail in a step.
     max_failure_rate: float = 0.5
+    # Where function rewards run: "threads" (num_workers threads in the driver) or "ray" (one Ray
+    # task per call, 1 CPU each, spread over the cluster; class-based rewards stay in the driver).
+    executor: str = "threads"
 
 
 @dataclass

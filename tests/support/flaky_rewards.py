@@ -38,3 +38,38 @@ def one_short(prompts, completions, **_):
 @per_sample
 def always_raises(prompt, completion, **_):
     raise KeyError("always_raises: the column it wanted is not there")
+
+
+@per_sample
+def flaky_by_text(prompt, completion, hang_s: float = 30.0, **_):
+    """``flaky``'s outcomes chosen by the completion instead of a call counter, so that an executor
+    whose calls run in other processes (reward.executor=ray) meets exactly the same ones: "raise"
+    raises, "nan" returns NaN, "hang" hangs past reward.timeout_s, "none" declines; else 1.0."""
+    if completion == "raise":
+        raise ValueError("flaky reward: deliberate error")
+    if completion == "nan":
+        return float("nan")
+    if completion == "hang":
+        time.sleep(hang_s)
+    return None if completion == "none" else 1.0
+
+
+def batch_raises_on_hang(prompts, completions, hang_s: float = 30.0, **_):
+    """A batch function: hangs on a batch holding "hang", raises on one holding "raise", else 0.5 each."""
+    if "hang" in completions:
+        time.sleep(hang_s)
+    if "raise" in completions:
+        raise RuntimeError("batch reward: deliberate error")
+    return [0.5] * len(completions)
+
+
+@per_sample
+def where(prompt, completion, pid_file: str = "", **_):
+    """The scoring process's pid; on "hang" it records its pid in ``pid_file`` first, then hangs."""
+    import os
+
+    if completion == "hang":
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+    return float(os.getpid())

@@ -1,0 +1,123 @@
+"""``reward.executor=ray``: reward calls as Ray tasks, spread over the cluster's CPUs.
+
+A slow verifier (the code sandbox, math-verify on long answers) then scales with the nodes instead
+of queueing on the driver's threads. What runs where:
+
+- Function rewards (batch or ``@per_sample``) run as tasks: a batch function's whole batch is one
+  task, a per-sample function's one completion is one task, each asking Ray for 1 CPU. The task
+  loads the function itself from its spec (cached per worker process), so nothing of the driver's
+  (closures, locks, file-imported modules) has to be pickled. A reward file inside the project
+  travels with the shipped code (it is named relative to the project root); one outside it must be
+  on storage every node sees at the same absolute path.
+- Class-based rewards stay in the driver's thread pool: they hold resources built once (a reward
+  model's actor, math-verify's checker process, a sandbox) that must not be rebuilt in every worker.
+
+The semantics are the thread pool's (rewards/runner.py): each call has ``reward.timeout_s`` from the
+moment it starts running, not from submission, since Ray may queue it for a free CPU. A task is a
+generator whose first item says it has started; past the timeout it is cancelled
+(``ray.cancel(force=True)``, which kills its worker process) and counted as a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rewards.api import LoadedReward, load_reward
+from rewards.pool import Task, run_maybe_async, settle
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+_loaded: dict[tuple[str, str], LoadedReward] = {}  # per worker process: (spec, kwargs) -> function
+
+
+def portable_spec(spec: str) -> str:
+    """``spec`` as a worker on any node can resolve it: a reward file inside the project relative to
+    the project root (the worker resolves it against its own copy), any other file absolute."""
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not (where.endswith(".py") or "/" in where or "\\" in where):
+        return spec  # a built-in name or an importable module
+    path = Path(where).expanduser().resolve()
+    try:
+        return f"{path.relative_to(PROJECT_ROOT).as_posix()}:{attr}"
+    except ValueError:
+        return f"{path}:{attr}"
+
+
+def _resolve_here(spec: str) -> str:
+    where, sep, attr = spec.rpartition(":")
+    if sep and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+        return f"{PROJECT_ROOT / where}:{attr}"
+    return spec
+
+
+def call_reward(spec: str, kwargs: dict, per_sample: bool, args: tuple, columns: dict):
+    """The body of one task: yields a start marker, then the reward's output for ``args``."""
+    key = (spec, json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _loaded:
+        _loaded[key] = load_reward(_resolve_here(spec), kwargs)
+    fn = _loaded[key]
+    yield None  # started: the per-call timeout runs from here, as a pool thread's does
+    target = fn.sample_fn if per_sample else fn.batch_fn
+    yield run_maybe_async(lambda: target(*args, **columns))
+
+
+class RayTasks:
+    """Submits reward calls as Ray tasks and settles their futures as they finish (``poll``)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        if not ray.is_initialized():  # never let a task start an unconfigured local Ray
+            raise ValueError("reward.executor=ray needs Ray started first (rlhf.cluster.init_ray)")
+        # One CPU per call: verifiers are CPU-bound. No retries: a crashed call is a failure, as in
+        # the thread pool, not a silent second attempt.
+        self._task = ray.remote(num_cpus=1, max_retries=0)(call_reward)
+        self.abandoned = 0  # tasks cancelled past their timeout since start
+
+    def submit(self, fn: LoadedReward, kwargs: dict, per_sample: bool, args: tuple, columns: dict) -> Task:
+        ref = self._task.remote(portable_spec(fn.spec), kwargs, per_sample, args, columns)
+        return Task(call=None, ref=ref)
+
+    def poll(self, tasks: list[Task], timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for news; mark started tasks, settle finished ones."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        live = [t for t in tasks if not t.future.done()]
+        if not live:
+            return
+        by_id = {id(t.ref): t for t in live}
+        ready, _ = ray.wait([t.ref for t in live], num_returns=len(live), timeout=timeout_s)
+        for gen in ready:
+            task = by_id[id(gen)]
+            try:
+                value = ray.get(next(task.ref))
+            except StopIteration:
+                settle(task.future, error=RuntimeError("the reward task ended without a result"))
+            except RayTaskError as e:  # the function raised: report its own exception
+                settle(task.future, error=e.cause if isinstance(e.cause, BaseException) else e)
+            except Exception as e:  # noqa: BLE001 - its worker died, or Ray failed it: a failure
+                settle(task.future, error=e)
+            else:
+                if task.started_at is None:
+                    task.started_at = time.monotonic()
+                else:
+                    settle(task.future, result=value)
+
+    def abandon(self, task: Task, error: BaseException) -> None:
+        """Past its timeout: fail the call and kill its task (force: a hung call ignores interrupts)."""
+        import ray
+
+        settle(task.future, error=error)
+        ray.cancel(task.ref, force=True)
+        self.abandoned += 1
+
+    def cancel(self, tasks: list[Task]) -> None:
+        import ray
+
+        for t in tasks:
+            if not t.future.done():
+                ray.cancel(t.ref, force=True)
