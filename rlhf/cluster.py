@@ -7,6 +7,31 @@ from pathlib import Path
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Never shipped: environments, run folders, caches, history (Ray also honours .gitignore).
+SHIP_EXCLUDES = [".venv/", "runs/", "outputs/", "model_cache/", ".git/", "**/__pycache__/", "*.egg-info/",
+                 ".pytest_cache/"]
+
+
+def job_runtime_env() -> dict:
+    """The runtime env the current Ray job was submitted with (``ray job submit --working-dir``
+    sets it for the driver through RAY_JOB_CONFIG_JSON_ENV_VAR); {} outside a submitted job."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return dict(json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def attach_runtime_env(env_vars: dict[str, str]) -> dict:
+    """The runtime env for joining an existing cluster: the project shipped as the working dir, so
+    actors and tasks on other nodes import this code, unless the job already ships code (a second
+    working_dir would conflict with it; Ray merges the env_vars)."""
+    job = job_runtime_env()
+    if job.get("working_dir") or job.get("py_modules"):
+        return {"env_vars": env_vars}
+    return {"env_vars": env_vars, "working_dir": str(PROJECT_ROOT), "excludes": SHIP_EXCLUDES}
 
 
 def _keep_ray_on_loopback() -> None:
@@ -39,7 +64,8 @@ def protect_token_file() -> Path:
 
 def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None,
              log_to_driver: bool = True) -> None:
-    """Join ``address`` (or $RAY_ADDRESS) when given; otherwise start a local head on ``bind_host``.
+    """Join ``address`` (or $RAY_ADDRESS) when given, shipping the project (``attach_runtime_env``);
+    otherwise start a local head on ``bind_host``.
 
     ``log_to_driver=False`` when the actors write their own log files (rlhf/console.py): Ray then
     forwards no worker output to this process; an actor's failure still arrives as an exception.
@@ -50,10 +76,9 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    # Actors import our packages from the driver's working tree; no upload needed on one machine.
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        ray.init(address=address, runtime_env=attach_runtime_env(env_vars), log_to_driver=log_to_driver)
     else:
         if bind_host in LOOPBACK:
             _keep_ray_on_loopback()
@@ -61,7 +86,8 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address=bind_host,
-            runtime_env=runtime_env,
+            # Actors import our packages from the driver's working tree: nothing to ship on one machine.
+            runtime_env={"env_vars": env_vars},
             log_to_driver=log_to_driver,
         )
     protect_token_file()

@@ -23,6 +23,7 @@ from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
 from rlhf.heldout import EvalResult, evaluate
 from rlhf.models import resolve_model_path
+from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
@@ -32,9 +33,11 @@ register_configs()
 
 def run_eval(cfg: Config) -> EvalResult:
     validate(cfg)
+    cfg = absolute_paths(cfg)  # the engines' nodes share no working directory with this one
     from transformers import AutoTokenizer
 
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    model_path = local_model_dir(model_path) or model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     items = PromptDataset.from_config(cfg.data, tokenizer, split="eval").eval_items(cfg.trainer.eval_prompts)
     if not items:
@@ -46,6 +49,7 @@ def run_eval(cfg: Config) -> EvalResult:
     with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data)) as rewards:
         engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
         try:
+            check_shared_storage(Path(cfg.trainer.output_dir), model_path, group_actors(engines))
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
                               cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
         finally:

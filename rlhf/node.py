@@ -20,3 +20,30 @@ def this_node() -> NodeInfo:
 
     return NodeInfo(node_id=ray.get_runtime_context().get_node_id(),
                     ip=ray.util.get_node_ip_address(), hostname=socket.gethostname())
+
+
+@dataclass(frozen=True)
+class SharedPath:
+    """A file every node must see at the same absolute path (rlhf/storage.py's start-up check)."""
+
+    path: str  # absolute
+    what: str  # the config key it comes from, for the error: "trainer.output_dir", "model.name_or_path"
+    token: str | None = None  # the content the file must hold; None: it need only be readable
+
+
+def unseen(paths: list[SharedPath]) -> list[str]:
+    """What this process cannot see of ``paths``, one line each (empty: it sees them all).
+
+    A token proves it is the driver's folder and not a same-named local one on this node.
+    """
+    problems = []
+    for p in paths:
+        try:
+            with open(p.path, encoding="utf-8") as f:
+                text = f.read(4096) if p.token is not None else f.read(1)
+        except OSError as e:
+            problems.append(f"cannot read {p.what} file {p.path} ({type(e).__name__}: {e.strerror or e})")
+            continue
+        if p.token is not None and text.strip() != p.token:
+            problems.append(f"{p.path} ({p.what}) holds another run's marker: a different folder by the same path")
+    return problems

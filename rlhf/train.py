@@ -48,6 +48,7 @@ from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run
+from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.types import RolloutBatch, SamplingSettings
 from rlhf.validation import eval_reward, validate
@@ -173,12 +174,14 @@ def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[Engine
 
 def train(cfg: Config) -> Path:
     batches = validate(cfg)  # every config error surfaces here, before anything loads
+    cfg = absolute_paths(cfg)  # another node (or a `ray job submit` copy) shares no working directory
     run_dir = Path(cfg.trainer.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
 
     # Data and rewards first: a bad column or reward spec fails before any engine starts.
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    model_path = local_model_dir(model_path) or model_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -199,6 +202,7 @@ def train(cfg: Config) -> Path:
         rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
         engines, learner = start_groups(cfg, model_path, stack)
+        check_shared_storage(run_dir, model_path, group_actors(engines, learner))
 
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import RolloutConfig
-from rlhf.node import NodeInfo, this_node
+from rlhf.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.console import redirect_output
 from rlhf.types import Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request
@@ -138,6 +138,10 @@ class RolloutEngine:
     def node(self) -> NodeInfo:
         """The node this engine's actor runs on (placement checks, node-aware weight transport)."""
         return this_node()
+
+    def can_see(self, paths: list[SharedPath]) -> list[str]:
+        """What this engine's node cannot see of the run's shared paths (rlhf/storage.py); empty: all."""
+        return unseen(paths)
 
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int | None = None

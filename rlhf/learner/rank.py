@@ -26,7 +26,7 @@ from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import redirect_output
 from rlhf.learner.rank_metrics import RankMetrics
-from rlhf.node import NodeInfo
+from rlhf.node import NodeInfo, SharedPath
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -317,6 +317,12 @@ class LearnerRank:
         from rlhf.node import this_node
 
         return this_node()
+
+    def can_see(self, paths: list[SharedPath]) -> list[str]:
+        """What this rank's node cannot see of the run's shared paths (rlhf/storage.py); empty: all."""
+        from rlhf.node import unseen
+
+        return unseen(paths)
 
     def close(self) -> None:
         import torch.distributed as dist
