@@ -112,7 +112,9 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and prune to the last ``keep_last``.
 
-    ``write_model_state(folder)`` writes the learner's files (all ranks) into ``folder``.
+    ``write_model_state(folder)`` writes the learner's files (all ranks) into ``folder``; it may
+    return each rank's ``RankFiles``, which must then all be in ``folder`` (the manifest lists them
+    under ``ranks``, so a checkpoint missing a rank's shard is refused naming that rank).
     ``client_state`` must be JSON-serialisable (the RNG states of rlhf.rng are).
     """
     if keep_last < 1:
@@ -128,7 +130,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_model_state(tmp)
+        shards = write_model_state(tmp)
         faults.crash("save_crash", step)  # tests only: a kill in the middle of a save
         _write_durable(tmp / CLIENT_STATE, state_text)
         if isinstance(client_state.get("config"), dict):
@@ -136,6 +138,8 @@ def save_checkpoint(
 
             _write_durable(tmp / CONFIG_YAML, yaml.safe_dump(client_state["config"], sort_keys=False))
         manifest = {"step": step, "files": _manifest(tmp)}
+        if shards:  # after every rank wrote: each rank's shard must be in the folder this driver sees
+            manifest["ranks"] = _check_shards(tmp, shards)
         _write_durable(tmp / MARKER, json.dumps(manifest, indent=1) + "\n")  # last: marks it complete
         final = step_dir(root, step)
         old = None
@@ -155,6 +159,21 @@ def save_checkpoint(
     return final
 
 
+def _check_shards(folder: Path, shards: list) -> dict[str, list[str]]:
+    """rank -> its shard files, each checked to be in ``folder`` as the rank wrote it (``RankFiles``
+    from every rank). A rank on a node whose folder is not this one's fails the save, named."""
+    for s in shards:
+        for name, size in s.files.items():
+            p = folder / name
+            if not p.is_file() or p.stat().st_size != size:
+                raise CheckpointError(
+                    f"learner rank {s.rank} on node {s.node.ip} (host {s.node.hostname}) wrote {name} "
+                    f"({size} bytes) into {folder}, but this driver does not see it there: the run folder "
+                    "is not on storage shared by every node; the checkpoint is not marked complete"
+                )
+    return {str(s.rank): sorted(s.files) for s in shards}
+
+
 def verify_checkpoint(folder: Path) -> dict:
     """The manifest of ``folder`` after checking every file against it; raises CheckpointError."""
     folder = Path(folder)
@@ -166,6 +185,13 @@ def verify_checkpoint(folder: Path) -> dict:
     present = {str(p.relative_to(folder)): p for p in _files(folder)}
     extra = sorted(set(present) - set(expected))
     missing = sorted(set(expected) - set(present))
+    owners = {f: r for r, files in manifest.get("ranks", {}).items() for f in files}
+    lost = sorted({owners[f] for f in missing if f in owners}, key=int)
+    if lost:
+        raise CheckpointError(
+            f"{folder} lacks the shard of learner rank(s) {', '.join(lost)}: missing files "
+            f"{[f for f in missing if f in owners]}; refusing to resume from it"
+        )
     if extra or missing:
         raise CheckpointError(
             f"{folder} does not match its manifest: unexpected files {extra}, missing files {missing}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,18 @@ def unseen(paths: list[SharedPath]) -> list[str]:
         if p.token is not None and text.strip() != p.token:
             problems.append(f"{p.path} ({p.what}) holds another run's marker: a different folder by the same path")
     return problems
+
+
+@dataclass(frozen=True)
+class RankFiles:
+    """The files one learner rank wrote into a shared folder (its checkpoint shard), as it saw them."""
+
+    rank: int
+    node: NodeInfo
+    files: dict[str, int]  # path relative to the folder -> bytes
+
+
+def files_where(folder: Path, keep) -> dict[str, int]:
+    """relative path -> bytes of the files under ``folder`` whose name ``keep(name)`` accepts."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and keep(p.name)}

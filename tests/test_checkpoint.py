@@ -20,6 +20,7 @@ from rlhf.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from rlhf.node import NodeInfo, RankFiles
 
 
 def writer(payload: bytes):
@@ -130,3 +131,41 @@ def test_bad_keep_last_is_named(tmp_path):
 
 def test_no_checkpoint_folder_at_all(tmp_path):
     assert latest_complete(tmp_path / "nothing") is None
+
+
+NODE_B = NodeInfo(node_id="b" * 40, ip="10.0.0.2", hostname="node-b")
+
+
+def two_rank_writer(rank1_lands_here: bool = True):
+    """Rank 0 and rank 1 each write a shard and report it; rank 1's may land on its own node."""
+
+    def write(folder: Path) -> list[RankFiles]:
+        (folder / "deepspeed").mkdir()
+        (folder / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"r0")
+        if rank1_lands_here:
+            (folder / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"r1")
+        return [RankFiles(0, NODE_B, {"deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt": 2}),
+                RankFiles(1, NODE_B, {"deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt": 2})]
+
+    return write
+
+
+def test_the_manifest_lists_every_ranks_shard(tmp_path):
+    path = save_checkpoint(tmp_path, 1, two_rank_writer(), {"step": 1}, keep_last=2)
+    assert verify_checkpoint(path)["ranks"] == {
+        "0": ["deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+        "1": ["deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"]}
+
+
+def test_a_shard_written_where_the_driver_cannot_see_it_is_never_complete(tmp_path):
+    with pytest.raises(CheckpointError, match=r"learner rank 1 on node 10.0.0.2 \(host node-b\) wrote "
+                                              r"deepspeed/zero_pp_rank_1_.* this driver does not see it"):
+        save_checkpoint(tmp_path, 1, two_rank_writer(rank1_lands_here=False), {"step": 1}, keep_last=2)
+    assert complete_checkpoints(tmp_path) == [] and not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_missing_a_ranks_shard_is_refused_naming_the_rank(tmp_path):
+    path = save_checkpoint(tmp_path, 1, two_rank_writer(), {"step": 1}, keep_last=2)
+    (path / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks the shard of learner rank\(s\) 1"):
+        read_checkpoint(path)

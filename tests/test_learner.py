@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rlhf.algo import grpo_objective, normalisers, token_entropy, token_logprobs
-from rlhf.checkpoint import latest_complete, read_checkpoint, save_checkpoint
+from rlhf.checkpoint import CheckpointError, latest_complete, read_checkpoint, save_checkpoint, verify_checkpoint
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner import LearnerError, LearnerGroup
 from rlhf.learner.optim import build_adamw, lr_factor
@@ -334,6 +334,15 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(group, trained, tm
 
 
 # --- export ----------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_missing_one_ranks_shard_is_refused_by_name(group, tmp_path):
+    path = group.save(tmp_path / "checkpoints", 3, {"step": 3}, keep_last=1)
+    ranks = verify_checkpoint(path)["ranks"]
+    assert sorted(ranks) == ["0", "1"] and all(ranks.values())  # both ranks' shards are in the manifest
+    (path / ranks["1"][0]).unlink()
+    with pytest.raises(CheckpointError, match=r"lacks the shard of learner rank\(s\) 1"):
+        group.load(path)
 
 
 def test_export_loads_in_transformers_with_the_learner_weights(group, tiny_model_path, tmp_path):

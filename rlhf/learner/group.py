@@ -257,8 +257,8 @@ class LearnerGroup:
         """Atomic checkpoint ``<ckpt_root>/step-<step>`` (see rlhf/checkpoint.py); returns its path."""
         from rlhf.checkpoint import save_checkpoint
 
-        def write(tmp: Path) -> None:
-            self._call("save_checkpoint", "save_checkpoint", None, str(tmp))
+        def write(tmp: Path) -> list:
+            return self._call("save_checkpoint", "save_checkpoint", None, str(tmp))  # RankFiles per rank
 
         return save_checkpoint(Path(ckpt_root), step, write, client_state, keep_last)
 

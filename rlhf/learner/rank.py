@@ -26,7 +26,7 @@ from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import redirect_output
 from rlhf.learner.rank_metrics import RankMetrics
-from rlhf.node import NodeInfo, SharedPath
+from rlhf.node import NodeInfo, RankFiles, SharedPath
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -270,13 +270,25 @@ class LearnerRank:
         return write_hf_weights(buckets, Path(out_dir))
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, ckpt_dir: str) -> None:
+    def save_checkpoint(self, ckpt_dir: str) -> RankFiles:
         """DeepSpeed's model, optimizer and LR-scheduler state into ``<ckpt_dir>/deepspeed``.
 
         Run state (step, RNG, data position, config) is written by rlhf/checkpoint.py as JSON,
         never through DeepSpeed's pickled ``client_state``.
         """
         self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
+        return self.shard_files(ckpt_dir)
+
+    def shard_files(self, ckpt_dir: str) -> RankFiles:
+        """This rank's part of a checkpoint as its node sees it: DeepSpeed names each rank's ZeRO
+        partitions ``*zero_pp_rank_<r>_*``; rank 0 also writes the shared model states."""
+        from rlhf.node import files_where, this_node
+
+        def mine(name: str) -> bool:
+            shared = self.rank == 0 and name.startswith("mp_rank_")
+            return name.endswith(".pt") and (f"zero_pp_rank_{self.rank}_" in name or shared)
+
+        return RankFiles(self.rank, this_node(), files_where(Path(ckpt_dir), mine))
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         path, _ = self.engine.load_checkpoint(
