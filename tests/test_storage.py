@@ -9,21 +9,32 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray import cloudpickle
 
 from rlhf.cluster import PROJECT_ROOT, attach_runtime_env
 from rlhf.config import Config
+from rlhf.learner.rank import LearnerRank
 from rlhf.node import SharedPath, this_node, unseen
 from rlhf.storage import MARKER, StorageError, absolute_paths, check_shared_storage
+from rollouts.engine import RolloutEngine
 
 
-class Sees:
-    """A Ray actor with the learner rank's and the engine's storage RPCs (the same two functions)."""
+class RankRPCs:
+    """A Ray actor with the learner rank's own storage RPCs (LearnerRank builds DeepSpeed; not needed)."""
 
-    def node(self):
-        return this_node()
+    node = LearnerRank.node
+    can_see = LearnerRank.can_see
 
-    def can_see(self, paths):
-        return unseen(paths)
+
+class EngineRPCs:
+    """The same for a rollout engine's (RolloutEngine builds vLLM)."""
+
+    node = RolloutEngine.node
+    can_see = RolloutEngine.can_see
+
+
+# The classes above live in this test module, which Ray's workers cannot import: ship them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_run_folder_cache_and_local_model_become_absolute(tmp_path, monkeypatch):
@@ -42,7 +53,8 @@ def test_run_folder_cache_and_local_model_become_absolute(tmp_path, monkeypatch)
 
 def test_every_actor_that_sees_the_folders_passes_and_the_marker_is_removed(ray_session, tmp_path,
                                                                              tiny_model_path):
-    actors = [(f"learner rank {r}", ray_session.remote(Sees).options(num_cpus=0).remote()) for r in range(2)]
+    actors = [(f"learner rank {r}", ray_session.remote(RankRPCs).options(num_cpus=0).remote()) for r in range(2)]
+    actors.append(("rollout engine 0", ray_session.remote(EngineRPCs).options(num_cpus=0).remote()))
     check_shared_storage(tmp_path / "run", tiny_model_path, actors)
     assert not (tmp_path / "run" / MARKER).exists()
 
@@ -50,7 +62,7 @@ def test_every_actor_that_sees_the_folders_passes_and_the_marker_is_removed(ray_
 def test_an_actor_that_cannot_see_the_model_folder_is_named_with_its_node(ray_session, tmp_path):
     model = tmp_path / "model"  # a folder here, without the config.json a node must read
     model.mkdir()
-    actors = [("rollout engine 0", ray_session.remote(Sees).options(num_cpus=0).remote())]
+    actors = [("rollout engine 0", ray_session.remote(EngineRPCs).options(num_cpus=0).remote())]
     with pytest.raises(StorageError) as err:
         check_shared_storage(tmp_path / "run", str(model), actors)
     message = str(err.value)
