@@ -203,6 +203,8 @@ def train(cfg: Config) -> Path:
         stack.callback(rewards.close)
         engines, learner = start_groups(cfg, model_path, stack)
         check_shared_storage(run_dir, model_path, group_actors(engines, learner))
+        # Before the first step: files across nodes is refused here; broadcast forms its group.
+        learner.connect(engines)
 
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
@@ -279,7 +281,9 @@ def train(cfg: Config) -> Path:
 
             with timed(metrics, "sync"):
                 report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
-            metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s})
+            metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s,
+                            "sync/seconds": report.seconds,
+                            "sync/broadcast": float(report.transport == "broadcast")})  # 0: files
             step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
             trained = int(batch.attention_mask.sum())
             metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0

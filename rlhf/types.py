@@ -121,9 +121,45 @@ class SyncReport:
     seconds: float  # total wall time: gather + send + load + probe
     num_bytes: int
     probe_gap: float  # max |engine probe log-prob - learner probe log-prob| over engines and tokens
-    gather_s: float = 0.0
-    load_s: float = 0.0
+    gather_s: float = 0.0  # files: gather + write; broadcast: gather + send + load (they overlap)
+    load_s: float = 0.0  # files: the engines' reload; broadcast: the slowest engine's receive + reload
+    transport: str = "files"  # "files" or "broadcast" (learner.sync_transport, auto resolved)
 
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One weight's place in a flat broadcast bucket (rlhf/weight_wire.py)."""
+
+    name: str  # HF name
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name: "float32", "bfloat16", ...
+    offset: int  # bytes from the bucket's start
+
+    @property
+    def nbytes(self) -> int:
+        import math
+
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class WeightBucket:
+    """The layout of one flat bucket: every slot, and the buffer's size in bytes (padding included)."""
+
+    slots: tuple[TensorSlot, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BroadcastGroup:
+    """Where the weight broadcast group meets: learner rank 0 (group rank 0) hosts the store at
+    addr:port on its node; engine e's worker w is group rank 1 + e * workers_per_engine + w."""
+
+    backend: str  # "gloo" (CPU) or "nccl" (GPU): learner.backend
+    addr: str  # learner rank 0's node address
+    port: int
+    world_size: int  # 1 + every engine worker

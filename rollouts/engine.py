@@ -1,8 +1,8 @@
 """One rollout engine: a vLLM engine hosted by a Ray actor (``ray.remote(RolloutEngine)``).
 
-It samples completions of token-id prompts, receives new weights from files without a restart
-(the worker side is ``rollouts.worker_ext``), scores probe sequences so the learner can check a
-sync, and sleeps/wakes where vLLM supports it (GPU). vLLM is imported inside the actor only, after
+It samples completions of token-id prompts, receives new weights without a restart, from files or
+from learner rank 0's broadcast (the worker side is ``rollouts.worker_ext``), scores probe
+sequences so the learner can check a sync, and sleeps/wakes where vLLM supports it (GPU). vLLM is imported inside the actor only, after
 the actor's environment (``engine_env_vars``) is in place: vLLM reads its CPU settings at import.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from rlhf.config import RolloutConfig
 from rlhf.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.console import redirect_output
-from rlhf.types import Completion, RolloutBatch, SamplingSettings
+from rlhf.types import BroadcastGroup, Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,33 @@ class RolloutEngine:
         loaded = self.llm.collective_rpc("load_weights_from_files", args=(list(paths),))
         if not all(loaded):  # one count per worker; 0 means the files held no tensors
             raise ValueError(f"engine {self.engine_index}: weight files {paths} hold no tensors")
+        self._after_reload()
+        return time.perf_counter() - start
+
+    def _after_reload(self) -> None:
         # KV blocks computed with the old weights must not be served from the prefix cache.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"engine {self.engine_index}: prefix cache not reset (requests running)")
+
+    def join_weight_group(self, group: BroadcastGroup, first_rank: int, layout: list) -> list[int]:
+        """Every worker of this engine joins learner rank 0's broadcast group (the broadcast weight
+        transport, rollouts/worker_ext.py) as ranks first_rank, first_rank + 1, ...; ``layout``:
+        the bucket layout as plain lists (rlhf/weight_wire.py). Returns the workers' group ranks."""
+        fields = [group.backend, group.addr, group.port, group.world_size]
+        args = (fields, first_rank, this_node().ip, layout, self.cfg.timeout_s)
+        return self.llm.collective_rpc("join_weight_group", timeout=self.cfg.timeout_s, args=args)
+
+    def receive_weights(self) -> float:
+        """Receive learner rank 0's broadcast into the running model; returns seconds."""
+        start = time.perf_counter()
+        loaded = self.llm.collective_rpc("receive_weights_broadcast", timeout=self.cfg.timeout_s)
+        if not all(loaded):
+            raise ValueError(f"engine {self.engine_index}: the weight broadcast held no tensors")
+        self._after_reload()
         return time.perf_counter() - start
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("leave_weight_group", timeout=self.cfg.timeout_s)
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_t | tokens before t) for every t, element 0 = 0.0 (rlhf.types' convention)."""

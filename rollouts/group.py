@@ -16,7 +16,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from rlhf.config import RolloutConfig
 from rlhf.console import log_file
-from rlhf.types import RolloutBatch, SamplingSettings
+from rlhf.node import NodeInfo
+from rlhf.types import BroadcastGroup, RolloutBatch, SamplingSettings
 from rollouts.engine import RolloutEngine, engine_env_vars
 from rollouts.requests import validate_request
 
@@ -92,6 +93,35 @@ class EngineGroup:
     def load_weights(self, paths: list[str]) -> list[float]:
         """Every engine loads the same weight files; seconds per engine."""
         return self._gather([e.load_weights.remote(list(paths)) for e in self.engines], "load_weights")
+
+    @property
+    def timeout_s(self) -> float:
+        return self.cfg.timeout_s
+
+    @property
+    def workers_per_engine(self) -> int:
+        """vLLM worker processes per engine, each a member of the weight broadcast group."""
+        return self.cfg.tensor_parallel_size
+
+    def nodes(self) -> list[NodeInfo]:
+        """The node each engine runs on, in engine order."""
+        return self._gather([e.node.remote() for e in self.engines], "node")
+
+    def start_join_weight_group(self, group: BroadcastGroup, layout: list) -> list[ray.ObjectRef]:
+        """Engine e's workers join as group ranks 1 + e * workers_per_engine + w; one ref per engine
+        (the caller waits, together with learner rank 0's half)."""
+        w = self.workers_per_engine
+        return [e.join_weight_group.remote(group, 1 + i * w, layout) for i, e in enumerate(self.engines)]
+
+    def start_receive_weights(self) -> list[ray.ObjectRef]:
+        """Every engine starts receiving the next broadcast; one ref per engine (seconds each)."""
+        return [e.receive_weights.remote() for e in self.engines]
+
+    def leave_weight_group(self) -> None:
+        """Best effort, at shutdown: an engine that already died has no group left to leave."""
+        refs = [e.leave_weight_group.remote() for e in self.engines]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
 
     def probe(self, token_ids: list[int]) -> list[list[float]]:
         """Each engine's probe log-probs of ``token_ids`` (one list per engine, element 0 = 0.0)."""

@@ -3,8 +3,15 @@
 vLLM mixes this class into its worker when the engine is built with
 ``worker_extension_cls="rollouts.worker_ext.WeightSyncExtension"``, so ``self`` is the worker.
 The engine calls it with ``LLM.collective_rpc("load_weights_from_files", args=(paths,))``.
-collective_rpc arguments are msgpack-encoded (tensors would arrive as lists), so the learner
-writes safetensors files (into /dev/shm) and sends their paths.
+collective_rpc arguments are msgpack-encoded (tensors would arrive as lists), so tensors never
+travel as arguments. Two ways in, the two weight transports (rlhf/learner/transport.py):
+
+- files: the learner writes safetensors files (into /dev/shm, one node) and sends their paths;
+- broadcast: each worker joins a process group with learner rank 0 (``join_weight_group``, once,
+  with the bucket layout as plain lists) and receives every bucket as one flat tensor
+  (``receive_weights_broadcast``), rebuilt into named views (rlhf/weight_wire.py).
+
+Both feed the same ``reload_weights`` call with the same tied-head rule.
 """
 
 from __future__ import annotations
@@ -18,19 +25,35 @@ from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
 _EMBED_SUFFIX = "embed_tokens.weight"
 
 
-def _read(paths: list[str], copy_embed_to_lm_head: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _read(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs from every file; safetensors only, so nothing is unpickled."""
     from safetensors import safe_open
 
     for path in paths:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                yield name, tensor
-                # Tied embeddings: vLLM reloads the output head only when lm_head.weight is given;
-                # without it every weight but the head changes (probe gap ~1.0 after an embed edit).
-                if copy_embed_to_lm_head and name.endswith(_EMBED_SUFFIX):
-                    yield LM_HEAD, tensor
+                yield name, f.get_tensor(name)
+
+
+def _with_head(pairs: Iterator[tuple[str, torch.Tensor]], copy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tied embeddings: vLLM reloads the output head only when lm_head.weight is given; without it
+    every weight but the head changes (probe gap ~1.0 after an embed edit). So the embedding is
+    given again under the head's name."""
+    for name, tensor in pairs:
+        yield name, tensor
+        if copy and name.endswith(_EMBED_SUFFIX):
+            yield LM_HEAD, tensor
+
+
+def _received(member, buckets, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each bucket as rank 0 broadcasts it, lazily: bucket k+1 is received while k loads. Every
+    bucket gets its own buffer, since the loader may hold on to a layer's tensors."""
+    from rlhf.weight_wire import views
+
+    for bucket in buckets:
+        flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+        member.broadcast(flat)
+        yield from views(flat, bucket)
 
 
 class WeightSyncExtension:
@@ -58,9 +81,40 @@ class WeightSyncExtension:
                 names.update(f.keys())
         if not names:
             return 0  # nothing to load: the engine turns a 0 count into an error
+        return self._reload(_read(paths), names)
+
+    def _reload(self, pairs: Iterator[tuple[str, torch.Tensor]], names: set[str]) -> int:
         copy_head = ties_embeddings(self.model_config.hf_config) and LM_HEAD not in names
         copy_head = copy_head and any(n.endswith(_EMBED_SUFFIX) for n in names)
         # The worker's reload_weights wraps the model runner's in the vLLM config context, and
         # reload (unlike model.load_weights) re-runs the CPU backend's weight repacking.
-        self.reload_weights(weights_iterator=_read(paths, copy_head), is_checkpoint_format=True)
+        self.reload_weights(weights_iterator=_with_head(pairs, copy_head), is_checkpoint_format=True)
         return len(names) + int(copy_head)
+
+    def join_weight_group(self, group: list, first_rank: int, ip: str, layout: list, timeout_s: float) -> int:
+        """Join learner rank 0's broadcast group as rank ``first_rank`` + this worker's rank in its
+        engine; ``group`` is BroadcastGroup's fields as a list, ``layout`` weight_wire.to_wire's.
+        Returns once every member has joined; returns this worker's group rank."""
+        from rlhf.types import BroadcastGroup
+        from rlhf.weight_wire import from_wire, join_group
+
+        rank = first_rank + self.rank
+        self._weight_layout, self._weight_backend = from_wire(layout), BroadcastGroup(*group).backend
+        self._weight_member = join_group(BroadcastGroup(*group), rank, ip, timeout_s)
+        return rank
+
+    def receive_weights_broadcast(self) -> int:
+        """Receive every bucket from learner rank 0 and reload it; returns tensors loaded."""
+        from rlhf.weight_wire import device_for
+
+        member = getattr(self, "_weight_member", None)
+        if member is None:
+            raise RuntimeError("receive_weights_broadcast before join_weight_group")
+        names = {s.name for b in self._weight_layout for s in b.slots}
+        device = device_for(self._weight_backend)
+        return self._reload(_received(member, self._weight_layout, device), names)
+
+    def leave_weight_group(self) -> None:
+        member = self.__dict__.pop("_weight_member", None)
+        if member is not None:
+            member.close()

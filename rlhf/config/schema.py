@@ -163,6 +163,9 @@ class LearnerConfig:
     sync_bucket_mb: int = 256
     # Where sync buckets are written for the engines to read (shared memory on one machine).
     sync_dir: str = "/dev/shm"
+    # How weights reach the engines: "files" (sync_dir, one node), "broadcast" (a gloo/nccl group
+    # from rank 0 to every engine worker, any node), "auto" (files when every engine is on rank 0's node).
+    sync_transport: str = "auto"
 
 
 @dataclass

@@ -3,22 +3,19 @@
 The group splits every batch evenly across ranks, fans calls out, and waits with a deadline: a rank
 that dies or stalls raises ``LearnerError`` naming the rank and the stage instead of hanging the run.
 
-Weight sync (CPU path, one machine): every rank takes part in gathering full parameters (ZeRO-3
-gathers are collective); rank 0 writes them as safetensors buckets into shared memory
-(``learner.sync_dir``, /dev/shm), the engines reload from those files, the files are deleted, and
-a probe sequence scored by the learner and by every engine must agree within the tolerance.
+Weight sync: every rank takes part in gathering full parameters (ZeRO-3 gathers are collective);
+rank 0 sends them over the transport of ``learner.sync_transport`` (rlhf/learner/transport.py:
+files in /dev/shm on one node, or a broadcast group that reaches any node), and a probe sequence
+scored by the learner and by every engine must agree within the tolerance.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import socket
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -28,6 +25,7 @@ from rlhf.console import log_file
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.settings import check_settings
+from rlhf.learner.transport import Engines
 from rlhf.types import SyncReport, TrainBatch
 
 
@@ -37,14 +35,6 @@ class LearnerError(RuntimeError):
 
 class WeightSyncError(RuntimeError):
     """After a sync, an engine's probe log-probs differ from the learner's by more than the tolerance."""
-
-
-class Engines(Protocol):
-    """What the sync needs from rollouts.EngineGroup."""
-
-    def load_weights(self, paths: list[str]) -> list[float]: ...
-
-    def probe(self, token_ids: list[int]) -> list[list[float]]: ...
 
 
 def free_port(host: str) -> int:
@@ -230,27 +220,31 @@ class LearnerGroup:
             gap = max(gap, g)
         return gap
 
+    def connect(self, engines: Engines) -> str:
+        """Choose the weight transport (learner.sync_transport, auto resolved by where rank 0 and
+        the engines run) and, for broadcast, form the group; returns its name. Called at start-up,
+        so a files transport across nodes is refused before the first step; sync_weights calls it
+        if nobody did. Once per group."""
+        from rlhf.learner.transport import BroadcastTransport, FileTransport, choose_transport
+
+        if getattr(self, "_transport", None) is None:  # set here, so the constructor need not know
+            rank0 = self._call("node", "node")[0]
+            name = choose_transport(self.cfg.sync_transport, rank0, engines.nodes())
+            self._transport = (FileTransport(self.ranks, self.cfg) if name == "files"
+                               else BroadcastTransport(self.ranks, self.cfg, engines))
+        return self._transport.name
+
     def sync_weights(self, engines: Engines, probe_ids: list[int], tolerance: float) -> SyncReport:
         """Send the current policy weights to every engine, then check them with the probe."""
+        self.connect(engines)
         start = time.perf_counter()
         # The learner's half of the probe is queued first (the weights it scores are the ones about
-        # to be written) and is ready by the time the engines have loaded.
+        # to be sent) and is ready by the time the engines have loaded.
         learner_probe = self._probe_start(probe_ids)
-        out_dir = Path(self.cfg.sync_dir) / f"rlhf-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        try:
-            written = self._call("weight gather", "write_weights", None, str(out_dir), True)
-            paths, nbytes, gather_s = written[0]
-            if not paths:
-                raise LearnerError("learner rank 0 wrote no weight buckets during weight gather")
-            load_start = time.perf_counter()
-            if not faults.active("skip_sync"):  # tests only: the probe check must catch a lost sync
-                engines.load_weights(paths)
-            load_s = time.perf_counter() - load_start
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        sent = self._transport.send(engines)
         gap = self.check_probe(engines, probe_ids, tolerance, learner_probe)
-        return SyncReport(seconds=time.perf_counter() - start, num_bytes=nbytes, probe_gap=gap,
-                          gather_s=gather_s, load_s=load_s)
+        return SyncReport(seconds=time.perf_counter() - start, num_bytes=sent.num_bytes, probe_gap=gap,
+                          gather_s=sent.gather_s, load_s=sent.load_s, transport=self._transport.name)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, ckpt_root: str | Path, step: int, client_state: dict, keep_last: int = 2) -> Path:
@@ -292,6 +286,9 @@ class LearnerGroup:
     def shutdown(self) -> None:
         import ray
 
+        transport, self._transport = getattr(self, "_transport", None), None
+        if transport is not None:
+            transport.close()
         for a in getattr(self, "ranks", []):
             ray.kill(a, no_restart=True)
         self.ranks = []

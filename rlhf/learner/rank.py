@@ -336,9 +336,42 @@ class LearnerRank:
 
         return unseen(paths)
 
+    # ----------------------------------------------------------------------------- weight broadcast
+    def open_weight_group(self) -> tuple[str, int, list]:
+        """Prepare this rank's part of the broadcast transport (rlhf/learner/broadcast.py).
+
+        Rank 0 listens on its node's address, on a free port; returns (address, port, bucket layout
+        as plain lists). Other ranks return ("", 0, []).
+        """
+        from rlhf.learner.broadcast import WeightSender
+        from rlhf.node import this_node
+        from rlhf.weight_wire import to_wire
+
+        ip = this_node().ip
+        self._sender = WeightSender(self.engine.module, self.rank, self.cfg.backend,
+                                    self.cfg.sync_bucket_mb * 2**20, self.cfg.timeout_s, ip)
+        if self.rank != 0:
+            return "", 0, []
+        return ip, self._sender.port, to_wire(self._sender.layout)
+
+    def join_weight_group(self, group) -> None:
+        """Rank 0 joins the group (returns once every engine worker has); a no-op elsewhere."""
+        self._sender.join(group)
+
+    def broadcast_weights(self) -> tuple[int, float]:
+        """Gather (collective under ZeRO-3) and broadcast from rank 0; returns (bytes sent, seconds)."""
+        start = time.perf_counter()
+        return self._sender.send(), time.perf_counter() - start
+
+    def leave_weight_group(self) -> None:
+        sender = self.__dict__.pop("_sender", None)
+        if sender is not None:
+            sender.close()
+
     def close(self) -> None:
         import torch.distributed as dist
 
+        self.leave_weight_group()
         if dist.is_initialized():
             dist.destroy_process_group()
 

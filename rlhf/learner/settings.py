@@ -5,6 +5,7 @@ from __future__ import annotations
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config
 from rlhf.learner.optim import lr_factor
+from rlhf.learner.transport import TRANSPORTS
 
 
 def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps: int) -> None:
@@ -23,6 +24,8 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps
         raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
     if cfg.backend not in ("gloo", "nccl"):
         raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
+    if cfg.sync_transport not in TRANSPORTS:
+        raise ConfigError(f"learner.sync_transport={cfg.sync_transport!r} is not one of {list(TRANSPORTS)}")
     if cfg.backend == "nccl" and cfg.num_gpus_per_rank <= 0:
         raise ConfigError("learner.backend=nccl needs learner.num_gpus_per_rank > 0 (one GPU per rank)")
     policy_config(cfg, dtype, cfg.micro_batch_size)

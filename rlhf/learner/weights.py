@@ -47,8 +47,9 @@ def full_parameter_buckets(
     include_tied_head: bool,
     dtype: torch.dtype | None = None,
     copy: bool = False,
+    device: torch.device | str = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {HF name: full CPU tensor} buckets on rank 0 (empty dicts on other ranks).
+    """Yield {HF name: full tensor on ``device``} buckets on rank 0 (empty dicts on other ranks).
 
     Without ``copy``, tensors already on the CPU in the wanted dtype are the parameters themselves
     (copying 0.5 GB costs more than writing it), and under ZeRO-3 a bucket is only valid until the
@@ -74,15 +75,15 @@ def full_parameter_buckets(
             if rank != 0:
                 yield {}
                 continue
-            out = {name: _host(p.data, dtype, copy) for name, p in bucket}
+            out = {name: _host(p.data, dtype, copy, device) for name, p in bucket}
             yield out
             for name, p in bucket:
                 if embed is not None and p is embed:
                     yield {LM_HEAD: out[name]}
 
 
-def _host(t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Tensor:
-    return t.detach().to("cpu", dtype=dtype or t.dtype, copy=copy)
+def _host(t: torch.Tensor, dtype: torch.dtype | None, copy: bool, device: torch.device | str) -> torch.Tensor:
+    return t.detach().to(device, dtype=dtype or t.dtype, copy=copy)
 
 
 def write_buckets(
