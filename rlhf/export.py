@@ -54,7 +54,10 @@ def publish_hf_folder(
         gen.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"export to {out_dir}: no weights were written")
+            raise RuntimeError(
+                f"export to {out_dir}: no weights were written into {tmp} as this driver sees it (learner "
+                "rank 0 writes them: on a cluster trainer.output_dir must be on storage every node sees)"
+            )
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
