@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import Config
 from rlhf.config.batches import BatchPlan
+from rlhf.placement import NodeResources, PlacementPlan, first_fit, plan_placement
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -59,7 +60,30 @@ def estimate_memory(cfg: Config, num_params: int) -> MemoryEstimate:
     )
 
 
-def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None) -> str:
+def placement_lines(plan: PlacementPlan, nodes: list[NodeResources] | None) -> list[str]:
+    """The bundles asked per group and their totals; with ``nodes``, where they would go on what
+    the nodes have free now (first fit: Ray's scheduler makes its own choice)."""
+    res = lambda b: ", ".join(f"{r} {v:g}" for r, v in b.resources().items())  # noqa: E731
+    lines = [f"  placement group {g.name} ({g.strategy}): " + "; ".join(f"[{i}] {res(b)}" for i, b in enumerate(g.bundles))
+             for g in plan.groups]
+    lines.append("  asked in all: " + ", ".join(f"{r} {v:g}" for r, v in plan.totals().items()))
+    if nodes is None:
+        return lines + ["  (no Ray cluster reachable: set RAY_ADDRESS to see how the bundles map onto its nodes)"]
+    fit = first_fit(plan, nodes)
+    if fit is None:
+        return lines + [f"  does NOT fit the {len(nodes)} node(s)' free resources now: "
+                        + "; ".join(f"{n.ip} ({n.node_id[:12]}) CPU {n.available['CPU']:g} GPU {n.available['GPU']:g}"
+                                    for n in nodes)]
+    for k, n in enumerate(nodes):
+        here = [f"{g}[{i}]" for (g, i), at in fit.items() if at == k]
+        lines.append(f"  node {n.ip} ({n.node_id[:12]}, free CPU {n.available['CPU']:g} GPU "
+                     f"{n.available['GPU']:g}): {', '.join(here) or '-'}")
+    return lines
+
+
+def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None,
+             nodes: list[NodeResources] | None = None) -> str:
+    """``nodes``: the Ray cluster's nodes when one is reachable (placement per node), else None."""
     lines = [
         "Batch arithmetic",
         f"  prompts/step {batches.prompts_per_step} x samples/prompt {batches.samples_per_prompt}"
@@ -73,6 +97,7 @@ def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None) -> 
         f" (tp={cfg.rollout.tensor_parallel_size}), {cfg.learner.num_ranks} DeepSpeed ZeRO-"
         f"{cfg.learner.zero_stage} rank actor(s) ({cfg.learner.backend}, {cfg.model.dtype})",
         f"  reference model: {'yes' if cfg.algo.kl_coef > 0 else 'no (algo.kl_coef=0)'}",
+        *placement_lines(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout), nodes),
     ]
     if memory is not None:
         lines += [

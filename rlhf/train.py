@@ -24,6 +24,7 @@ How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
@@ -46,6 +47,7 @@ from rlhf.learner import LearnerGroup
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
+from rlhf.placement import plan_placement, reachable_nodes, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run
 from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
@@ -75,7 +77,8 @@ def print_plan(cfg: Config) -> None:
     memory = None
     if path is not None:
         memory = estimate_memory(cfg, count_params(path, cfg.model.trust_remote_code))
-    print(describe(cfg, batches, memory))
+    # Placement per node only where a cluster is already up (RAY_ADDRESS): plan mode starts no Ray.
+    print(describe(cfg, batches, memory, reachable_nodes(cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS"))))
     if memory is None:
         print(f"(model {cfg.model.name_or_path} is not prepared yet: no memory estimate)")
 
@@ -158,13 +161,18 @@ PROBE_TEXT = "Weight sync probe: 12 + 7 = 19. The engines must score this exactl
 
 
 def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[EngineGroup, LearnerGroup]:
-    """Start the engine and learner actors concurrently (each takes tens of seconds on CPU)."""
+    """Reserve the placement groups (failing fast if the cluster cannot hold them), then start the
+    engine and learner actors in them concurrently (each takes tens of seconds on CPU)."""
     logs = component_logs(cfg.trainer)
+    placement = reserve(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout),
+                        cfg.trainer.placement_timeout_s)
+    stack.callback(placement.remove)  # after the groups' shutdown, registered below (LIFO)
     with ThreadPoolExecutor(max_workers=2) as pool:
         engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, logs)
+                                cfg.model.trust_remote_code, logs, placement=placement.engines)
         learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps, logs=logs)
+                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps, logs=logs,
+                                placement=placement.learner)
         wait([engines_f, learner_f])
     for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
         if future.exception() is None:

@@ -14,6 +14,7 @@ from rlhf.config.batches import BatchPlan, plan_batches
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
 from rlhf.learner.settings import check_settings
+from rlhf.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
 from rollouts.engine import bound_cores
@@ -56,6 +57,8 @@ def validate(cfg: Config) -> BatchPlan:
         raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip} must be > 1 (or null)")
     if cfg.algo.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
+    if not cfg.trainer.placement_timeout_s > 0:
+        raise ConfigError(f"trainer.placement_timeout_s={cfg.trainer.placement_timeout_s} must be > 0")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be >= 1")
     if cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len:
@@ -65,6 +68,7 @@ def validate(cfg: Config) -> BatchPlan:
         )
     try:
         bound_cores(cfg.rollout.cpu_threads_bind)
+        plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout)  # a bundle asking nothing
         check_specs(cfg.reward.functions, columns=reward_column_names(cfg.data))
     except ValueError as e:
         raise ConfigError(str(e)) from None

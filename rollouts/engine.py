@@ -82,6 +82,9 @@ def llm_kwargs(
         enforce_eager=cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        # Inside a placement group vLLM would pick its Ray executor and demand one bundle per GPU;
+        # our engine's bundle holds all its GPUs, which its local worker processes share (rlhf/placement.py).
+        distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
         # Distinct seeds so data-parallel engines do not draw the same random stream.
         seed=cfg.seed + engine_index,
         logprobs_mode=cfg.logprobs_mode,

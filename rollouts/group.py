@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import RolloutConfig
 from rlhf.console import log_file
@@ -37,10 +38,14 @@ class EngineGroup:
 
     def __init__(
         self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
-        logs: Path | None = None,
+        logs: Path | None = None, placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
     ) -> None:
+        """``placement``: one scheduling strategy per engine (rlhf/placement.py's ``Placement.engines``);
+        None: Ray places the engines wherever their resources are free."""
         if cfg.num_engines < 1:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
+        if placement is not None and len(placement) != cfg.num_engines:
+            raise ValueError(f"placement has {len(placement)} slots for rollout.num_engines={cfg.num_engines}")
         self.cfg = cfg
         actor_cls = ray.remote(RolloutEngine)
         # Ray's CPU counts are bookkeeping, not pinning: a fractional request lets engines and
@@ -50,9 +55,10 @@ class EngineGroup:
             num_gpus=cfg.num_gpus_per_engine,
             runtime_env={"env_vars": engine_env_vars(cfg)},
         )
+        where = [{} if placement is None else {"scheduling_strategy": placement[i]} for i in range(cfg.num_engines)]
         self.engines = [
-            actor_cls.options(**options).remote(cfg, model_path, dtype, trust_remote_code, i,
-                                                log_file(logs, f"engine-{i}"))
+            actor_cls.options(**options, **where[i]).remote(cfg, model_path, dtype, trust_remote_code, i,
+                                                            log_file(logs, f"engine-{i}"))
             for i in range(cfg.num_engines)
         ]
         # All actors were created above, so the engines start concurrently; now wait for them all.

@@ -45,9 +45,13 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 def make_rank(cfg, algo, model_path: str, dtype: str, total_steps: int):
     from rlhf.learner.rank import LearnerRank
+    from rlhf.learner.rendezvous import RendezvousPoint
 
-    return LearnerRank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]),
-                       cfg, algo, model_path, dtype, False, total_steps)
+    rank = LearnerRank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, algo, model_path, dtype,
+                       False, total_steps)
+    # torchrun chose the point (the Ray group asks rank 0 for it instead).
+    rank.start(RendezvousPoint(cfg.master_addr or "127.0.0.1", int(os.environ["MASTER_PORT"])))
+    return rank
 
 
 def step(rank, batch) -> dict:

@@ -133,9 +133,10 @@ class LearnerConfig:
     offload_params: bool = False
     # torch.distributed backend: gloo on CPU, nccl on GPU.
     backend: str = "gloo"
-    # Rendezvous address for the ranks; loopback unless the ranks span machines.
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0: pick a free port
+    # Rendezvous address of the ranks (rank 0's store listens there only); None: the address of
+    # rank 0's Ray node (127.0.0.1 on one machine), set it only to pick another interface.
+    master_addr: Optional[str] = None
+    master_port: int = 0  # 0: rank 0 picks a free port on its node
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -245,6 +246,8 @@ class TrainerConfig:
     export_at_end: bool = True
     # "colocated": engines and learner share the machine and take turns; "separate": own resources.
     placement: str = "colocated"
+    # Seconds to wait for the placement groups to be reserved before failing (rlhf/placement.py).
+    placement_timeout_s: float = 120.0
     # Ray: attach to RAY_ADDRESS when set, else start a local head bound to this address.
     ray_address: Optional[str] = None
     ray_bind_host: str = "127.0.0.1"

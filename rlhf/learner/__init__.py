@@ -5,6 +5,7 @@ optim.py         AdamW parameter groups and the warm-up + constant/cosine LR sch
 settings.py      learner settings checked before any process starts
 weights.py       full parameters out of (ZeRO-3 sharded) models, in buckets, as safetensors
 rank_metrics.py  RankMetrics: train_step metrics over micro-batches and ranks, as they cross Ray
+rendezvous.py    where the ranks meet: rank 0's node address and a port it holds, listened on there only
 rank.py          LearnerRank: one rank's engines, train_step, log-probs, checkpoint and weight RPCs
 group.py         LearnerGroup: the actors, fan-out with deadlines, weight sync with the probe check
 """

@@ -12,10 +12,9 @@ scored by the learner and by every engine must agree within the tolerance.
 from __future__ import annotations
 
 import math
-import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -24,9 +23,13 @@ from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import log_file
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
+from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.learner.settings import check_settings
 from rlhf.learner.transport import Engines
 from rlhf.types import SyncReport, TrainBatch
+
+if TYPE_CHECKING:  # Ray is imported where it is used
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
 class LearnerError(RuntimeError):
@@ -35,12 +38,6 @@ class LearnerError(RuntimeError):
 
 class WeightSyncError(RuntimeError):
     """After a sync, an engine's probe log-probs differ from the learner's by more than the tolerance."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_ranks(stage: str, refs: list, timeout_s: float) -> list[Any]:
@@ -84,14 +81,18 @@ class LearnerGroup:
         trust_remote_code: bool,
         total_steps: int,
         logs: Path | None = None,
+        placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
     ) -> None:
-        """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output)."""
+        """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output).
+        ``placement``: one scheduling strategy per rank (rlhf/placement.py's ``Placement.learner``);
+        None: Ray places the ranks wherever their resources are free."""
         import ray
 
         check_settings(cfg, algo, dtype, total_steps)
+        if placement is not None and len(placement) != cfg.num_ranks:
+            raise ValueError(f"placement has {len(placement)} slots for learner.num_ranks={cfg.num_ranks}")
         self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
         self.trust_remote_code = trust_remote_code
-        port = cfg.master_port or free_port(cfg.master_addr)
         # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
         # share one machine and take turns; each rank sets its own thread count.
         actor = ray.remote(LearnerRank).options(
@@ -100,13 +101,17 @@ class LearnerGroup:
             max_concurrency=1,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.num_threads), **faults.env()}},
         )
+        where = [{} if placement is None else {"scheduling_strategy": placement[r]} for r in range(cfg.num_ranks)]
         self.ranks = [
-            actor.remote(r, cfg.num_ranks, port, cfg, algo, model_path, dtype, trust_remote_code, total_steps,
-                         log_file(logs, f"learner-rank-{r}"))
+            actor.options(**where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype, trust_remote_code,
+                                             total_steps, log_file(logs, f"learner-rank-{r}"))
             for r in range(cfg.num_ranks)
         ]
         try:
-            self._call("start-up", "ready")
+            # Two phases: rank 0 chooses the point on its own node, then every rank joins there.
+            self.rendezvous: RendezvousPoint = wait_ranks("rendezvous", [self.ranks[0].rendezvous_point.remote()],
+                                                          cfg.timeout_s)[0]
+            self._call("start-up", "start", None, self.rendezvous)
         except BaseException:
             self.shutdown()
             raise

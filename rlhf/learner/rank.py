@@ -26,6 +26,7 @@ from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import redirect_output
 from rlhf.learner.rank_metrics import RankMetrics
+from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.node import NodeInfo, RankFiles, SharedPath
 from rlhf.types import TrainBatch
 
@@ -62,13 +63,14 @@ def load_hf_model(model_path: str, dtype: str, trust_remote_code: bool) -> torch
 
 
 class LearnerRank:
-    """Rank ``rank`` of ``world_size``: joins the process group and builds the DeepSpeed engines."""
+    """Rank ``rank`` of ``world_size``, started in two phases: the constructor only records its
+    settings; rank 0's ``rendezvous_point`` chooses where the group meets (its own node), and
+    ``start(point)`` on every rank joins the process group there and builds the DeepSpeed engines."""
 
     def __init__(
         self,
         rank: int,
         world_size: int,
-        master_port: int,
         cfg: LearnerConfig,
         algo: AlgoConfig,
         model_path: str,
@@ -79,28 +81,49 @@ class LearnerRank:
     ) -> None:
         if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
             redirect_output(log_path)
+        from rlhf.learner.settings import check_settings
+
+        check_settings(cfg, algo, dtype, total_steps)
+        self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
+        self._build = (model_path, dtype, trust_remote_code, total_steps)
+        self._listener = None
+
+    def rendezvous_point(self) -> RendezvousPoint:
+        """Rank 0: where the ranks meet, on this rank's node (learner.master_addr overrides the
+        address, learner.master_port the port); the port is bound and held until ``start``."""
+        from rlhf.learner.rendezvous import open_listener
+        from rlhf.node import this_node
+
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank} asked for the rendezvous point; rank 0 chooses it")
+        addr = self.cfg.master_addr or this_node().ip
+        self._listener = open_listener(addr, self.cfg.master_port)
+        return RendezvousPoint(addr, self._listener.getsockname()[1])
+
+    def start(self, point: RendezvousPoint) -> int:
+        """Join the process group at ``point`` and build the engines; returns the rank."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         from rlhf.learner.ds_config import policy_config, reference_config
         from rlhf.learner.optim import build_adamw, lr_factor
         from rlhf.learner.rendezvous import init_process_group
-        from rlhf.learner.settings import check_settings
 
-        check_settings(cfg, algo, dtype, total_steps)
-        self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
+        cfg, algo = self.cfg, self.algo
+        rank, world_size = self.rank, self.world_size
+        model_path, dtype, trust_remote_code, total_steps = self._build
         os.environ.update(
-            MASTER_ADDR=cfg.master_addr,
-            MASTER_PORT=str(master_port),
+            MASTER_ADDR=point.addr,
+            MASTER_PORT=str(point.port),
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
             LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),  # Ray gives each GPU actor its own device 0
         )
         # Ray sets OMP_NUM_THREADS=1 inside actors; the rank's compute threads are configured here.
         torch.set_num_threads(cfg.num_threads)
-        # Our own store first, listening on master_addr only; DeepSpeed then finds the group ready.
-        init_process_group(cfg.backend, cfg.master_addr, master_port, rank, world_size,
-                           timedelta(seconds=cfg.timeout_s))
+        # Our own store first, listening on the point's address only; DeepSpeed then finds the group ready.
+        listener, self._listener = self._listener, None
+        init_process_group(cfg.backend, point, rank, world_size, timedelta(seconds=cfg.timeout_s), listener)
         deepspeed.init_distributed(dist_backend=cfg.backend, timeout=timedelta(seconds=cfg.timeout_s))
         accel = get_accelerator()
         if accel.device_name() != "cpu":
@@ -129,6 +152,7 @@ class LearnerRank:
             self.ref_engine, *_ = deepspeed.initialize(
                 model=ref, config=reference_config(cfg, dtype, cfg.micro_batch_size)
             )
+        return rank
 
     # ----------------------------------------------------------------------------- log-probs
     def _logits(self, engine, mb: TrainBatch, start: int = 0) -> torch.Tensor:
@@ -320,9 +344,6 @@ class LearnerRank:
                 if torch.is_tensor(v):
                     out[f"{i}.{k}"] = v.detach().float().cpu().clone()
         return out
-
-    def ready(self) -> int:
-        return self.rank
 
     def node(self) -> NodeInfo:
         """The node this rank runs on (placement checks, node-aware weight transport)."""

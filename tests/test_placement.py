@@ -1,0 +1,83 @@
+"""Placement-group arithmetic and the asked-vs-available check (rlhf/placement.py), pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.config import LearnerConfig, RolloutConfig
+from rlhf.placement import Bundle, NodeResources, PlacementError, check_fits, first_fit, plan_placement
+
+
+def node(name: str, cpu: float, gpu: float = 0.0, free_cpu: float | None = None) -> NodeResources:
+    return NodeResources(name * 4, "127.0.0.1", {"CPU": cpu, "GPU": gpu},
+                         {"CPU": cpu if free_cpu is None else free_cpu, "GPU": gpu})
+
+
+def test_colocated_bundle_i_holds_rank_i_and_engine_i():
+    # 2 ranks of 0.5 CPU, 1 engine of 0.5 CPU: bundle 0 = 0.5 + 0.5 = 1.0, bundle 1 = the rank alone.
+    plan = plan_placement("colocated", LearnerConfig(num_ranks=2, num_cpus_per_rank=0.5),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
+    (group,) = plan.groups
+    assert group.bundles == (Bundle(1.0, 0.0), Bundle(0.5, 0.0))
+    assert [s.bundle for s in plan.ranks] == [0, 1] and [s.bundle for s in plan.engines] == [0]
+    assert plan.totals() == {"CPU": 1.5, "GPU": 0.0}
+
+
+def test_separate_gives_each_rank_and_engine_its_own_bundle():
+    # gpu_zero3 + vllm_gpu style: ranks {CPU 2, GPU 1} x 4, engines {CPU 1, GPU 2} x 2 (tp=2:
+    # num_gpus_per_engine is the engine's total). Totals: CPU 4*2 + 2*1 = 10, GPU 4*1 + 2*2 = 8.
+    plan = plan_placement("separate", LearnerConfig(num_ranks=4, num_cpus_per_rank=2, num_gpus_per_rank=1),
+                          RolloutConfig(num_engines=2, num_cpus_per_engine=1, num_gpus_per_engine=2,
+                                        tensor_parallel_size=2))
+    learner, engines = plan.groups
+    assert (learner.name, learner.bundles) == ("learner", (Bundle(2, 1),) * 4)
+    assert (engines.name, engines.bundles) == ("engines", (Bundle(1, 2),) * 2)
+    assert plan.totals() == {"CPU": 10, "GPU": 8}
+    assert learner.bundles[0].resources() == {"CPU": 2, "GPU": 1}
+
+
+def test_a_bundle_asking_nothing_is_refused_by_name():
+    with pytest.raises(PlacementError, match="learner bundle 0 asks for nothing"):
+        plan_placement("separate", LearnerConfig(num_cpus_per_rank=0), RolloutConfig())
+
+
+def test_more_cpu_than_the_cluster_has_names_asked_and_total():
+    # 4 ranks x 1 CPU = 4 asked (+ the engine's 0.5 = 4.5); two nodes of 1 CPU = 2 in the cluster.
+    plan = plan_placement("separate", LearnerConfig(num_ranks=4, num_cpus_per_rank=1), RolloutConfig(num_engines=1))
+    with pytest.raises(PlacementError) as e:
+        check_fits(plan, [node("a", 1), node("b", 1)])
+    assert "more CPU than the Ray cluster has" in str(e.value)
+    assert "CPU: asked 4.5, cluster total 2, available now 2" in str(e.value)
+    assert "node 127.0.0.1 (aaaa)" in str(e.value)
+
+
+def test_a_bundle_larger_than_every_node_is_refused_even_when_the_total_fits():
+    # One rank of 2 CPUs; the cluster has 1.5 + 1.5 = 3 CPUs, but no single node has 2.
+    plan = plan_placement("separate", LearnerConfig(num_ranks=1, num_cpus_per_rank=2),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
+    with pytest.raises(PlacementError, match=r"learner bundle 0 \(\{'CPU': 2\}\) is larger than every node"):
+        check_fits(plan, [node("a", 1.5), node("b", 1.5)])
+
+
+def test_fractional_sums_that_exactly_fill_the_cluster_fit():
+    # 0.1 * 3 is 0.30000000000000004 in floats; a 0.3-CPU node must still hold it.
+    plan = plan_placement("colocated", LearnerConfig(num_ranks=1, num_cpus_per_rank=0.1),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.2))
+    check_fits(plan, [node("a", 0.3)])
+
+
+def test_first_fit_packs_ranks_and_spills_to_the_next_node():
+    # Nodes of 1.5 CPU; ranks of 1 CPU: rank 0 on a (0.5 left), rank 1 does not fit there -> b.
+    # The engine (0.5) then fits the first node with room: a.
+    plan = plan_placement("separate", LearnerConfig(num_ranks=2, num_cpus_per_rank=1),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
+    assert first_fit(plan, [node("a", 1.5), node("b", 1.5)]) == {
+        ("learner", 0): 0, ("learner", 1): 1, ("engines", 0): 0}
+
+
+def test_first_fit_uses_what_is_free_not_the_totals():
+    # Node a has 2 CPUs but only 0.5 free: the 1-CPU rank must go to b.
+    plan = plan_placement("separate", LearnerConfig(num_ranks=1, num_cpus_per_rank=1),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
+    assert first_fit(plan, [node("a", 2, free_cpu=0.5), node("b", 2)]) == {("learner", 0): 1, ("engines", 0): 0}
+    assert first_fit(plan, [node("a", 2, free_cpu=0.5)]) is None
