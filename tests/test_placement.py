@@ -81,3 +81,37 @@ def test_first_fit_uses_what_is_free_not_the_totals():
                           RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
     assert first_fit(plan, [node("a", 2, free_cpu=0.5), node("b", 2)]) == {("learner", 0): 1, ("engines", 0): 0}
     assert first_fit(plan, [node("a", 2, free_cpu=0.5)]) is None
+
+
+def test_plan_lists_bundles_and_totals_and_with_nodes_where_they_fit():
+    from rlhf.plan import placement_lines
+
+    plan = plan_placement("separate", LearnerConfig(num_ranks=2, num_cpus_per_rank=1),
+                          RolloutConfig(num_engines=1, num_cpus_per_engine=0.5))
+    alone = placement_lines(plan, None)
+    assert alone[:3] == ["  placement group learner (PACK): [0] CPU 1; [1] CPU 1",
+                         "  placement group engines (PACK): [0] CPU 0.5",
+                         "  asked in all: CPU 2.5, GPU 0"]
+    assert "no Ray cluster reachable" in alone[3]
+    # Same fit as test_first_fit_packs_ranks_and_spills_to_the_next_node: a holds rank 0 and the engine.
+    on = placement_lines(plan, [node("a", 1.5), node("b", 1.5)])
+    assert on[3:] == ["  node 127.0.0.1 (aaaa, free CPU 1.5 GPU 0): learner[0], engines[0]",
+                      "  node 127.0.0.1 (bbbb, free CPU 1.5 GPU 0): learner[1]"]
+
+
+def test_the_rendezvous_listener_is_bound_to_its_address_only_and_holds_its_port():
+    import socket
+
+    from rlhf.learner.rendezvous import open_listener
+
+    sock = open_listener("127.0.0.1")
+    try:
+        host, port = sock.getsockname()
+        assert host == "127.0.0.1" and port > 0
+        # The port stays ours until the store takes the socket: a second bind to it fails.
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
+            open_listener("127.0.0.1", port).close()
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # and it accepts connections on that address
+    finally:
+        sock.close()

@@ -95,7 +95,8 @@ class LearnerGroup:
         self.trust_remote_code = trust_remote_code
         # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
         # share one machine and take turns; each rank sets its own thread count.
-        actor = ray.remote(LearnerRank).options(
+        actor = ray.remote(LearnerRank)
+        options = dict(
             num_cpus=cfg.num_cpus_per_rank,
             num_gpus=cfg.num_gpus_per_rank,
             max_concurrency=1,
@@ -103,8 +104,9 @@ class LearnerGroup:
         )
         where = [{} if placement is None else {"scheduling_strategy": placement[r]} for r in range(cfg.num_ranks)]
         self.ranks = [
-            actor.options(**where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype, trust_remote_code,
-                                             total_steps, log_file(logs, f"learner-rank-{r}"))
+            actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
+                                                        trust_remote_code, total_steps,
+                                                        log_file(logs, f"learner-rank-{r}"))
             for r in range(cfg.num_ranks)
         ]
         try:
