@@ -45,12 +45,14 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 def make_rank(cfg, algo, model_path: str, dtype: str, total_steps: int):
     from rlhf.learner.rank import LearnerRank
-    from rlhf.learner.rendezvous import RendezvousPoint
 
-    rank = LearnerRank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, algo, model_path, dtype,
-                       False, total_steps)
-    # torchrun chose the point (the Ray group asks rank 0 for it instead).
-    rank.start(RendezvousPoint(cfg.master_addr or "127.0.0.1", int(os.environ["MASTER_PORT"])))
+    if int(os.environ["WORLD_SIZE"]) != 1:
+        raise SystemExit("gpu_learner_check runs one process (torchrun --nproc_per_node 1)")
+    rank = LearnerRank(0, 1, cfg, algo, model_path, dtype, False, total_steps)
+    # The single rank chooses its own point, as rank 0 of a Ray group does: torchrun's agent store
+    # already holds MASTER_PORT, and our store binds its port itself. Later checks' ranks find the
+    # first one's process group standing and keep it (DeepSpeed holds on to it).
+    rank.start(rank.rendezvous_point())
     return rank
 
 
@@ -124,7 +126,7 @@ def check_fp32(stage: int, model_path: str) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="rlhf-gpu-"))
     try:
-        ckpt = save_checkpoint(tmp / "checkpoints", 3, lambda d: rank.save_checkpoint(str(d)), {"step": 3}, keep_last=1)
+        ckpt = save_checkpoint(tmp / "checkpoints", 3, lambda d: [rank.save_checkpoint(str(d))], {"step": 3}, keep_last=1)
         saved = rank.full_state()
         good = T.make_batch(seed=12)
         good.ref_logprobs = rank.compute_ref_logprobs(good)

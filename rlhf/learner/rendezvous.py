@@ -49,6 +49,10 @@ def init_process_group(backend: str, point: RendezvousPoint, rank: int, world_si
     import torch
     import torch.distributed as dist
 
+    if dist.is_initialized():  # a later rank object in the same process (scripts/gpu_learner_check.py)
+        if listener is not None:
+            listener.close()
+        return
     listen_fd = None
     if rank == 0:
         sock = listener if listener is not None else open_listener(point.addr, point.port)
