@@ -115,3 +115,17 @@ def test_the_rendezvous_listener_is_bound_to_its_address_only_and_holds_its_port
             pass  # and it accepts connections on that address
     finally:
         sock.close()
+
+
+def test_validation_refuses_a_bundle_asking_nothing_and_a_non_positive_timeout():
+    from rlhf.config import Config, ConfigError
+    from rlhf.validation import validate
+
+    cfg = Config()
+    cfg.trainer.placement_timeout_s = 0
+    with pytest.raises(ConfigError, match="trainer.placement_timeout_s=0 must be > 0"):
+        validate(cfg)
+    cfg = Config()
+    cfg.learner.num_cpus_per_rank = cfg.rollout.num_cpus_per_engine = 0  # colocated bundle 0: 0 + 0
+    with pytest.raises(ConfigError, match="colocated bundle 0 asks for nothing"):
+        validate(cfg)
