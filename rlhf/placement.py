@@ -27,10 +27,13 @@ The groups take one ``PlacementGroupSchedulingStrategy`` per actor (``Placement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from rlhf.config import LearnerConfig, RolloutConfig
+from rlhf.node import NodeInfo
 
 MODES = ("colocated", "separate")
 STRATEGY = "PACK"
@@ -279,3 +282,18 @@ def reserve(plan: PlacementPlan, timeout_s: float) -> Placement:
             f"bundles {[(n, i, b.resources()) for n, i, b in plan.bundles()]}\n{_table(plan, cluster_nodes())}"
         )
     return Placement(plan, groups)
+
+
+def record_placement(run_dir: Path, mode: str, rank_nodes: list[NodeInfo], engine_nodes: list[NodeInfo],
+                     transport: str) -> Path:
+    """``<run>/placement.json``: where every learner rank and engine ran and how weights travelled,
+    so a run's layout on the cluster is on record beside its metrics."""
+    path = Path(run_dir) / "placement.json"
+    payload = {
+        "placement": mode,
+        "weight_transport": transport,
+        "learner_ranks": [asdict(n) for n in rank_nodes],
+        "engines": [asdict(n) for n in engine_nodes],
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

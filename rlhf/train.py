@@ -47,7 +47,7 @@ from rlhf.learner import LearnerGroup
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
-from rlhf.placement import plan_placement, reachable_nodes, reserve
+from rlhf.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run
 from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
@@ -212,7 +212,8 @@ def train(cfg: Config) -> Path:
         engines, learner = start_groups(cfg, model_path, stack)
         check_shared_storage(run_dir, model_path, group_actors(engines, learner))
         # Before the first step: files across nodes is refused here; broadcast forms its group.
-        learner.connect(engines)
+        transport = learner.connect(engines)
+        record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport)
 
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:

@@ -227,6 +227,10 @@ class LearnerGroup:
             gap = max(gap, g)
         return gap
 
+    def nodes(self) -> list:
+        """The node each rank runs on (NodeInfo), in rank order."""
+        return self._call("node", "node")
+
     def connect(self, engines: Engines) -> str:
         """Choose the weight transport (learner.sync_transport, auto resolved by where rank 0 and
         the engines run) and, for broadcast, form the group; returns its name. Called at start-up,

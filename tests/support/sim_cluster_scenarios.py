@@ -8,12 +8,15 @@ starts its own cluster with ``sim_cluster``. Tests call ``run_scenario(name)`` a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import sys
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before anything imports Ray (rlhf.train does): Ray reads it at import to keep nodes on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from tests.support.sim_cluster import RESULT, sim_cluster  # noqa: E402
 
@@ -84,6 +87,58 @@ def unsatisfiable() -> dict:
         except PlacementError as e:
             return {"error": type(e).__name__, "message": str(e)}
         return {"error": None}
+
+
+@scenario("train_separate_three_nodes")
+def train_separate_three_nodes() -> dict:
+    """python -m rlhf.train's loop on 3 worker nodes of 2, 2 and 1 CPUs with trainer.placement=separate:
+    2 ZeRO-3 ranks of 2 CPUs fill the two 2-CPU nodes (one each), so the 1-CPU engine lands on the
+    third node. First learner.sync_transport=files is forced (refused by name before any step), then
+    the run with auto (which must pick broadcast), then a resume for one more step."""
+    import tempfile
+
+    from rlhf.learner.transport import WeightTransportError
+    from rlhf.metrics import read_metrics
+    from rlhf.models import TINY, resolve_model_path
+    from rlhf.train import train
+    from tests.support.runs import axis_reward, compose
+
+    out = Path(tempfile.mkdtemp(prefix="sim-train-"))
+    sync_dir = out / "shm"
+    sync_dir.mkdir()
+    common = ["+experiment=tiny_smoke", "learner=zero3", "learner.num_ranks=2", "learner.num_cpus_per_rank=2",
+              "learner.num_threads=1", "rollout.num_cpus_per_engine=1", "trainer.placement=separate",
+              "trainer.eval_prompts=0", "trainer.tensorboard=false", f"learner.sync_dir={sync_dir}",
+              "rollout.top_k=8", "learner.lr=1e-2", axis_reward(resolve_model_path(TINY))]
+    result: dict = {}
+    with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}},
+                      {"num_cpus": 1, "resources": {"node_c": 1}}]):
+        forced = out / "files-run"
+        try:
+            train(compose(*common, "learner.sync_transport=files", f"trainer.output_dir={forced}"))
+            result["files_error"] = None
+        except WeightTransportError as e:
+            result["files_error"] = str(e)
+        result["files_run_metrics"] = (forced / "metrics.jsonl").exists()
+        result["files_run_checkpoints"] = (forced / "checkpoints").exists()
+
+        run = out / "run"
+        train(compose(*common, f"trainer.output_dir={run}"))
+        result["placement"] = json.loads((run / "placement.json").read_text())
+        result["sync_dir_after"] = sorted(p.name for p in sync_dir.iterdir())
+        result["complete"] = (run / "checkpoints" / "step-2" / "COMPLETE").exists()
+        result["export"] = (run / "export" / "model.safetensors").exists()
+        manifest = json.loads((run / "checkpoints" / "step-2" / "COMPLETE").read_text())  # the manifest
+        result["manifest_ranks"] = sorted(int(r) for r in manifest.get("ranks", {}))
+
+        train(compose(*common, f"trainer.output_dir={run}", "trainer.steps=3", "trainer.resume=true",
+                      "trainer.export_at_end=false"))
+        steps = [m for m in read_metrics(run / "metrics.jsonl") if "sync/probe_gap" in m]
+        result["steps"] = [m["step"] for m in steps]
+        result["probe_gaps"] = [m["sync/probe_gap"] for m in steps]
+        result["transport_metric"] = [m.get("sync/broadcast") for m in steps]
+        result["probe_tolerance"] = 1e-3
+    return result
 
 
 if __name__ == "__main__":
