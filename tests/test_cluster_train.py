@@ -4,6 +4,8 @@ The scenario runs in a fresh process (the session's own Ray is already joined he
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from support.sim_cluster import run_scenario
@@ -42,3 +44,14 @@ def test_checkpoint_covers_every_rank_export_is_written_and_the_run_resumes(got)
     assert got["manifest_ranks"] == [0, 1]
     # Steps 1-2, then the resumed run's step 3 (its first sync after loading step-2 is not a step).
     assert got["steps"] == [1, 2, 3]
+
+
+def test_a_learner_rank_killed_mid_step_fails_the_run_naming_it_and_keeps_the_checkpoint():
+    got = run_scenario("rank_killed_mid_step", timeout_s=900)
+    assert got["killed"] == 1
+    # The first rank to fail is named with the stage (the killed one dies; its partner may fail
+    # first in the broken collective): well before learner.timeout_s=600 would have fired.
+    assert re.search(r"LearnerError: learner rank [01] (died during|failed in) train_step", got["error"]), got["error"]
+    assert "did not finish" not in got["error"]
+    # Step 1's checkpoint was complete before the kill and still verifies; step 2 was never saved.
+    assert got["complete"] == [1] and got["step1_state_step"] == 1

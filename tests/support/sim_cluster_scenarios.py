@@ -141,6 +141,71 @@ def train_separate_three_nodes() -> dict:
     return result
 
 
+@scenario("rank_killed_mid_step")
+def rank_killed_mid_step() -> dict:
+    """The same 3-node layout; checkpoints every step. Once step 1's checkpoint is complete, a
+    learner rank's process is SIGKILLed as soon as it runs train_step (step 2): the run must stop
+    naming a learner rank and the stage, and step 1's checkpoint must still verify."""
+    import tempfile
+    import threading
+    import time
+
+    import psutil
+
+    from rlhf.checkpoint import complete_checkpoints, open_checkpoint
+    from rlhf.models import TINY, resolve_model_path
+    from rlhf.train import train
+    from tests.support.runs import axis_reward, compose
+
+    run = Path(tempfile.mkdtemp(prefix="sim-kill-")) / "run"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        # Cluster raylets are this process's children, so every actor process is a descendant.
+        while not stop.is_set() and not (run / "checkpoints" / "step-1" / "COMPLETE").exists():
+            stop.wait(0.1)
+        me = psutil.Process()
+        while not stop.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    if "LearnerRank.train_step" in " ".join(p.cmdline()):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+                except psutil.NoSuchProcess:
+                    continue
+            stop.wait(0.05)
+
+    result: dict = {}
+    with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}},
+                      {"num_cpus": 1, "resources": {"node_c": 1}}]):
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        start = time.monotonic()
+        try:
+            train(compose("+experiment=tiny_smoke", "learner=zero3", "learner.num_ranks=2",
+                          "learner.num_cpus_per_rank=2", "learner.num_threads=1", "rollout.num_cpus_per_engine=1",
+                          "trainer.placement=separate", "trainer.eval_prompts=0", "trainer.tensorboard=false",
+                          "trainer.steps=3", "trainer.save_every=1", "trainer.export_at_end=false",
+                          "learner.timeout_s=600", "rollout.top_k=8", "learner.lr=1e-2",
+                          axis_reward(resolve_model_path(TINY)), f"trainer.output_dir={run}"))
+            result["error"] = None
+        except Exception as e:  # noqa: BLE001 - the scenario reports what the run raised
+            result["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            stop.set()
+            thread.join()
+        result["seconds_after_start"] = time.monotonic() - start
+        result["killed"] = len(killed)
+        result["complete"] = [step for step, _ in complete_checkpoints(run / "checkpoints")]
+        try:
+            result["step1_state_step"] = open_checkpoint(run / "checkpoints" / "step-1")["step"]
+        except Exception as e:  # noqa: BLE001
+            result["step1_state_step"] = f"{type(e).__name__}: {e}"
+    return result
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
