@@ -26,6 +26,7 @@ from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.learner.settings import check_settings
 from rlhf.learner.transport import Engines
+from rlhf.learner.waiting import wait_named
 from rlhf.types import SyncReport, TrainBatch
 
 if TYPE_CHECKING:  # Ray is imported where it is used
@@ -41,32 +42,9 @@ class WeightSyncError(RuntimeError):
 
 
 def wait_ranks(stage: str, refs: list, timeout_s: float) -> list[Any]:
-    """Results of one call per rank, in rank order, within ``timeout_s`` seconds in all.
-
-    The first rank to fail or die is named as soon as it does (the others may then be stuck in a
-    collective); if none fails before the deadline, the ranks still running are named.
-    """
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    pending = {ref: r for r, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            late = sorted(pending.values())
-            who = f"rank {late[0]}" if len(late) == 1 else f"ranks {late}"
-            raise LearnerError(f"learner {who} did not finish {stage} within {timeout_s:g}s")
-        r = pending.pop(ready[0])
-        try:
-            results[r] = ray.get(ready[0])
-        except RayActorError as e:
-            raise LearnerError(f"learner rank {r} died during {stage}: {e}") from e
-        except RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise LearnerError(f"learner rank {r} failed in {stage}: {type(cause).__name__}: {cause}") from e
-    return results
+    """Results of one call per rank, in rank order, within ``timeout_s`` seconds; the first rank to
+    fail or die is named as soon as it does, else the ranks still running at the deadline."""
+    return wait_named(stage, [(f"learner rank {r}", ref, timeout_s) for r, ref in enumerate(refs)], LearnerError)
 
 
 class LearnerGroup:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from rlhf import faults
 from rlhf.config import LearnerConfig
+from rlhf.learner.waiting import wait_named
 from rlhf.node import NodeInfo
 from rlhf.types import BroadcastGroup
 
@@ -90,35 +91,8 @@ def _where(node: NodeInfo) -> str:
     return f"{node.hostname} ({node.ip}, id {node.node_id[:12]})"
 
 
-def wait_named(stage: str, calls: list[tuple[str, Any, float]]) -> list[Any]:
-    """Results of Ray calls given as (who, ref, timeout_s), in order.
-
-    The first to fail or die is named as soon as it does (its peers may be stuck in the collective
-    it left); past a call's own timeout, every call still running past its own is named.
-    """
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    start = time.monotonic()
-    pending = {ref: i for i, (_, ref, _) in enumerate(calls)}
-    results: list[Any] = [None] * len(calls)
-    while pending:
-        next_deadline = min(start + calls[i][2] for i in pending.values())
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, next_deadline - time.monotonic()))
-        if not ready:
-            late = [calls[i] for i in sorted(pending.values()) if time.monotonic() >= start + calls[i][2]]
-            names = ", ".join(f"{who} (timeout {t:g}s)" for who, _, t in late)
-            raise WeightTransportError(f"{names} did not finish {stage} in time")
-        i = pending.pop(ready[0])
-        who = calls[i][0]
-        try:
-            results[i] = ray.get(ready[0])
-        except RayActorError as e:
-            raise WeightTransportError(f"{who} died during {stage}: {e}") from e
-        except RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise WeightTransportError(f"{who} failed in {stage}: {type(cause).__name__}: {cause}") from e
-    return results
+def _wait(stage: str, calls: list[tuple[str, Any, float]]) -> list[Any]:
+    return wait_named(stage, calls, WeightTransportError)
 
 
 @dataclass
@@ -149,7 +123,7 @@ class FileTransport:
     def send(self, engines: Engines) -> Sent:
         out_dir = Path(self.cfg.sync_dir) / f"rlhf-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
-            written = wait_named("weight gather",
+            written = _wait("weight gather",
                                  _ranks(self.ranks, "write_weights", self.cfg.timeout_s, str(out_dir), True))
             paths, nbytes, gather_s = written[0]
             if not paths:
@@ -173,13 +147,13 @@ class BroadcastTransport:
 
     def __init__(self, ranks: list, cfg: LearnerConfig, engines: Engines) -> None:
         self.ranks, self.cfg, self.engines = ranks, cfg, engines
-        opened = wait_named("weight group set-up", _ranks(ranks, "open_weight_group", cfg.timeout_s))
+        opened = _wait("weight group set-up", _ranks(ranks, "open_weight_group", cfg.timeout_s))
         addr, port, layout = opened[0]
         world = 1 + len(engines.nodes()) * engines.workers_per_engine
         group = BroadcastGroup(backend=cfg.backend, addr=addr, port=port, world_size=world)
         try:
             # Rank 0's join and the workers' are one rendezvous: both must be in flight at once.
-            wait_named("weight group set-up",
+            _wait("weight group set-up",
                        _ranks(ranks[:1], "join_weight_group", cfg.timeout_s, group)
                        + _engines(engines.start_join_weight_group(group, layout), engines.timeout_s))
         except BaseException:
@@ -192,7 +166,7 @@ class BroadcastTransport:
         if faults.active("skip_sync"):  # tests only: no broadcast without receivers, so neither half runs
             return Sent(0, 0.0, 0.0)
         n = len(self.ranks)
-        results = wait_named("weight broadcast",
+        results = _wait("weight broadcast",
                              _ranks(self.ranks, "broadcast_weights", self.cfg.timeout_s)
                              + _engines(engines.start_receive_weights(), engines.timeout_s))
         nbytes, gather_s = results[0]
