@@ -7,17 +7,15 @@ that the run stops loudly, naming what failed, without training on anything it s
 
 from __future__ import annotations
 
-import os
 import threading
 
-import psutil
 import pytest
 import torch
 
 from rlhf.checkpoint import complete_checkpoints
 from rlhf.learner.group import LearnerError, WeightSyncError
 from rlhf.train import train
-from support.runs import axis_reward, compose, steps_logged
+from support.runs import axis_reward, compose, kill_descendant_running, steps_logged
 
 
 def run(tmp_path, *extra: str):
@@ -27,31 +25,15 @@ def run(tmp_path, *extra: str):
     ))
 
 
-def kill_engine_while_it_generates(killed: list, stop: threading.Event) -> None:
-    """SIGKILL the rollout engine actor's process (and its vLLM engine-core child) as soon as it
-    runs a `generate` task (Ray titles a busy actor process `ray::RolloutEngine.generate`)."""
-    me = psutil.Process(os.getpid())
-    while not stop.is_set():
-        for p in me.children(recursive=True):
-            try:
-                if "RolloutEngine.generate" in " ".join(p.cmdline()):
-                    family = [p, *p.children(recursive=True)]
-                    for q in family:
-                        q.kill()
-                    killed.append(p.pid)
-                    return
-            except psutil.NoSuchProcess:
-                continue
-        stop.wait(0.05)
-
-
 def test_engine_killed_mid_generation_fails_fast_naming_it(ray_session, tiny_model_path, tmp_path):
     """Point 3. Long generations (up to 512 new tokens from a random model) keep the engine in
     `generate` long enough to be caught there; the run must stop with the engine's name and must
     not have trained on the interrupted batch."""
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=kill_engine_while_it_generates, args=(killed, stop), daemon=True)
+    # The engine actor's process (and its vLLM engine-core child) as soon as it runs `generate`.
+    killer = threading.Thread(target=kill_descendant_running, args=("RolloutEngine.generate", killed, stop, True),
+                              daemon=True)
     killer.start()
     try:
         with pytest.raises(RuntimeError, match="rollout engine 0 died during generate"):

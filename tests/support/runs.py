@@ -64,6 +64,24 @@ def steps_logged(run_dir: Path) -> dict[int, dict]:
     return out
 
 
+def kill_descendant_running(title: str, killed: list[int], stop, with_children: bool = False) -> None:
+    """SIGKILL the first descendant of this process whose command line shows ``title`` (Ray titles a
+    busy actor process ``ray::Class.method``), and its own children when ``with_children``; appends
+    its pid to ``killed``. Polls every 50 ms until then or until ``stop`` (a threading.Event) is set."""
+    me = psutil.Process(os.getpid())
+    while not stop.is_set():
+        for p in me.children(recursive=True):
+            try:
+                if title in " ".join(p.cmdline()):
+                    for q in [p, *(p.children(recursive=True) if with_children else [])]:
+                        q.kill()
+                    killed.append(p.pid)
+                    return
+            except psutil.NoSuchProcess:
+                continue
+        stop.wait(0.05)
+
+
 class TrainProcess:
     """``python -m rlhf.train *overrides`` in a new session, with its own Ray (``python_args``
     replaces ``-m rlhf.train`` to run another script the same way)."""

@@ -150,12 +150,10 @@ def rank_killed_mid_step() -> dict:
     import threading
     import time
 
-    import psutil
-
     from rlhf.checkpoint import complete_checkpoints, open_checkpoint
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
-    from tests.support.runs import axis_reward, compose
+    from tests.support.runs import axis_reward, compose, kill_descendant_running
 
     run = Path(tempfile.mkdtemp(prefix="sim-kill-")) / "run"
     killed: list[int] = []
@@ -165,17 +163,7 @@ def rank_killed_mid_step() -> dict:
         # Cluster raylets are this process's children, so every actor process is a descendant.
         while not stop.is_set() and not (run / "checkpoints" / "step-1" / "COMPLETE").exists():
             stop.wait(0.1)
-        me = psutil.Process()
-        while not stop.is_set():
-            for p in me.children(recursive=True):
-                try:
-                    if "LearnerRank.train_step" in " ".join(p.cmdline()):
-                        p.kill()
-                        killed.append(p.pid)
-                        return
-                except psutil.NoSuchProcess:
-                    continue
-            stop.wait(0.05)
+        kill_descendant_running("LearnerRank.train_step", killed, stop)
 
     result: dict = {}
     with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}},
