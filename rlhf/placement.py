@@ -251,6 +251,17 @@ class Placement:
         where = placement_group_table(self.groups[group])["bundles_to_node_id"]
         return [where[i] for i in range(len(where))]
 
+    def slot_nodes(self) -> tuple[list[NodeInfo], list[NodeInfo]]:
+        """The node each learner rank and each engine will run on (its bundle's), known as soon as
+        the groups are reserved: checks that depend on it need not wait for the actors."""
+        import ray
+
+        known = {n["NodeID"]: NodeInfo(node_id=n["NodeID"], ip=n["NodeManagerAddress"],
+                                       hostname=n.get("NodeManagerHostname", "")) for n in ray.nodes()}
+        where = {name: self.bundle_nodes(name) for name in self.groups}
+        return ([known[where[s.group][s.bundle]] for s in self.plan.ranks],
+                [known[where[s.group][s.bundle]] for s in self.plan.engines])
+
     def remove(self) -> None:
         from ray.util import remove_placement_group
 

@@ -44,6 +44,7 @@ from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
 from rlhf.heldout import evaluate
 from rlhf.learner import LearnerGroup
+from rlhf.learner.transport import choose_transport
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
@@ -167,6 +168,10 @@ def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[Engine
     placement = reserve(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout),
                         cfg.trainer.placement_timeout_s)
     stack.callback(placement.remove)  # after the groups' shutdown, registered below (LIFO)
+    # Weights as files across nodes cannot work: refused here, before any actor starts (connect()
+    # checks again once the actors run, on the nodes they actually report).
+    rank_nodes, engine_nodes = placement.slot_nodes()
+    choose_transport(cfg.learner.sync_transport, rank_nodes[0], engine_nodes)
     with ThreadPoolExecutor(max_workers=2) as pool:
         engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
                                 cfg.model.trust_remote_code, logs, placement=placement.engines)

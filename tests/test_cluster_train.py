@@ -27,7 +27,9 @@ def test_ranks_and_engine_run_on_three_different_nodes(got):
 def test_files_across_nodes_is_refused_by_name_before_any_step(got):
     assert got["files_error"] is not None
     assert "learner.sync_transport=files" in got["files_error"] and "rollout engine 0" in got["files_error"]
-    # Refused before the loop: no step was logged and no checkpoint written.
+    # Refused once the placement groups were reserved (their nodes are known), before any actor
+    # started (no engine or rank wrote a log), so no step was logged and no checkpoint written.
+    assert got["files_run_actor_logs"] == []
     assert not got["files_run_metrics"] and not got["files_run_checkpoints"]
 
 

@@ -121,6 +121,7 @@ def train_separate_three_nodes() -> dict:
             result["files_error"] = str(e)
         result["files_run_metrics"] = (forced / "metrics.jsonl").exists()
         result["files_run_checkpoints"] = (forced / "checkpoints").exists()
+        result["files_run_actor_logs"] = sorted(p.name for p in (forced / "logs").glob("*.log"))
 
         run = out / "run"
         train(compose(*common, f"trainer.output_dir={run}"))
