@@ -105,6 +105,10 @@ class EngineGroup:
         return self.cfg.timeout_s
 
     @property
+    def num_engines(self) -> int:
+        return len(self.engines)
+
+    @property
     def workers_per_engine(self) -> int:
         """vLLM worker processes per engine, each a member of the weight broadcast group."""
         return self.cfg.tensor_parallel_size

@@ -72,6 +72,3 @@ class WeightSender:
 
             os.close(self.listen_fd)
             self.listen_fd = None
-
-
-

@@ -51,6 +51,7 @@ class Engines(Protocol):
     """What the weight sync needs from rollouts.EngineGroup."""
 
     timeout_s: float
+    num_engines: int
     workers_per_engine: int
 
     def nodes(self) -> list[NodeInfo]: ...
@@ -124,7 +125,7 @@ class FileTransport:
         out_dir = Path(self.cfg.sync_dir) / f"rlhf-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             written = _wait("weight gather",
-                                 _ranks(self.ranks, "write_weights", self.cfg.timeout_s, str(out_dir), True))
+                            _ranks(self.ranks, "write_weights", self.cfg.timeout_s, str(out_dir), True))
             paths, nbytes, gather_s = written[0]
             if not paths:
                 raise WeightTransportError("learner rank 0 wrote no weight buckets during weight gather")
@@ -149,13 +150,13 @@ class BroadcastTransport:
         self.ranks, self.cfg, self.engines = ranks, cfg, engines
         opened = _wait("weight group set-up", _ranks(ranks, "open_weight_group", cfg.timeout_s))
         addr, port, layout = opened[0]
-        world = 1 + len(engines.nodes()) * engines.workers_per_engine
+        world = 1 + engines.num_engines * engines.workers_per_engine
         group = BroadcastGroup(backend=cfg.backend, addr=addr, port=port, world_size=world)
         try:
             # Rank 0's join and the workers' are one rendezvous: both must be in flight at once.
             _wait("weight group set-up",
-                       _ranks(ranks[:1], "join_weight_group", cfg.timeout_s, group)
-                       + _engines(engines.start_join_weight_group(group, layout), engines.timeout_s))
+                  _ranks(ranks[:1], "join_weight_group", cfg.timeout_s, group)
+                  + _engines(engines.start_join_weight_group(group, layout), engines.timeout_s))
         except BaseException:
             self.close()
             raise
@@ -167,8 +168,8 @@ class BroadcastTransport:
             return Sent(0, 0.0, 0.0)
         n = len(self.ranks)
         results = _wait("weight broadcast",
-                             _ranks(self.ranks, "broadcast_weights", self.cfg.timeout_s)
-                             + _engines(engines.start_receive_weights(), engines.timeout_s))
+                        _ranks(self.ranks, "broadcast_weights", self.cfg.timeout_s)
+                        + _engines(engines.start_receive_weights(), engines.timeout_s))
         nbytes, gather_s = results[0]
         return Sent(nbytes, gather_s, max(results[n:]))
 
