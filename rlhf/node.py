@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,25 @@ class NodeInfo:
 
 def this_node() -> NodeInfo:
     """The node of the calling process (inside a Ray worker or the driver)."""
-    import socket
-
     import ray
 
     return NodeInfo(node_id=ray.get_runtime_context().get_node_id(),
                     ip=ray.util.get_node_ip_address(), hostname=socket.gethostname())
+
+
+def listen_on(addr: str, port: int, purpose: str) -> socket.socket:
+    """A TCP socket bound to ``addr`` only and listening; ``port`` 0: a free port the OS picks.
+    A store handed this socket listens on that one address, not on every interface."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise OSError(f"{purpose}: cannot listen on {addr}:{port} ({e})") from e
+    return sock
 
 
 @dataclass(frozen=True)

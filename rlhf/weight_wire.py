@@ -11,12 +11,12 @@ data, sent once through Ray and ``collective_rpc`` (msgpack: lists and strings, 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 
+from rlhf.node import listen_on
 from rlhf.types import BroadcastGroup, TensorSlot, WeightBucket
 
 _ALIGN = 16  # byte offsets are multiples of this, so any dtype's view of the flat buffer is aligned
@@ -76,10 +76,7 @@ def pack(tensors: dict[str, torch.Tensor], bucket: WeightBucket, device: torch.d
 def open_listener(ip: str) -> tuple[int, int]:
     """A listening socket bound to ``ip`` only, on a free port: (fd, port). The store takes the fd,
     so it listens on this address and not on every interface (as TCPStore would by itself)."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.bind((ip, 0))
-    sock.listen()
+    sock = listen_on(ip, 0, "weight broadcast")
     port = sock.getsockname()[1]
     return sock.detach(), port
 

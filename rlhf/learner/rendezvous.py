@@ -19,6 +19,8 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+from rlhf.node import listen_on
+
 
 @dataclass(frozen=True)
 class RendezvousPoint:
@@ -30,16 +32,7 @@ class RendezvousPoint:
 
 def open_listener(addr: str, port: int = 0) -> socket.socket:
     """A TCP socket bound to ``addr`` only and listening; ``port`` 0: a free port the OS picks."""
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((addr, port))
-        sock.listen()
-    except OSError as e:
-        sock.close()
-        raise OSError(f"learner rendezvous: cannot listen on {addr}:{port} ({e})") from e
-    return sock
+    return listen_on(addr, port, "learner rendezvous")
 
 
 def init_process_group(backend: str, point: RendezvousPoint, rank: int, world_size: int, timeout: timedelta,
