@@ -84,7 +84,7 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = logits.new_zeros(B, L, dtype=ctx.dtype)  # lse[b, t]: normaliser for token t
         thr = logits.new_zeros(B, L, dtype=ctx.dtype) if ctx.truncate else None
         for b, s, e in _spans(B, L, chunk):
-            x = logits[b, s:e].to(ctx.dtype) / temperature  # [c, V]; untruncated, the only temporary
+            x = logits[b, s:e].to(ctx.dtype) / temperature  # [c, V]: untruncated, the one temporary
             y = input_ids[b, s + 1 : e + 1, None]  # [c, 1]
             picked = x.gather(-1, y).squeeze(-1)
             if ctx.truncate:
