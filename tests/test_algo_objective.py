@@ -119,3 +119,49 @@ def test_entropy_coef_without_entropy_names_the_key():
 def test_unknown_loss_name_lists_known_names():
     with pytest.raises(KeyError, match="gspo, ppo_clip"):
         _run(dataclasses.replace(AlgoConfig(), policy_loss="ppo"), _batch())
+
+
+def test_a_fractional_sample_weight_counts_once_per_sequence():
+    # Row 1 (A = -0.5) weighs 0.5. seq_mean_token_mean: per-sequence losses -1 and +0.5, weighted
+    # (1 * -1 + 0.5 * 0.5) / (1 + 0.5) = -0.5.
+    w = torch.tensor([1.0, 0.5])
+    loss, _ = _run(AlgoConfig(), _batch(sample_weight=w))
+    assert loss.item() == pytest.approx(-0.5)
+    # token_mean: tokens 2 x -1 (weight 1) and 3 x 0.5 (weight 0.5) over 2 + 1.5 weighted tokens:
+    # (-2 + 0.75) / 3.5 = -0.357142... (The weight applied twice, in the policy loss's mask and in
+    # the aggregation's, as before issue 14, gave (-2 + 3 * 0.5 * 0.25) / 3.5 = -0.464.)
+    loss, _ = _run(AlgoConfig(loss_agg="token_mean"), _batch(sample_weight=w))
+    assert loss.item() == pytest.approx(-1.25 / 3.5)
+
+
+def test_sampler_logprobs_give_mismatch_metrics_and_no_change_without_a_correction():
+    # learner (this forward, on-policy) -1 everywhere; sampler -1 + ln 2 on row 1: rho = 1/2 there.
+    sampler = torch.tensor([[0.0, -1.0, -1.0, 0.0], [0.0, -1.0 + 0.6931472, -1.0 + 0.6931472, -1.0 + 0.6931472]])
+    loss, m = _run(AlgoConfig(), _batch(sampler_logprobs=sampler))
+    assert loss.item() == pytest.approx(-0.25)  # rollout_correction=none: the loss is unchanged
+    # 5 tokens, 3 with |log rho| = ln 2: mean 3 ln 2 / 5; k3 per such token 0.5 - 1 + ln 2 = 0.1931.
+    assert m["mismatch/abs_logprob_diff_mean"].item() == pytest.approx(3 * 0.6931472 / 5, rel=1e-5)
+    assert m["mismatch/abs_logprob_diff_max"].item() == pytest.approx(0.6931472, rel=1e-5)
+    assert m["mismatch/kl_k3"].item() == pytest.approx(3 * (0.5 - 1 + 0.6931472) / 5, rel=1e-5)
+    assert m["mismatch/ratio_out_of_range_frac"].item() == 0.0  # rho = 0.5 is on the boundary
+
+
+def test_tis_weights_the_policy_loss_per_token():
+    # rho = 0.5 on row 1's tokens: its per-token loss +0.5 becomes 0.25; row 0 keeps -1.
+    # seq_mean_token_mean: (-1 + 0.25) / 2 = -0.375.
+    sampler = torch.tensor([[0.0, -1.0, -1.0, 0.0], [0.0, -1.0 + 0.6931472, -1.0 + 0.6931472, -1.0 + 0.6931472]])
+    loss, m = _run(AlgoConfig(rollout_correction="tis"), _batch(sampler_logprobs=sampler))
+    assert loss.item() == pytest.approx(-0.375, rel=1e-5)
+    assert m["rollout_correction/weight_mean"].item() == pytest.approx((2 * 1 + 3 * 0.5) / 5, rel=1e-5)
+    # icepop with band [0.6, 2]: row 1's tokens are masked (0 loss, still in the normaliser): -0.5.
+    loss, m = _run(AlgoConfig(rollout_correction="icepop", correction_low=0.6), _batch(sampler_logprobs=sampler))
+    assert loss.item() == pytest.approx(-0.5, rel=1e-5)
+    assert m["rollout_correction/masked_frac"].item() == pytest.approx(3 / 5)
+
+
+def test_old_logprobs_are_the_learner_side_of_the_ratio():
+    # With old log-probs (several updates per batch), rho compares them, not this forward, with the
+    # sampler: old = sampler gives no mismatch although logprobs differ from both.
+    sampler = torch.full(MASK.shape, -2.0)
+    _, m = _run(AlgoConfig(), _batch(sampler_logprobs=sampler, old_logprobs=sampler.clone()))
+    assert m["mismatch/kl_k3"].item() == 0.0

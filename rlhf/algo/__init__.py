@@ -3,6 +3,7 @@
 advantages.py   rewards [G, n] -> advantages (grpo, dr_grpo, rloo, reinforce_pp), has_signal
 losses.py       clipped per-token policy losses (ppo_clip, gspo)
 kl.py           per-token KL estimators (k1, k2, k3)
+correction.py   sampler/learner mismatch metrics and rollout corrections (none, tis, icepop, seq_mask)
 aggregation.py  per-token loss -> scalar, micro-batch safe (token_mean, seq_mean_token_mean, ...)
 logprobs.py     token log-probs / entropies from logits in bounded memory
 objective.py    the composed loss for one micro-batch
@@ -10,6 +11,7 @@ objective.py    the composed loss for one micro-batch
 
 from rlhf.algo.advantages import ADVANTAGES, compute_advantages, group_has_signal, has_signal, valid_mask
 from rlhf.algo.aggregation import AGGREGATIONS, aggregate, normalisers
+from rlhf.algo.correction import ROLLOUT_CORRECTIONS, correction_weights, mismatch_stats
 from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.logprobs import token_entropy, token_logprobs
 from rlhf.algo.losses import POLICY_LOSSES
@@ -21,13 +23,16 @@ __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
     "Registry",
     "UnknownNameError",
     "aggregate",
     "compute_advantages",
+    "correction_weights",
     "group_has_signal",
     "grpo_objective",
     "has_signal",
+    "mismatch_stats",
     "normalisers",
     "token_entropy",
     "token_logprobs",

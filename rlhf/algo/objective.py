@@ -3,14 +3,22 @@
     loss = agg(policy_loss) + kl_coef * agg(kl) - entropy_coef * agg(entropy)
 
 ``agg`` is the configured aggregation, normalised by whole-mini-batch counts (see
-aggregation.py), so the learner sums the micro-batch losses and gradients. Sequences with
-sample_weight 0 are masked out of every term and every diagnostic.
+aggregation.py), so the learner sums the micro-batch losses and gradients. ``sample_weight``
+weighs each sequence once, in the aggregation (a weight of 0.5 halves that sequence's share);
+sequences with weight 0 are masked out of every term and every diagnostic.
+
+When the batch carries the sampler's log-probs (``TrainBatch.sampler_logprobs``), the gap between
+the learner's pre-update log-probs and the sampler's is measured (``mismatch/*``) and the policy
+loss is weighted per token by ``algo.rollout_correction`` (rlhf/algo/correction.py). The learner's
+pre-update log-probs are ``old_logprobs`` when given, else this very forward pass (one update per
+batch: the policy has not moved yet), so the default path costs no extra forward pass.
 
 Metrics (detached 0-dim tensors), and how the learner combines them over micro-batches and ranks
 (``RankMetrics`` in rlhf/learner/rank_metrics.py):
-- added up: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean (token
-  shares: micro-batch mean x its kept tokens / total_tokens).
-- largest / smallest: the names in MAX_METRICS / MIN_METRICS (ratio/max, ratio/min).
+- added up: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean,
+  mismatch/* means, rollout_correction/* (token shares: micro-batch mean x its weighted kept
+  tokens / total_tokens).
+- largest / smallest: the names in MAX_METRICS / MIN_METRICS (ratio/max, mismatch max, ratio/min).
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from rlhf.algo.aggregation import aggregate
+from rlhf.algo.correction import correction_weights, mismatch_stats
 from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.losses import POLICY_LOSSES
 from rlhf.config import AlgoConfig
 from rlhf.types import TrainBatch
 
 # Metrics that are extremes, not shares: they combine over micro-batches and ranks by max / min.
-MAX_METRICS = ("ratio/max",)
+MAX_METRICS = ("ratio/max", "mismatch/abs_logprob_diff_max")
 MIN_METRICS = ("ratio/min",)
 
 
@@ -58,24 +67,39 @@ def grpo_objective(
             "algo.norm_length is null: set it or pass norm_length= (conf/algo/dr_grpo.yaml sets it "
             "to ${rollout.max_new_tokens})"
         )
+    # 0/1: the tokens that count. The sequence weight is applied once, by the aggregation.
     mask = batch.response_mask.to(logprobs.dtype)
-    if batch.sample_weight is not None:
-        mask = mask * batch.sample_weight.to(mask.dtype)[:, None]
+    weight = batch.sample_weight
+    if weight is not None:
+        weight = weight.to(mask.dtype)
+        mask = mask * (weight > 0).to(mask.dtype)[:, None]
     # Off-policy correction only exists when the batch carries behaviour log-probs.
     old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
     agg = dict(
         total_tokens=total_tokens,
         total_seqs=total_seqs,
         norm_length=norm_length,
+        seq_weight=weight,
     )
 
     per_token, diag = POLICY_LOSSES.get(cfg.policy_loss)(
         logprobs, old, batch.advantages, mask,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
     )
+    if batch.sampler_logprobs is not None:
+        diag.update(mismatch_stats(old, batch.sampler_logprobs, mask))
+        rho_weight, corrected = correction_weights(
+            cfg.rollout_correction, old, batch.sampler_logprobs, mask,
+            cap=cfg.correction_cap, low=cfg.correction_low, high=cfg.correction_high,
+        )
+        diag.update(corrected)
+        if cfg.rollout_correction != "none":
+            per_token = per_token * rho_weight
     policy_loss = aggregate(cfg.loss_agg, per_token, mask, **agg)
     loss = policy_loss
-    share = mask.sum() / total_tokens  # turns micro-batch token means into summable shares
+    # Turns micro-batch token means into summable shares (total_tokens counts weighted tokens).
+    kept = mask.sum() if weight is None else (mask.sum(dim=1) * weight).sum()
+    share = kept / total_tokens
     metrics = {k: v if k in MAX_METRICS + MIN_METRICS else v * share for k, v in diag.items()}
     metrics["policy_loss"] = policy_loss.detach()
 

@@ -1,0 +1,101 @@
+"""Sampler/learner mismatch metrics and the rollout corrections (rlhf/algo/correction.py), by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.algo import ROLLOUT_CORRECTIONS, UnknownNameError, correction_weights, mismatch_stats
+
+LN2 = math.log(2.0)
+
+# One row, positions 0..4: position 0 is prompt, 1..3 completion, 4 padding (arbitrary values there).
+# log rho = learner - sampler = [., ln 2, 0, -ln 4, .] on the completion tokens, i.e. rho = 2, 1, 0.25.
+MASK = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+SAMPLER = torch.tensor([[0.0, -1.0, -0.5, -0.2, 0.0]])
+LEARNER = torch.tensor([[9.0, -1.0 + LN2, -0.5, -0.2 - 2 * LN2, -50.0]])
+
+
+def test_mismatch_stats_by_hand():
+    m = mismatch_stats(LEARNER, SAMPLER, MASK)
+    # |log rho| = ln 2, 0, 2 ln 2: mean = ln 2, max = 2 ln 2 (the masked 9.0 and -50 are ignored).
+    assert m["mismatch/abs_logprob_diff_mean"].item() == pytest.approx(LN2, rel=1e-6)
+    assert m["mismatch/abs_logprob_diff_max"].item() == pytest.approx(2 * LN2, rel=1e-6)
+    # k3 = rho - 1 - log rho: (2 - 1 - ln 2) + 0 + (0.25 - 1 + 2 ln 2) = 0.25 + ln 2, over 3 tokens.
+    assert m["mismatch/kl_k3"].item() == pytest.approx((0.25 + LN2) / 3, rel=1e-6)
+    # rho = 2 is on the boundary of [0.5, 2] (inside); 0.25 is outside: 1 of 3 tokens.
+    assert m["mismatch/ratio_out_of_range_frac"].item() == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_identical_policies_have_no_mismatch():
+    m = mismatch_stats(SAMPLER.clone(), SAMPLER, MASK)
+    assert all(v.item() == 0.0 for v in m.values())
+
+
+def test_no_masked_tokens_gives_zero_means_and_minus_inf_max():
+    m = mismatch_stats(LEARNER, SAMPLER, torch.zeros_like(MASK))
+    assert m["mismatch/kl_k3"].item() == 0.0
+    assert m["mismatch/abs_logprob_diff_max"].item() == -math.inf
+
+
+def weights(name: str, **kw):
+    params = dict(cap=2.0, low=0.5, high=2.0) | kw
+    return correction_weights(name, LEARNER, SAMPLER, MASK, **params)
+
+
+def test_none_weighs_every_masked_token_one():
+    w, diag = weights("none")
+    assert w.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]] and diag == {}
+
+
+def test_tis_truncates_the_ratio_at_the_cap():
+    # rho = 2, 1, 0.25 with cap 1.5: weights 1.5, 1, 0.25; one of three tokens truncated.
+    w, diag = weights("tis", cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.5, 1.0, 0.25, 0.0]]))
+    assert diag["rollout_correction/truncated_frac"].item() == pytest.approx(1 / 3)
+    assert diag["rollout_correction/weight_mean"].item() == pytest.approx((1.5 + 1 + 0.25) / 3)
+
+
+def test_icepop_masks_tokens_outside_the_band():
+    # Band [0.5, 2]: rho = 2 kept (boundary), 1 kept, 0.25 dropped.
+    w, diag = weights("icepop")
+    assert w.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0]]
+    assert diag["rollout_correction/masked_frac"].item() == pytest.approx(1 / 3)
+    # A narrower band [0.9, 1.1] keeps only rho = 1.
+    w, _ = weights("icepop", low=0.9, high=1.1)
+    assert w.tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0]]
+
+
+def test_seq_mask_drops_whole_sequences_by_the_geometric_mean_ratio():
+    # Row 0: mean log rho = (ln 2 + 0 - 2 ln 2) / 3 = -ln 2 / 3, geometric mean 2^(-1/3) = 0.794.
+    # Row 1: log rho = ln 4 on its one token: geometric mean 4.
+    learner = torch.cat([LEARNER, torch.tensor([[0.0, -1.0 + 2 * LN2, 0.0, 0.0, 0.0]])])
+    sampler = torch.cat([SAMPLER, torch.tensor([[0.0, -1.0, 0.0, 0.0, 0.0]])])
+    mask = torch.cat([MASK, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]])])
+    w, diag = correction_weights("seq_mask", learner, sampler, mask, cap=2.0, low=0.5, high=2.0)
+    assert w.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert diag["rollout_correction/masked_frac"].item() == pytest.approx(1 / 4)  # 1 of 4 tokens
+    # [0.8, 1.25] also drops row 0 (0.794 < 0.8).
+    w, _ = correction_weights("seq_mask", learner, sampler, mask, cap=2.0, low=0.8, high=1.25)
+    assert w.sum().item() == 0.0
+
+
+def test_weights_carry_no_gradient():
+    learner = LEARNER.clone().requires_grad_(True)
+    w, _ = correction_weights("tis", learner, SAMPLER, MASK, cap=2.0, low=0.5, high=2.0)
+    assert not w.requires_grad
+
+
+def test_registry_names_and_unknown_name():
+    assert ROLLOUT_CORRECTIONS.names() == ["icepop", "none", "seq_mask", "tis"]
+    with pytest.raises(UnknownNameError, match="unknown rollout correction 'is'"):
+        weights("is")
+
+
+def test_shape_mismatch_is_named():
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        correction_weights("tis", LEARNER, SAMPLER[:, :3], MASK, cap=2.0, low=0.5, high=2.0)
+    with pytest.raises(ValueError, match="mask"):
+        mismatch_stats(LEARNER, SAMPLER, MASK[:, :3])
