@@ -50,11 +50,20 @@ def build_train_batch(
     input_ids, attention_mask, response_mask = pad_sequences(
         [c.prompt_ids + c.completion_ids for c in completions], [len(c.prompt_ids) for c in completions], pad_id
     )
+    sampler = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for i, c in enumerate(completions):
+        if len(c.logprobs) != len(c.completion_ids):
+            raise ValueError(
+                f"completion {i} has {len(c.logprobs)} sampler log-probs for {len(c.completion_ids)} tokens"
+            )
+        p = len(c.prompt_ids)
+        sampler[i, p : p + len(c.completion_ids)] = torch.tensor(c.logprobs, dtype=torch.float32)
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         response_mask=response_mask,
         advantages=advantages.reshape(-1).to(torch.float32),
+        sampler_logprobs=sampler,
         sample_weight=(~torch.isnan(rewards.reshape(-1))).to(torch.float32),
     )
 

@@ -32,3 +32,30 @@ def plot_run(metrics: list[dict[str, Any]], out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_timeline(spans: list[dict[str, Any]], out: Path) -> Path:
+    """One row per phase (generate, score, train, sync, eval, save), a bar per span, seconds from
+    the first span: with trainer.max_staleness > 0 the generate bars overlap the train bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = ["generate", "score", "train", "sync", "eval", "save"]
+    t0 = min((s["start"] for s in spans), default=0.0)
+    fig, ax = plt.subplots(figsize=(9, 3), dpi=120)
+    for row, phase in enumerate(phases):
+        bars = [(s["start"] - t0, s["end"] - s["start"]) for s in spans if s["phase"] == phase]
+        ax.broken_barh(bars, (row - 0.4, 0.8), color=f"C{row}")
+        for s in spans:
+            if s["phase"] == phase and phase in ("generate", "train"):
+                ax.text(s["start"] - t0, row, str(s["step"]), va="center", fontsize=6)
+    ax.set_yticks(range(len(phases)), phases)
+    ax.set_xlabel("seconds since the first span")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("run timeline (numbers: the step a batch is for)")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

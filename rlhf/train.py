@@ -4,13 +4,20 @@ Each step: draw prompts -> generate n samples per prompt (vLLM engines in Ray ac
 with the reward functions -> group-relative advantages -> reference log-probs (only when
 algo.kl_coef > 0) -> learner updates (DeepSpeed ZeRO ranks in Ray actors) -> weight sync into the
 engines, checked with a probe -> metrics -> periodic evaluation and checkpoint. At the end: a final
-evaluation, checkpoint, HF export and a plot of the run.
+evaluation, checkpoint, HF export and plots of the run (reward.png, timeline.png).
+
+Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
+trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
+learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
+step, how far the sampler's log-probs are from its own (mismatch/*, a named error above
+algo.max_mismatch_kl) and corrects for the gap with algo.rollout_correction.
 
 How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config choice:
 1. One optimizer update per generated batch by default (algo.mini_batches_per_step=1,
    epochs_per_step=1), so the importance ratio is exactly 1 and the clipped objective is the plain
    policy gradient. With more updates per batch, old log-probs are recomputed by the learner before
-   the first update rather than taken from vLLM's sampler (the two differ by kernel numerics).
+   the first update rather than taken from vLLM's sampler (the two differ by kernel numerics, and
+   by the policy's age with max_staleness > 0); that gap is algo.rollout_correction's to correct.
 2. No KL penalty by default (algo.kl_coef=0, as in DAPO and Dr.GRPO), so no reference model is
    loaded. When on, the KL term (k3 by default) is added to the loss, as in the paper.
 3. The advantage estimator and the loss aggregation are registry choices (conf/algo/*.yaml): the
@@ -28,12 +35,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages, group_has_signal
+from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
 from rlhf.batching import build_train_batch, expand_for_rewards, mini_batches, rewards_matrix
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
@@ -50,11 +57,13 @@ from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.models import peek_model_path, resolve_model_path
 from rlhf.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
-from rlhf.plot import plot_run
+from rlhf.plot import plot_run, plot_timeline
+from rlhf.producer import Collected, RolloutProducer
 from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.rng import rng_state, seed_everything, set_rng_state
+from rlhf.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch, SamplingSettings
-from rlhf.validation import eval_reward, validate
+from rlhf.validation import eval_reward, total_updates, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
@@ -88,35 +97,27 @@ def print_plan(cfg: Config) -> None:
 _COUNTED = ("/failures", "/timeouts", "/none")
 
 
-@dataclass
-class Collected:
-    """One step's kept groups, and what every draw cost (dropped groups included)."""
-
-    items: list  # PromptItem per kept group
-    completions: list  # Completion per sample, n per kept group, in group order
-    scores: list  # (total rewards, {fn: rewards}) per kept group
-    generated_tokens: int  # over every draw: dropped groups were generated too
-
-
-def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSettings,
-            metrics: dict) -> Collected:
+def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
+            sampling: SamplingSettings, timeline: Timeline) -> Collected:
     """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups.
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
-    an uninterrupted one did. Failure counts and generated tokens add up over draws.
+    an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
+    producer's thread (rlhf/producer.py): it touches only the data, the engines and the rewards.
     """
     n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+    metrics: dict[str, float] = {}
     kept_items, kept_rollouts, kept_scores = [], [], []
     draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
     dropped = generated = 0
     for draw in range(draws):
         items = data.next_batch(want - len(kept_items))
-        with timed(metrics, "generate"):
+        with timed(metrics, "generate"), timeline.span("generate", step):
             rollouts = engines.generate([it.prompt_ids for it in items], sampling,
                                         seed=derive_seed(cfg.rollout.seed, step, draw))
         generated += rollouts.num_output_tokens
         prompts, completions, columns = expand_for_rewards(items, rollouts)
-        with timed(metrics, "score"):
+        with timed(metrics, "score"), timeline.span("score", step):
             scored = rewards.score(prompts, completions, columns)
         for g, item in enumerate(items):
             group = scored.total[g * n : (g + 1) * n]
@@ -135,7 +136,29 @@ def collect(cfg: Config, step: int, data, engines, rewards, sampling: SamplingSe
             break
     metrics["dynamic_sampling/dropped_groups"] = dropped
     metrics["dynamic_sampling/draws"] = draw + 1
-    return Collected(kept_items, kept_rollouts, kept_scores, generated)
+    for c in kept_rollouts:
+        c.policy_version = policy_version
+    return Collected(step, policy_version, kept_items, kept_rollouts, kept_scores, generated, metrics)
+
+
+class MismatchError(RuntimeError):
+    """The engines' sampler and the learner disagree on the policy beyond algo.max_mismatch_kl."""
+
+
+def check_mismatch(step: int, metrics: dict[str, float], max_kl: float | None, ckpt_dir: Path) -> None:
+    """Raise MismatchError when the step's mismatch/kl_k3 exceeds ``max_kl`` (None: no check)."""
+    kl = metrics.get("mismatch/kl_k3")
+    if max_kl is None or kl is None or kl <= max_kl:
+        return
+    raise MismatchError(
+        f"step {step}: mismatch/kl_k3={kl:.3g} (sampler vs learner, per token) exceeds "
+        f"algo.max_mismatch_kl={max_kl:g}; |log ratio| mean {metrics['mismatch/abs_logprob_diff_mean']:.3g}, "
+        f"max {metrics['mismatch/abs_logprob_diff_max']:.3g}, "
+        f"{metrics['mismatch/ratio_out_of_range_frac']:.1%} of tokens with a ratio outside [0.5, 2], "
+        f"staleness {metrics.get('async/staleness', 0):g}. The engines do not sample the policy the learner "
+        "trains: a broken weight sync, or a dtype, temperature, top-k/top-p or rollout.logprobs_mode "
+        f"mismatch between rollout.* and learner.*. The last good checkpoint is in {ckpt_dir}"
+    )
 
 
 def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> dict[str, float]:
@@ -158,6 +181,15 @@ def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> di
     return out
 
 
+def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """A step's metrics from its optimizer updates: extremes by max / min, the rest averaged."""
+    out = {}
+    for k in updates[0]:
+        values = [u[k] for u in updates]
+        out[k] = max(values) if k in MAX_METRICS else min(values) if k in MIN_METRICS else sum(values) / len(values)
+    return out
+
+
 PROBE_TEXT = "Weight sync probe: 12 + 7 = 19. The engines must score this exactly as the learner does."
 
 
@@ -176,7 +208,7 @@ def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[Engine
         engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
                                 cfg.model.trust_remote_code, logs, placement=placement.engines)
         learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, total_steps=cfg.trainer.steps, logs=logs,
+                                cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
                                 placement=placement.learner)
         wait([engines_f, learner_f])
     for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
@@ -220,24 +252,27 @@ def train(cfg: Config) -> Path:
         transport = learner.connect(engines)
         record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport)
 
-        start_step = 0
+        start_step, pending = 0, []
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
             state = learner.load(last)
             start_step = state["step"]
             data.load_state_dict(state["data"])
             set_rng_state(state["rng"])
+            pending = [Collected.from_json(b) for b in state.get("pending", [])]
             learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
             print(f"resumed from {last} at step {start_step}")
 
         logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
                                OmegaConf.to_container(OmegaConf.structured(cfg)), resume=start_step > 0)
         stack.callback(logger.close)
+        timeline = Timeline(run_dir)
+        stack.callback(timeline.close)
         sampling = sampling_from_config(cfg.rollout)
 
         def run_eval(step: int) -> None:
             if not eval_items:
                 return
-            with timed(m := {}, "eval"):
+            with timed(m := {}, "eval"), timeline.span("eval", step):
                 result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
                                   cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
                                   reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
@@ -245,20 +280,37 @@ def train(cfg: Config) -> Path:
             print(f"eval @ step {step}: {result.describe()}", flush=True)
 
         def save(step: int) -> None:
+            # Batches generated ahead (max_staleness > 0), finished first: the data position below
+            # is past them, and the weights that sampled them are gone.
+            pending = [b.to_json() for b in producer.pending()]
             state = {
                 "step": step,
                 "data": data.state_dict(),
                 "rng": rng_state(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "pending": pending,
             }
-            learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
+            with timeline.span("save", step):
+                learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
 
         if start_step == 0:
             run_eval(0)
+        # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
+        ahead = cfg.trainer.max_staleness
+        producer = RolloutProducer(
+            lambda step, version: collect(cfg, step, version, data, engines, rewards, sampling, timeline),
+            first_step=start_step + 1, last_step=cfg.trainer.steps,
+        )
+        stack.callback(producer.close)
+        producer.restore(pending)
         started, nonfinite = time.time(), 0
         for step in range(start_step + 1, cfg.trainer.steps + 1):
-            metrics: dict[str, float] = {}
-            got = collect(cfg, step, data, engines, rewards, sampling, metrics)
+            step_start = time.perf_counter()
+            # The engines hold the weights after step - 1 updates (synced at the end of each step).
+            producer.ask(upto_step=step + ahead, policy_version=step - 1)
+            got = producer.take(step)
+            metrics: dict[str, float] = dict(got.metrics)
+            metrics["async/staleness"] = float(step - 1 - got.policy_version)
             completions = got.completions
             total = [r for group, _ in got.scores for r in group]
             per_fn = {k: [v for _, fns in got.scores for v in fns[k]] for k in got.scores[0][1]}
@@ -268,22 +320,25 @@ def train(cfg: Config) -> Path:
             advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
             rollouts = RolloutBatch(completions=completions, n=cfg.rollout.n)
             batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
-            if cfg.algo.kl_coef > 0:
-                with timed(metrics, "reference"):
-                    batch.ref_logprobs = learner.compute_ref_logprobs(batch)
-            if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
-                batch.old_logprobs = learner.compute_logprobs(batch)
+            with timeline.span("train", step):
+                if cfg.algo.kl_coef > 0:
+                    with timed(metrics, "reference"):
+                        batch.ref_logprobs = learner.compute_ref_logprobs(batch)
+                if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
+                    batch.old_logprobs = learner.compute_logprobs(batch)
 
-            engines.sleep()  # colocated: hand the KV-cache memory to the learner where vLLM can
-            with timed(metrics, "train"):
-                updates = [
-                    learner.train_step(mb)
-                    for epoch in range(cfg.algo.epochs_per_step)
-                    for mb in mini_batches(batch, batches.mini_batches_per_step,
-                                           seed=cfg.trainer.seed + step * 1000 + epoch)
-                ]
-            engines.wake_up()
-            metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+                if not ahead:  # colocated: hand the KV-cache memory to the learner where vLLM can
+                    engines.sleep()
+                with timed(metrics, "train"):
+                    updates = [
+                        learner.train_step(mb)
+                        for epoch in range(cfg.algo.epochs_per_step)
+                        for mb in mini_batches(batch, batches.mini_batches_per_step,
+                                               seed=cfg.trainer.seed + step * 1000 + epoch)
+                    ]
+                if not ahead:
+                    engines.wake_up()
+            metrics.update(combine_updates(updates))
             nonfinite = nonfinite + 1 if any(u.get("skipped", 0) for u in updates) else 0
             if nonfinite >= cfg.trainer.max_nonfinite_steps:
                 logger.log(step, metrics)
@@ -292,14 +347,23 @@ def train(cfg: Config) -> Path:
                     f"(trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); stopping with the "
                     f"last good checkpoint in {ckpt_dir}"
                 )
+            try:
+                check_mismatch(step, metrics, cfg.algo.max_mismatch_kl, ckpt_dir)
+            except MismatchError:
+                logger.log(step, metrics)
+                raise
 
-            with timed(metrics, "sync"):
+            with timed(metrics, "wait_rollouts"):
+                producer.wait()  # the batch in flight was sampled by these weights: finish it first
+            with timed(metrics, "sync"), timeline.span("sync", step):
                 report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
             metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s,
                             "sync/seconds": report.seconds,
                             "sync/broadcast": float(report.transport == "broadcast")})  # 0: files
-            step_s = sum(v for k, v in metrics.items() if k.startswith("timing/"))
+            # Wall time: with max_staleness > 0, the batch's generate/score overlapped earlier steps.
+            step_s = time.perf_counter() - step_start
             trained = int(batch.attention_mask.sum())
+            metrics["throughput/step_s"] = step_s
             metrics["throughput/tokens_per_s"] = trained / step_s if step_s else 0.0
             # Every token generated this step is billed, including the groups dynamic sampling dropped.
             metrics["throughput/generated_tokens"] = float(got.generated_tokens)
@@ -319,6 +383,7 @@ def train(cfg: Config) -> Path:
             learner.export(run_dir / "export", tokenizer_path=model_path)
         print(ledger.close())
     plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward.png")
+    plot_timeline(read_timeline(run_dir / "timeline.jsonl"), run_dir / "timeline.png")
     print(f"run folder: {run_dir}")
     return run_dir
 

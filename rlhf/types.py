@@ -38,6 +38,8 @@ class Completion:
     logprobs: list[float]  # sampler's log-prob of each completion token, len == len(completion_ids)
     finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_new_tokens)
     text: str  # decoded completion
+    # Learner updates applied to the weights that sampled it (trainer.max_staleness; -1: unknown).
+    policy_version: int = -1
 
 
 @dataclass
@@ -68,6 +70,9 @@ class TrainBatch:
     advantages: torch.Tensor  # [B] float, one per sequence (broadcast over its tokens)
     old_logprobs: torch.Tensor | None = None  # [B, L] behaviour policy log-probs (None: on-policy)
     ref_logprobs: torch.Tensor | None = None  # [B, L] reference model log-probs (None: no KL)
+    # [B, L] the sampler's (vLLM's processed) log-probs of the completion tokens, 0 elsewhere;
+    # None: not measured or corrected (rlhf/algo/correction.py).
+    sampler_logprobs: torch.Tensor | None = None
     # Per-sequence loss weight: 0 drops a sequence (e.g. its reward was None). [B] float.
     sample_weight: torch.Tensor | None = None
 
@@ -110,6 +115,7 @@ class TrainBatch:
             advantages=per_seq(self.advantages),
             old_logprobs=maybe(per_token, self.old_logprobs),
             ref_logprobs=maybe(per_token, self.ref_logprobs),
+            sampler_logprobs=maybe(per_token, self.sampler_logprobs),
             sample_weight=maybe(per_seq, self.sample_weight),
         )
 

@@ -8,7 +8,7 @@ plan that prints is a run that starts.
 
 from __future__ import annotations
 
-from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from rlhf.config import Config, ConfigError
 from rlhf.config.batches import BatchPlan, plan_batches
 from rlhf.console import CONSOLE_MODES
@@ -39,6 +39,7 @@ def validate(cfg: Config) -> BatchPlan:
         ("algo.policy_loss", POLICY_LOSSES),
         ("algo.loss_agg", AGGREGATIONS),
         ("algo.kl_estimator", KL_ESTIMATORS),
+        ("algo.rollout_correction", ROLLOUT_CORRECTIONS),
     ]:
         name = getattr(cfg.algo, key.split(".")[1])
         if name not in registry:
@@ -75,8 +76,70 @@ def validate(cfg: Config) -> BatchPlan:
     names = reward_names(cfg)
     if cfg.trainer.eval_reward is not None and cfg.trainer.eval_reward not in names:
         raise ConfigError(f"trainer.eval_reward={cfg.trainer.eval_reward!r} is not one of the rewards {names}")
-    check_settings(cfg.learner, cfg.algo, cfg.model.dtype, cfg.trainer.steps)
-    return plan_batches(cfg)
+    check_off_policy(cfg)
+    plan = plan_batches(cfg)
+    check_settings(cfg.learner, cfg.algo, cfg.model.dtype, total_updates(cfg))
+    return plan
+
+
+def total_updates(cfg: Config) -> int:
+    """Optimizer updates of a GRPO run: what the learning-rate schedule counts."""
+    return cfg.trainer.steps * cfg.algo.mini_batches_per_step * cfg.algo.epochs_per_step
+
+
+def check_off_policy(cfg: Config) -> None:
+    """The learner must score the distribution the engines sampled from, and a stale batch must be
+    corrected (rlhf/algo/correction.py)."""
+    r, lrn, algo = cfg.rollout, cfg.learner, cfg.algo
+    for key, learner_value, rollout_value in [
+        ("temperature", lrn.logprob_temperature, r.temperature),
+        ("top_k", lrn.logprob_top_k, r.top_k),
+        ("top_p", lrn.logprob_top_p, r.top_p),
+    ]:
+        if learner_value != rollout_value:
+            raise ConfigError(
+                f"learner.logprob_{key}={learner_value} differs from rollout.{key}={rollout_value}: the "
+                "learner must score the distribution the engines sample from (leave learner.logprob_"
+                f"{key} unset: it follows rollout.{key})"
+            )
+    if r.top_k == 0 or r.top_k < -1:
+        raise ConfigError(f"rollout.top_k={r.top_k} must be -1 (off) or >= 1")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    if r.logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+        raise ConfigError(
+            f"rollout.logprobs_mode={r.logprobs_mode!r} is not one of ['processed_logprobs', 'raw_logprobs']"
+        )
+    sampled_raw = r.temperature != 1 or r.top_k != -1 or r.top_p != 1
+    if r.logprobs_mode == "raw_logprobs" and sampled_raw and algo.rollout_correction != "none":
+        raise ConfigError(
+            f"rollout.logprobs_mode=raw_logprobs reports log-probs before temperature/top-k/top-p, so "
+            f"algo.rollout_correction={algo.rollout_correction} would weigh by the wrong ratio: use "
+            "processed_logprobs"
+        )
+    if not algo.correction_cap >= 1:
+        raise ConfigError(f"algo.correction_cap={algo.correction_cap} must be >= 1")
+    if not 0 <= algo.correction_low <= 1 <= algo.correction_high:
+        raise ConfigError(
+            f"algo.correction_low={algo.correction_low}, algo.correction_high={algo.correction_high}: "
+            "need 0 <= low <= 1 <= high"
+        )
+    if algo.max_mismatch_kl is not None and not algo.max_mismatch_kl > 0:
+        raise ConfigError(f"algo.max_mismatch_kl={algo.max_mismatch_kl} must be > 0 (or null: never checked)")
+    k = cfg.trainer.max_staleness
+    if k < 0:
+        raise ConfigError(f"trainer.max_staleness={k} must be >= 0")
+    if k > 0 and algo.rollout_correction == "none":
+        raise ConfigError(
+            f"trainer.max_staleness={k} trains on batches sampled by an older policy, which "
+            "algo.rollout_correction=none leaves uncorrected: choose tis, icepop or seq_mask "
+            "(e.g. rollout_correction=tis)"
+        )
+    if k > 0 and r.sleep_between_steps:
+        raise ConfigError(
+            f"trainer.max_staleness={k} generates while the learner trains, which "
+            "rollout.sleep_between_steps=true (engines asleep during training) rules out"
+        )
 
 
 def reward_names(cfg: Config) -> list[str]:

@@ -105,7 +105,7 @@ def main() -> None:
     init_ray(num_cpus=4)
     cfg = LearnerConfig(num_ranks=args.ranks, zero_stage=args.stage, micro_batch_size=args.micro,
                         num_threads=args.threads, lr=1e-6, timeout_s=1800.0)
-    learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_steps=100)
+    learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_updates=100)
     bare_loop = None if args.sync_only else BareLoop(path, args.threads, lr=1e-6)
     # CPU seconds of the rank processes as well as wall time: on a shared 2-core box other jobs
     # stretch wall time by several x, CPU time much less.

@@ -47,7 +47,7 @@ def main() -> None:
     init_ray(num_cpus=4)
     cfg = LearnerConfig(num_ranks=args.ranks, zero_stage=args.stage, micro_batch_size=4, num_threads=2,
                         lr=1e-6, timeout_s=600.0, sync_bucket_mb=args.bucket_mb)
-    learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_steps=10)
+    learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_updates=10)
     engines = EngineGroup(RolloutConfig(num_engines=1, max_model_len=512, kv_cache_gb=0.25, timeout_s=600.0),
                           path, "float32")
     transports = [FileTransport(learner.ranks, cfg), BroadcastTransport(learner.ranks, cfg, engines)]

@@ -43,12 +43,12 @@ def report(name: str, ok: bool, detail: str) -> None:
         FAILED.append(name)
 
 
-def make_rank(cfg, algo, model_path: str, dtype: str, total_steps: int):
+def make_rank(cfg, algo, model_path: str, dtype: str, total_updates: int):
     from rlhf.learner.rank import LearnerRank
 
     if int(os.environ["WORLD_SIZE"]) != 1:
         raise SystemExit("gpu_learner_check runs one process (torchrun --nproc_per_node 1)")
-    rank = LearnerRank(0, 1, cfg, algo, model_path, dtype, False, total_steps)
+    rank = LearnerRank(0, 1, cfg, algo, model_path, dtype, False, total_updates)
     # The single rank chooses its own point, as rank 0 of a Ray group does: torchrun's agent store
     # already holds MASTER_PORT, and our store binds its port itself. Later checks' ranks find the
     # first one's process group standing and keep it (DeepSpeed holds on to it).

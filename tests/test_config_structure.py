@@ -48,7 +48,7 @@ def test_python_defaults_are_the_cli_defaults():
     assert set(cli) == set(py)
     skipped = root_overrides() | {k for k, v in cli.items() if isinstance(v, str) and "${" in v}
     assert skipped == {"rollout.max_new_tokens", "learner.lr", "trainer.output_dir",
-                       "learner.logprob_temperature"}
+                       "learner.logprob_temperature", "learner.logprob_top_k", "learner.logprob_top_p"}
     differ = {k: (py[k], cli[k]) for k in cli if k not in skipped and py[k] != cli[k]}
     assert differ == {}, f"dataclass default vs composed YAML: {differ}"
 

@@ -22,7 +22,7 @@ def run(ray_session, tiny_model_path, tmp_path_factory):
     from rlhf.learner import LearnerGroup
 
     cfg = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=2, lr=1e-2, timeout_s=600.0)
-    group = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_steps=10)
+    group = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
     try:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 49152, (4, 12), generator=g)

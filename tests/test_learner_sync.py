@@ -34,7 +34,7 @@ def engines(ray_session, tiny_model_path):
 def learner(ray_session, tiny_model_path):
     cfg = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=4, num_threads=1, lr=1e-3,
                         timeout_s=600.0, zero3_param_persistence_threshold=0, sync_bucket_mb=4)
-    group = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_steps=10)
+    group = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
     yield group
     group.shutdown()
 

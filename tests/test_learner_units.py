@@ -56,12 +56,12 @@ def test_unknown_dtype_is_named():
 
 
 def test_warmup_then_constant():
-    f = lr_factor("constant", warmup_steps=4, total_steps=10)
+    f = lr_factor("constant", warmup_steps=4, total_updates=10)
     assert [f(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
 def test_warmup_then_cosine_to_zero():
-    f = lr_factor("cosine", warmup_steps=2, total_steps=6)
+    f = lr_factor("cosine", warmup_steps=2, total_updates=6)
     # After warm-up, progress = (k - 2) / 4: 0, 1/4, 1/2, 3/4, 1 -> 0.5 * (1 + cos(pi * p)).
     want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
     assert [f(k) for k in range(7)] == pytest.approx(want, abs=1e-12)
@@ -73,7 +73,7 @@ def test_bad_schedule_settings_are_named():
         lr_factor("linear", 0, 10)
     with pytest.raises(ConfigError, match="learner.warmup_steps=-1"):
         lr_factor("constant", -1, 10)
-    with pytest.raises(ConfigError, match=r"total steps \(3\) > learner.warmup_steps \(3\)"):
+    with pytest.raises(ConfigError, match=r"total optimizer updates \(3\) > learner.warmup_steps \(3\)"):
         lr_factor("cosine", 3, 3)
 
 
@@ -109,13 +109,13 @@ def test_bad_learner_settings_are_named(overrides, message):
             build_adamw(torch.nn.Linear(2, 2), cfg)
         return
     with pytest.raises(ConfigError, match=message):
-        check_settings(cfg, AlgoConfig(), "float32", total_steps=10)
+        check_settings(cfg, AlgoConfig(), "float32", total_updates=10)
 
 
 def test_dr_grpo_aggregation_needs_norm_length():
     algo = AlgoConfig(loss_agg="seq_mean_token_sum_norm", norm_length=None)
     with pytest.raises(ConfigError, match="algo.norm_length"):
-        check_settings(LearnerConfig(), algo, "float32", total_steps=10)
+        check_settings(LearnerConfig(), algo, "float32", total_updates=10)
 
 
 # --- metric reduction ------------------------------------------------------------------------

@@ -141,8 +141,10 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    # The schedule counts optimizer updates: trainer.steps x algo.mini_batches_per_step x
+    # algo.epochs_per_step of them in a GRPO run (one per batch in SFT).
+    warmup_steps: int = 0  # updates
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up, to 0 at the last update)
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     # Sequences per forward/backward on one rank; gradients accumulate over micro-batches.
@@ -153,8 +155,11 @@ class LearnerConfig:
     num_gpus_per_rank: float = 0.0
     # A collective or RPC that takes longer than this (seconds) fails the run, naming the stage.
     timeout_s: float = 1800.0
-    # Log-probs are taken of logits / this temperature, matching how the engines sampled.
+    # Log-probs are taken of logits / this temperature, truncated to this top-k / top-p: the
+    # distribution the engines sampled from (each must equal its rollout.* twin; validated).
     logprob_temperature: float = 1.0
+    logprob_top_k: int = -1
+    logprob_top_p: float = 1.0
     # Pin host buffers of offloaded optimizer state / parameters (GPU only; no effect on CPU).
     pin_memory: bool = False
     # ZeRO-3 tuning (elements): prefetch per step, and parameters below this size stay unpartitioned.
@@ -198,6 +203,18 @@ class AlgoConfig:
     # DAPO dynamic sampling: drop zero-variance groups, draw more prompts (up to max_draws batches).
     dynamic_sampling: bool = False
     dynamic_sampling_max_draws: int = 3
+    # Sampler/learner gap, rho = pi_learner_old / pi_sampler per token (rlhf/algo/correction.py):
+    # "none", "tis" (weight min(rho, correction_cap)), "icepop" (token dropped outside
+    # [correction_low, correction_high]), "seq_mask" (sequence dropped when its geometric-mean rho
+    # leaves that range). conf/rollout_correction/*.yaml sets each with its parameters.
+    rollout_correction: str = "none"
+    correction_cap: float = 2.0
+    correction_low: float = 0.5
+    correction_high: float = 2.0
+    # A step whose mismatch/kl_k3 (sampler vs learner, per token) exceeds this fails: the engines
+    # are not running the policy the learner trains. Measured (fp32 CPU): ~1e-7 in step, below
+    # 1e-3 one update stale (the closing note of issue 14 has the figures). null: never checked.
+    max_mismatch_kl: Optional[float] = 0.05
 
 
 @dataclass
@@ -254,6 +271,10 @@ class TrainerConfig:
     ray_num_cpus: Optional[int] = None
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite_steps: int = 3
+    # Asynchronous rollouts: the engines generate the batch for step s + k while the learner
+    # trains step s, so a batch is trained on by a policy up to k updates newer than the one that
+    # sampled it (k = max_staleness; 0: the synchronous loop). k > 0 needs algo.rollout_correction.
+    max_staleness: int = 0
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     # What the terminal shows. "progress": our step lines, evaluations, cost summary, run folder and

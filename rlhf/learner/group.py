@@ -57,7 +57,7 @@ class LearnerGroup:
         model_path: str,
         dtype: str,
         trust_remote_code: bool,
-        total_steps: int,
+        total_updates: int,
         logs: Path | None = None,
         placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
     ) -> None:
@@ -66,7 +66,7 @@ class LearnerGroup:
         None: Ray places the ranks wherever their resources are free."""
         import ray
 
-        check_settings(cfg, algo, dtype, total_steps)
+        check_settings(cfg, algo, dtype, total_updates)
         if placement is not None and len(placement) != cfg.num_ranks:
             raise ValueError(f"placement has {len(placement)} slots for learner.num_ranks={cfg.num_ranks}")
         self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
@@ -83,7 +83,7 @@ class LearnerGroup:
         where = [{} if placement is None else {"scheduling_strategy": placement[r]} for r in range(cfg.num_ranks)]
         self.ranks = [
             actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
-                                                        trust_remote_code, total_steps,
+                                                        trust_remote_code, total_updates,
                                                         log_file(logs, f"learner-rank-{r}"))
             for r in range(cfg.num_ranks)
         ]
@@ -140,20 +140,21 @@ class LearnerGroup:
         wall = time.perf_counter() - start
         return reduce_metrics(results, wall)
 
-    def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
-        """[B, L] policy log-probs of the completion tokens (no grad), rows spread over the ranks."""
-        return self._score("compute_logprobs", batch, temperature)
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, L] policy log-probs of the completion tokens (no grad), rows spread over the ranks,
+        of the distribution the engines sample from (learner.logprob_temperature/top_k/top_p)."""
+        return self._score("compute_logprobs", batch, False)
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, L] reference-model log-probs of the completion tokens; needs algo.kl_coef > 0."""
         if self.algo.kl_coef <= 0:
             raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (loaded only when > 0)")
-        return self._score("compute_ref_logprobs", batch, None)
+        return self._score("compute_ref_logprobs", batch, False)
 
-    def _score(self, method: str, batch: TrainBatch, temperature: float | None) -> torch.Tensor:
-        return self._score_finish(method, self._score_start(method, batch, temperature), batch.size)
+    def _score(self, method: str, batch: TrainBatch, raw: bool) -> torch.Tensor:
+        return self._score_finish(method, self._score_start(method, batch, raw), batch.size)
 
-    def _score_start(self, method: str, batch: TrainBatch, temperature: float | None) -> list:
+    def _score_start(self, method: str, batch: TrainBatch, raw: bool) -> list:
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective), so the
         # rows are padded with copies of the last row up to a multiple of the rank count.
         world = len(self.ranks)
@@ -161,7 +162,7 @@ class LearnerGroup:
         padded = math.ceil(B / world) * world
         index = torch.cat([torch.arange(B), torch.full((padded - B,), B - 1, dtype=torch.long)])
         shards = self._shards(batch.select(index))
-        extra = () if method == "compute_ref_logprobs" else (temperature,)
+        extra = () if method == "compute_ref_logprobs" else (raw,)
         return [getattr(a, method).remote(s, *extra) for a, s in zip(self.ranks, shards)]
 
     def _score_finish(self, stage: str, refs: list, rows: int) -> torch.Tensor:
@@ -175,8 +176,8 @@ class LearnerGroup:
         ones = torch.ones_like(ids)
         probe = TrainBatch(input_ids=ids, attention_mask=ones, response_mask=ones.float(),
                            advantages=torch.zeros(1))
-        # Temperature 1: engines report raw log-probs for the probe.
-        return self._score_start("compute_logprobs", probe, 1.0)
+        # Raw logits at temperature 1: engines report raw log-probs for the probe.
+        return self._score_start("compute_logprobs", probe, True)
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         """The learner's log-probs of ``probe_ids`` at temperature 1 (engines report raw log-probs)."""

@@ -44,19 +44,19 @@ def build_adamw(model: torch.nn.Module, cfg: LearnerConfig, fused: bool = False)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused or None)
 
 
-def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+def lr_factor(schedule: str, warmup_steps: int, total_updates: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate for the update that follows ``step`` applied updates.
 
     Warm-up rises linearly: update k (0-based) of W warm-up updates uses (k + 1) / W. Cosine then
-    decays from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates.
+    decays from 1 to 0 over the remaining ``total_updates - warmup_steps`` updates.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"learner.lr_schedule={schedule!r} is not one of {list(SCHEDULES)}")
     if warmup_steps < 0:
         raise ConfigError(f"learner.warmup_steps={warmup_steps} must be >= 0")
-    if schedule == "cosine" and total_steps <= warmup_steps:
+    if schedule == "cosine" and total_updates <= warmup_steps:
         raise ConfigError(
-            f"learner.lr_schedule=cosine needs total steps ({total_steps}) > learner.warmup_steps "
+            f"learner.lr_schedule=cosine needs total optimizer updates ({total_updates}) > learner.warmup_steps "
             f"({warmup_steps})"
         )
 
@@ -65,7 +65,7 @@ def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / (total_updates - warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

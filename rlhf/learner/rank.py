@@ -76,16 +76,16 @@ class LearnerRank:
         model_path: str,
         dtype: str,
         trust_remote_code: bool,
-        total_steps: int,
+        total_updates: int,
         log_path: str | None = None,
     ) -> None:
         if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
             redirect_output(log_path)
         from rlhf.learner.settings import check_settings
 
-        check_settings(cfg, algo, dtype, total_steps)
+        check_settings(cfg, algo, dtype, total_updates)
         self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
-        self._build = (model_path, dtype, trust_remote_code, total_steps)
+        self._build = (model_path, dtype, trust_remote_code, total_updates)
         self._listener = None
 
     def rendezvous_point(self) -> RendezvousPoint:
@@ -111,7 +111,7 @@ class LearnerRank:
 
         cfg, algo = self.cfg, self.algo
         rank, world_size = self.rank, self.world_size
-        model_path, dtype, trust_remote_code, total_steps = self._build
+        model_path, dtype, trust_remote_code, total_updates = self._build
         os.environ.update(
             MASTER_ADDR=point.addr,
             MASTER_PORT=str(point.port),
@@ -138,7 +138,7 @@ class LearnerRank:
             # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and frozen inputs.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = build_adamw(model, cfg, fused=self.device.type == "cuda")
-        schedule = lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+        schedule = lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_updates)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -166,8 +166,16 @@ class LearnerRank:
             return engine(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits
         return engine(input_ids=ids, attention_mask=mask).logits[:, start:]
 
+    def _sampling(self, raw: bool = False) -> dict:
+        """How log-probs are taken: the engines' sampling distribution (temperature, top-k, top-p),
+        or ``raw`` logits at temperature 1 (the weight-sync probe, which vLLM scores raw)."""
+        if raw:
+            return {"temperature": 1.0}
+        cfg = self.cfg
+        return {"temperature": cfg.logprob_temperature, "top_k": cfg.logprob_top_k, "top_p": cfg.logprob_top_p}
+
     @torch.no_grad()
-    def _score(self, engine, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    def _score(self, engine, batch: TrainBatch, sampling: dict) -> torch.Tensor:
         from rlhf.algo import token_logprobs
 
         engine.eval()
@@ -175,24 +183,24 @@ class LearnerRank:
         for rows, mb in micro_batches(batch, self.cfg.micro_batch_size):
             start = mb.loss_start()  # positions before it hold 0, as position 0 always does
             logits = self._logits(engine, mb, start)
-            lp = token_logprobs(logits, mb.input_ids[:, start:].to(self.device), temperature=temperature)
+            lp = token_logprobs(logits, mb.input_ids[:, start:].to(self.device), **sampling)
             out[rows, start : mb.input_ids.shape[1]] = lp.float().cpu()
         return out
 
-    def compute_logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
-        """[B, L] log-probs of ``batch``'s completion tokens under the current policy (no grad).
+    def compute_logprobs(self, batch: TrainBatch, raw: bool = False) -> torch.Tensor:
+        """[B, L] log-probs of ``batch``'s completion tokens under the current policy (no grad), of
+        the distribution the engines sample from (``raw``: logits at temperature 1, the probe's).
 
         Positions up to ``TrainBatch.loss_start`` (prompt only; always position 0) hold 0.
         """
-        t = self.cfg.logprob_temperature if temperature is None else temperature
-        return self._score(self.engine, batch, t)
+        return self._score(self.engine, batch, self._sampling(raw))
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, L] completion-token log-probs under the frozen reference model (built only when
-        algo.kl_coef > 0); positions as in ``compute_logprobs``."""
+        algo.kl_coef > 0); positions and distribution as in ``compute_logprobs``."""
         if self.ref_engine is None:
             raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (it is loaded only when > 0)")
-        return self._score(self.ref_engine, batch, self.cfg.logprob_temperature)
+        return self._score(self.ref_engine, batch, self._sampling())
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float,
@@ -236,10 +244,10 @@ class LearnerRank:
                 logprobs = token_logprobs(logits, mb.input_ids, temperature=1.0)
                 loss, metrics = sft_loss(logprobs, mb.response_mask, total_tokens=total_tokens), {}
             else:
-                t = self.cfg.logprob_temperature
-                logprobs = token_logprobs(logits, mb.input_ids, temperature=t)
+                sampling = self._sampling()
+                logprobs = token_logprobs(logits, mb.input_ids, **sampling)
                 with torch.set_grad_enabled(want_entropy_grad):
-                    entropy = token_entropy(logits, temperature=t)
+                    entropy = token_entropy(logits, **sampling)
                 loss, metrics = grpo_objective(
                     logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
                 )

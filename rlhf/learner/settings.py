@@ -8,8 +8,10 @@ from rlhf.learner.optim import lr_factor
 from rlhf.learner.transport import TRANSPORTS
 
 
-def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps: int) -> None:
-    """Raise ConfigError naming the key and value of the first setting that cannot work."""
+def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updates: int) -> None:
+    """Raise ConfigError naming the key and value of the first setting that cannot work.
+
+    ``total_updates``: optimizer updates of the whole run, what the learning-rate schedule counts."""
     for key, value in [
         ("learner.num_ranks", cfg.num_ranks),
         ("learner.micro_batch_size", cfg.micro_batch_size),
@@ -22,6 +24,10 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps
         raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
     if not cfg.logprob_temperature > 0:
         raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
+    if not (cfg.logprob_top_k == -1 or cfg.logprob_top_k >= 1):
+        raise ConfigError(f"learner.logprob_top_k={cfg.logprob_top_k} must be -1 (off) or >= 1")
+    if not 0 < cfg.logprob_top_p <= 1:
+        raise ConfigError(f"learner.logprob_top_p={cfg.logprob_top_p} must be in (0, 1]")
     if cfg.backend not in ("gloo", "nccl"):
         raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
     if cfg.sync_transport not in TRANSPORTS:
@@ -29,7 +35,7 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_steps
     if cfg.backend == "nccl" and cfg.num_gpus_per_rank <= 0:
         raise ConfigError("learner.backend=nccl needs learner.num_gpus_per_rank > 0 (one GPU per rank)")
     policy_config(cfg, dtype, cfg.micro_batch_size)
-    lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_steps)
+    lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_updates)
     if algo.loss_agg == "seq_mean_token_sum_norm" and algo.norm_length is None:
         raise ConfigError(
             "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (conf/algo/dr_grpo.yaml "

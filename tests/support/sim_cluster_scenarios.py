@@ -56,7 +56,7 @@ def learner_separate_two_nodes() -> dict:
         plan = plan_placement("separate", cfg, RolloutConfig(num_engines=1, num_cpus_per_engine=1))
         placement = reserve(plan, timeout_s=60)
         try:
-            group = LearnerGroup(cfg, AlgoConfig(), resolve_model_path(TINY), "float32", False, total_steps=10,
+            group = LearnerGroup(cfg, AlgoConfig(), resolve_model_path(TINY), "float32", False, total_updates=10,
                                  placement=placement.learner)
             try:
                 nodes = group._call("node", "node")

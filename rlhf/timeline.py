@@ -1,0 +1,50 @@
+"""When each phase of a run ran: ``<run>/timeline.jsonl``, one line per span, so the overlap of
+generation and training (trainer.max_staleness > 0) can be seen (rlhf/plot.py draws it).
+
+A line: {"phase": "generate" | "score" | "train" | "sync" | "eval" | "save", "step": the step the
+span belongs to (generate/score: the step whose batch it produced), "start": epoch seconds,
+"end": epoch seconds}. Spans come from the loop's thread and the producer's, hence the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+TIMELINE = "timeline.jsonl"
+
+
+class Timeline:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / TIMELINE
+        self._lock = threading.Lock()
+        self._file = self.path.open("a")  # a resumed run appends
+
+    @contextmanager
+    def span(self, phase: str, step: int):
+        start = time.time()
+        try:
+            yield
+        finally:
+            line = json.dumps({"phase": phase, "step": step, "start": start, "end": time.time()})
+            with self._lock:
+                self._file.write(line + "\n")
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_timeline(path: Path) -> list[dict]:
+    """Spans in file order; a line cut short by a kill is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
