@@ -150,14 +150,19 @@ def check_mismatch(step: int, metrics: dict[str, float], max_kl: float | None, c
     kl = metrics.get("mismatch/kl_k3")
     if max_kl is None or kl is None or kl <= max_kl:
         return
+    stale = metrics.get("async/staleness", 0.0)
+    cause = ("The engines do not sample the policy the learner trains: a broken weight sync, or a dtype, "
+             "temperature, top-k/top-p or rollout.logprobs_mode mismatch between rollout.* and learner.*")
+    if stale > 0:
+        cause = (f"The batch is {stale:g} update(s) old: either the policy moved further in that many updates "
+                 "than a correction can bridge (lower learner.lr or trainer.max_staleness, or raise "
+                 f"algo.max_mismatch_kl), or {cause[0].lower()}{cause[1:]}")
     raise MismatchError(
         f"step {step}: mismatch/kl_k3={kl:.3g} (sampler vs learner, per token) exceeds "
         f"algo.max_mismatch_kl={max_kl:g}; |log ratio| mean {metrics['mismatch/abs_logprob_diff_mean']:.3g}, "
         f"max {metrics['mismatch/abs_logprob_diff_max']:.3g}, "
-        f"{metrics['mismatch/ratio_out_of_range_frac']:.1%} of tokens with a ratio outside [0.5, 2], "
-        f"staleness {metrics.get('async/staleness', 0):g}. The engines do not sample the policy the learner "
-        "trains: a broken weight sync, or a dtype, temperature, top-k/top-p or rollout.logprobs_mode "
-        f"mismatch between rollout.* and learner.*. The last good checkpoint is in {ckpt_dir}"
+        f"{metrics['mismatch/ratio_out_of_range_frac']:.1%} of tokens with a ratio outside [0.5, 2]. "
+        f"{cause}. The last good checkpoint is in {ckpt_dir}"
     )
 
 
