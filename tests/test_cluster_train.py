@@ -57,3 +57,16 @@ def test_a_learner_rank_killed_mid_step_fails_the_run_naming_it_and_keeps_the_ch
     assert "did not finish" not in got["error"]
     # Step 1's checkpoint was complete before the kill and still verifies; step 2 was never saved.
     assert got["complete"] == [1] and got["step1_state_step"] == 1
+
+
+def test_async_rollouts_overlap_across_two_nodes():
+    got = run_scenario("train_async_two_nodes", timeout_s=900)
+    assert len(got["rank_nodes"]) == 1 and got["engine_nodes"][0] != got["rank_nodes"][0]
+    assert got["transport"] == "broadcast"
+    # Batch 1 from the start weights (staleness 0), then one update behind, never more.
+    assert got["staleness"] == [0.0, 1.0, 1.0]
+    assert all(0 <= g <= 1e-3 for g in got["probe_gaps"])  # each sync landed on the other node
+    span = {(s["phase"], s["step"]): s for s in got["spans"]}
+    for step in (1, 2):  # the engine's node generated batch step + 1 while the rank trained step
+        assert span[("generate", step + 1)]["start"] < span[("train", step)]["end"]
+        assert span[("generate", step + 1)]["end"] <= span[("sync", step)]["start"]

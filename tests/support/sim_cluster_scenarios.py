@@ -195,6 +195,38 @@ def rank_killed_mid_step() -> dict:
     return result
 
 
+@scenario("train_async_two_nodes")
+def train_async_two_nodes() -> dict:
+    """trainer.max_staleness=1 with the learner and the engine on two different worker nodes
+    (placement separate, weights by broadcast): the engine generates step s + 1 on its node while
+    the rank trains step s on the other."""
+    import tempfile
+
+    from rlhf.metrics import read_metrics
+    from rlhf.models import TINY, resolve_model_path
+    from rlhf.timeline import read_timeline
+    from rlhf.train import train
+    from tests.support.runs import axis_reward, compose
+
+    run = Path(tempfile.mkdtemp(prefix="sim-async-")) / "run"
+    with sim_cluster([{"num_cpus": 1, "resources": {"node_a": 1}}, {"num_cpus": 1, "resources": {"node_b": 1}}]):
+        train(compose("+experiment=tiny_smoke", "learner.num_cpus_per_rank=1", "rollout.num_cpus_per_engine=1",
+                      "trainer.placement=separate", "trainer.eval_prompts=0", "trainer.tensorboard=false",
+                      "trainer.steps=3", "trainer.max_staleness=1", "rollout_correction=tis",
+                      "algo.max_mismatch_kl=null", "trainer.export_at_end=false", "rollout.top_k=8",
+                      "learner.lr=1e-2", axis_reward(resolve_model_path(TINY)), f"trainer.output_dir={run}"))
+    placement = json.loads((run / "placement.json").read_text())
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    return {
+        "rank_nodes": [n["node_id"] for n in placement["learner_ranks"]],
+        "engine_nodes": [n["node_id"] for n in placement["engines"]],
+        "transport": placement["weight_transport"],
+        "staleness": [m["async/staleness"] for m in steps],
+        "probe_gaps": [m["sync/probe_gap"] for m in steps],
+        "spans": read_timeline(run / "timeline.jsonl"),
+    }
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
