@@ -99,3 +99,12 @@ def test_shape_mismatch_is_named():
         correction_weights("tis", LEARNER, SAMPLER[:, :3], MASK, cap=2.0, low=0.5, high=2.0)
     with pytest.raises(ValueError, match="mask"):
         mismatch_stats(LEARNER, SAMPLER, MASK[:, :3])
+
+
+def test_kl_k3_is_never_negative_where_the_policies_nearly_agree():
+    # rho - 1 - log rho >= 0; with |log rho| ~ 1e-5 the naive float32 form came out -1.35e-9 in
+    # the SmolLM2 demo's first step. 1e-5 ** 2 / 2 = 5e-11 is the true value here.
+    sampler = torch.full((4, 64), -3.0)
+    learner = sampler + torch.linspace(-1e-5, 1e-5, 64)
+    kl = mismatch_stats(learner, sampler, torch.ones(4, 64))["mismatch/kl_k3"].item()
+    assert 0.0 <= kl < 1e-9

@@ -58,7 +58,8 @@ def mismatch_stats(learner_logprobs: Tensor, sampler_logprobs: Tensor, mask: Ten
     return {
         "mismatch/abs_logprob_diff_mean": _share(diff, mask),
         "mismatch/abs_logprob_diff_max": torch.where(on, diff, -torch.inf).max(),
-        "mismatch/kl_k3": _share(log_rho.exp() - 1 - log_rho, mask),
+        # expm1(x) - x >= 0; clamped, as float error made it -1e-9 where the policies agree.
+        "mismatch/kl_k3": _share((torch.expm1(log_rho) - log_rho).clamp(min=0), mask),
         "mismatch/ratio_out_of_range_frac": _share(out.float(), mask),
     }
 
