@@ -47,7 +47,7 @@ def plot_timeline(spans: list[dict[str, Any]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 3), dpi=120)
     for row, phase in enumerate(phases):
         bars = [(s["start"] - t0, s["end"] - s["start"]) for s in spans if s["phase"] == phase]
-        ax.broken_barh(bars, (row - 0.4, 0.8), color=f"C{row}")
+        ax.broken_barh(bars, (row - 0.4, 0.8), color=f"C{row}", edgecolor="white", linewidth=0.5)
         for s in spans:
             if s["phase"] == phase and phase in ("generate", "train"):
                 ax.text(s["start"] - t0, row, str(s["step"]), va="center", fontsize=6)

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from rlhf.checkpoint import complete_checkpoints, verify_checkpoint
 from rlhf.train import train
-from support.runs import TrainProcess, axis_reward, compose, steps_logged
+from support.runs import TrainProcess, axis_reward, compose, run_to_success, steps_logged
 
-LR = 1e-2
+LR = 5e-3
 
 
 def overrides(run_dir: Path, model_path: str, *extra: str) -> list[str]:
@@ -61,13 +61,7 @@ def runs(ray_session, tiny_model_path, tmp_path_factory):
         "step3_manifest": verify_checkpoint(broken / "checkpoints" / "step-3"),
     }
 
-    resumed = TrainProcess(overrides(broken, tiny_model_path, "trainer.resume=true"), tmp / "resumed.log")
-    try:
-        code = resumed.wait(timeout_s=900)
-        log = resumed.output()
-    finally:
-        resumed.close()
-    assert code == 0, log[-4000:]
+    log = run_to_success(overrides(broken, tiny_model_path, "trainer.resume=true"), tmp / "resumed.log")
     return straight, broken, after_crash, log
 
 
@@ -92,20 +86,30 @@ def test_resume_starts_from_the_last_complete_checkpoint(runs):
     assert [step for step, _ in complete_checkpoints(broken / "checkpoints")] == [6]
 
 
-def test_resumed_steps_match_the_uninterrupted_run_exactly(runs):
-    straight, broken, _, _ = runs
+EXACT = ("loss", "reward/mean", "grad_norm", "lr", "response_length/mean")
+
+
+def assert_resumed_steps_equal(straight: Path, broken: Path, lr: float, keys=EXACT) -> None:
+    """Steps 4-6 of both runs: ``keys`` exactly equal, entropy to 1e-6, step 4's lr from the schedule."""
     a, b = steps_logged(straight), steps_logged(broken)
     for step in (4, 5, 6):
-        for key in ("loss", "reward/mean", "grad_norm", "lr", "response_length/mean"):
+        for key in keys:
             assert b[step][key] == a[step][key], (step, key, a[step][key], b[step][key])
-        # Entropy is a diagnostic summed over the 49,152-token vocabulary; once it differed in the
-        # 7th digit (10.7874193 vs 10.7874179) while loss, gradients and parameters were equal.
+        # Entropy is a diagnostic summed over the vocabulary; once it differed in the 7th digit
+        # (10.7874193 vs 10.7874179) while loss, gradients and parameters were equal.
         assert b[step]["entropy"] == pytest.approx(a[step]["entropy"], rel=1e-6)
     # The schedule resumed at its position: cosine over updates 3..6 after 2 warm-up updates, so
     # update 4 (0-based 3) uses lr * 0.5 * (1 + cos(pi * 1/4)) = 0.8536 * lr, not the warm-up's.
-    assert b[4]["lr"] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-6)
-    # Real updates were compared: measured grad norms 0.383 and 0.704 at steps 4 and 5 (step 6's
-    # groups all scored 1.0 and carried no signal).
+    assert b[4]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-6)
+
+
+def test_resumed_steps_match_the_uninterrupted_run_exactly(runs):
+    straight, broken, _, _ = runs
+    assert_resumed_steps_equal(straight, broken, LR)
+    a = steps_logged(straight)
+    # Real updates were compared: measured grad norms 0.577 and 0.621 at steps 4 and 5 (step 6's
+    # groups all scored 1.0 and carried no signal). lr 5e-3: since the learner scores the top-k
+    # truncated softmax the engines sample (issue 14), 1e-2 saturated the reward by step 5.
     assert sum(a[s]["grad_norm"] > 0.1 for s in (4, 5, 6)) >= 2
 
 

@@ -63,7 +63,7 @@ def async_run(ray_session, tiny_model_path, tmp_path_factory):
     # lr 1e-2 moves this model far in one update (measured kl_k3 ~0.1 one update stale): no limit.
     train(tiny(run_dir, tiny_model_path, "trainer.steps=4", "trainer.max_staleness=1",
                "algo.max_mismatch_kl=null", "rollout_correction=tis", "trainer.eval_every=2",
-               "trainer.export_at_end=false"))
+               "trainer.export_at_end=false", "algo.dynamic_sampling=true"))
     return run_dir
 
 
@@ -80,6 +80,8 @@ def test_async_batches_are_one_update_stale_and_corrected(async_run):
         assert 0 < steps[s]["rollout_correction/weight_mean"] and "rollout_correction/truncated_frac" in steps[s]
     evals = [m["step"] for m in read_metrics(async_run / "metrics.jsonl") if "eval/accuracy" in m]
     assert evals == [0, 2, 4]  # evaluation keeps working, on the weights of that step
+    # Dynamic sampling runs inside the producer, ahead of the learner, as in the synchronous loop.
+    assert all(1 <= steps[s]["dynamic_sampling/draws"] <= 3 for s in steps)
 
 
 def test_async_timeline_shows_generation_overlapping_training(async_run):

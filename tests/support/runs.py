@@ -152,3 +152,15 @@ class TrainProcess:
         self._log.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return alive
+
+
+def run_to_success(overrides: list[str], log_path: Path, timeout_s: float = 900) -> str:
+    """``python -m rlhf.train *overrides`` in its own process tree, which must exit 0; its output."""
+    run = TrainProcess(overrides, log_path)
+    try:
+        code = run.wait(timeout_s=timeout_s)
+        log = run.output()
+    finally:
+        run.close()
+    assert code == 0, log[-4000:]
+    return log
