@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.config import Config
-from rlhf.config.batches import BatchPlan
+from rlhf.config.batches import BatchPlan, total_updates
 from rlhf.placement import NodeResources, PlacementPlan, first_fit, plan_placement
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -81,6 +81,12 @@ def placement_lines(plan: PlacementPlan, nodes: list[NodeResources] | None) -> l
     return lines
 
 
+def _rollouts(cfg: Config) -> str:
+    k = cfg.trainer.max_staleness
+    when = "generated before each step's update" if k == 0 else f"generated up to {k} step(s) ahead"
+    return f"{when}; correction {cfg.algo.rollout_correction}, max mismatch KL {cfg.algo.max_mismatch_kl}"
+
+
 def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None,
              nodes: list[NodeResources] | None = None) -> str:
     """``nodes``: the Ray cluster's nodes when one is reachable (placement per node), else None."""
@@ -92,6 +98,8 @@ def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None,
         f" samples, x{cfg.algo.epochs_per_step} epoch(s)",
         f"  per rank: {batches.samples_per_rank} samples = {batches.grad_accum_steps} micro-batch(es)"
         f" of {batches.micro_batch_size}",
+        f"  {total_updates(cfg)} optimizer updates in {cfg.trainer.steps} steps (the learning-rate schedule's length)",
+        f"  rollouts: {_rollouts(cfg)}",
         "Placement",
         f"  {cfg.trainer.placement}: {cfg.rollout.num_engines} vLLM engine actor(s)"
         f" (tp={cfg.rollout.tensor_parallel_size}), {cfg.learner.num_ranks} DeepSpeed ZeRO-"

@@ -46,6 +46,7 @@ from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
 from rlhf.config import Config
+from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
@@ -63,7 +64,7 @@ from rlhf.storage import absolute_paths, check_shared_storage, group_actors, loc
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch, SamplingSettings
-from rlhf.validation import eval_reward, total_updates, validate
+from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup

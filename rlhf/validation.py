@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from rlhf.config import Config, ConfigError
-from rlhf.config.batches import BatchPlan, plan_batches
+from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
 from rlhf.learner.settings import check_settings
@@ -80,11 +80,6 @@ def validate(cfg: Config) -> BatchPlan:
     plan = plan_batches(cfg)
     check_settings(cfg.learner, cfg.algo, cfg.model.dtype, total_updates(cfg))
     return plan
-
-
-def total_updates(cfg: Config) -> int:
-    """Optimizer updates of a GRPO run: what the learning-rate schedule counts."""
-    return cfg.trainer.steps * cfg.algo.mini_batches_per_step * cfg.algo.epochs_per_step
 
 
 def check_off_policy(cfg: Config) -> None:

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from rlhf.config import ConfigError
-from rlhf.validation import total_updates, validate
+from rlhf.config.batches import total_updates
+from rlhf.validation import validate
 from support.runs import compose
 
 
@@ -59,3 +60,13 @@ def test_the_schedule_counts_optimizer_updates():
     validate(cfg)
     with pytest.raises(ConfigError, match=re.escape("total optimizer updates (32) > learner.warmup_steps (40)")):
         validate(compose(*over, "learner.warmup_steps=40"))
+
+
+def test_the_plan_shows_updates_and_how_rollouts_are_generated():
+    from rlhf.plan import describe
+
+    cfg = compose("algo.mini_batches_per_step=2", "algo.epochs_per_step=2", "trainer.max_staleness=1",
+                  "rollout_correction=tis")
+    text = describe(cfg, validate(cfg), None)
+    assert "32 optimizer updates in 8 steps" in text  # 8 steps x 2 mini-batches x 2 epochs
+    assert "rollouts: generated up to 1 step(s) ahead; correction tis, max mismatch KL 0.05" in text

@@ -69,3 +69,8 @@ def plan_batches(cfg: Config) -> BatchPlan:
         micro_batch_size=mb_eff,
         grad_accum_steps=per_rank // mb_eff,
     )
+
+
+def total_updates(cfg: Config) -> int:
+    """Optimizer updates of a GRPO run: what the learning-rate schedule counts."""
+    return cfg.trainer.steps * cfg.algo.mini_batches_per_step * cfg.algo.epochs_per_step
