@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from rlhf.checkpoint import complete_checkpoints, verify_checkpoint
 from rlhf.train import train
-from support.runs import TrainProcess, axis_reward, compose, run_to_success, steps_logged
+from support.runs import axis_reward, compose, run_to_success, run_with_fault, steps_logged
 
 LR = 5e-3
 
@@ -45,12 +45,7 @@ def runs(ray_session, tiny_model_path, tmp_path_factory):
     straight = train(compose(*overrides(tmp / "straight", tiny_model_path)))
 
     broken = tmp / "broken"
-    crashed = TrainProcess(overrides(broken, tiny_model_path), tmp / "crashed.log",
-                           env={"RLHF_FAULT": "save_crash@4"})
-    try:
-        code = crashed.wait(timeout_s=900)
-    finally:
-        survivors = crashed.close()
+    code, survivors = run_with_fault(overrides(broken, tiny_model_path), tmp / "crashed.log", "save_crash@4")
     after_crash = {
         "code": code,
         "survivors": survivors,

@@ -20,7 +20,7 @@ import pytest
 
 from rlhf.checkpoint import complete_checkpoints
 from rlhf.train import train
-from support.runs import TrainProcess, compose, run_to_success, steps_logged
+from support.runs import compose, run_to_success, run_with_fault, steps_logged
 # test_final_parameters_are_identical is collected here too, on this module's ``runs`` (the same
 # (straight, broken, ...) tuple): the two runs' exported parameters are torch.equal, one by one.
 from test_reliability_resume import (  # noqa: F401
@@ -46,12 +46,7 @@ def runs(ray_session, tiny_model_path, tmp_path_factory):
     straight = train(compose(*overrides(tmp / "straight", tiny_model_path, *ASYNC, "trainer.keep_last=6")))
 
     broken = tmp / "broken"
-    crashed = TrainProcess(overrides(broken, tiny_model_path, *ASYNC), tmp / "crashed.log",
-                           env={"RLHF_FAULT": "save_crash@4"})
-    try:
-        code = crashed.wait(timeout_s=900)
-    finally:
-        survivors = crashed.close()
+    code, survivors = run_with_fault(overrides(broken, tiny_model_path, *ASYNC), tmp / "crashed.log", "save_crash@4")
     after_crash = {
         "code": code,
         "survivors": survivors,

@@ -164,3 +164,13 @@ def run_to_success(overrides: list[str], log_path: Path, timeout_s: float = 900)
         run.close()
     assert code == 0, log[-4000:]
     return log
+
+
+def run_with_fault(overrides: list[str], log_path: Path, fault: str, timeout_s: float = 900) -> tuple[int, list]:
+    """The same run with $RLHF_FAULT=``fault``; (exit code, processes that outlived the tree kill)."""
+    run = TrainProcess(overrides, log_path, env={"RLHF_FAULT": fault})
+    try:
+        code = run.wait(timeout_s=timeout_s)
+    finally:
+        survivors = run.close()
+    return code, survivors
