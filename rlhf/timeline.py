@@ -24,11 +24,16 @@ class Timeline:
         self._file = self.path.open("a")  # a resumed run appends
 
     @contextmanager
-    def span(self, phase: str, step: int):
-        start = time.time()
+    def span(self, phase: str, step: int, metrics: dict[str, float] | None = None):
+        """Record the block as one span; with ``metrics``, also add its wall time to
+        metrics["timing/<phase>"] (a phase may run several times a step)."""
+        start, clock = time.time(), time.perf_counter()
         try:
             yield
         finally:
+            if metrics is not None:
+                key = f"timing/{phase}"
+                metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - clock
             line = json.dumps({"phase": phase, "step": step, "start": start, "end": time.time()})
             with self._lock:
                 self._file.write(line + "\n")

@@ -113,12 +113,12 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
     dropped = generated = 0
     for draw in range(draws):
         items = data.next_batch(want - len(kept_items))
-        with timed(metrics, "generate"), timeline.span("generate", step):
+        with timeline.span("generate", step, metrics):
             rollouts = engines.generate([it.prompt_ids for it in items], sampling,
                                         seed=derive_seed(cfg.rollout.seed, step, draw))
         generated += rollouts.num_output_tokens
         prompts, completions, columns = expand_for_rewards(items, rollouts)
-        with timed(metrics, "score"), timeline.span("score", step):
+        with timeline.span("score", step, metrics):
             scored = rewards.score(prompts, completions, columns)
         for g, item in enumerate(items):
             group = scored.total[g * n : (g + 1) * n]
@@ -278,7 +278,7 @@ def train(cfg: Config) -> Path:
         def run_eval(step: int) -> None:
             if not eval_items:
                 return
-            with timed(m := {}, "eval"), timeline.span("eval", step):
+            with timeline.span("eval", step, m := {}):
                 result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
                                   cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
                                   reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
@@ -288,13 +288,13 @@ def train(cfg: Config) -> Path:
         def save(step: int) -> None:
             # Batches generated ahead (max_staleness > 0), finished first: the data position below
             # is past them, and the weights that sampled them are gone.
-            pending = [b.to_json() for b in producer.pending()]
+            ahead_batches = [b.to_json() for b in producer.pending()]
             state = {
                 "step": step,
                 "data": data.state_dict(),
                 "rng": rng_state(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                "pending": pending,
+                "pending": ahead_batches,
             }
             with timeline.span("save", step):
                 learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
@@ -361,7 +361,7 @@ def train(cfg: Config) -> Path:
 
             with timed(metrics, "wait_rollouts"):
                 producer.wait()  # the batch in flight was sampled by these weights: finish it first
-            with timed(metrics, "sync"), timeline.span("sync", step):
+            with timeline.span("sync", step, metrics):
                 report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
             metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s,
                             "sync/seconds": report.seconds,

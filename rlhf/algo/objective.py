@@ -88,12 +88,12 @@ def grpo_objective(
     )
     if batch.sampler_logprobs is not None:
         diag.update(mismatch_stats(old, batch.sampler_logprobs, mask))
-        rho_weight, corrected = correction_weights(
-            cfg.rollout_correction, old, batch.sampler_logprobs, mask,
-            cap=cfg.correction_cap, low=cfg.correction_low, high=cfg.correction_high,
-        )
-        diag.update(corrected)
         if cfg.rollout_correction != "none":
+            rho_weight, corrected = correction_weights(
+                cfg.rollout_correction, old, batch.sampler_logprobs, mask,
+                cap=cfg.correction_cap, low=cfg.correction_low, high=cfg.correction_high,
+            )
+            diag.update(corrected)
             per_token = per_token * rho_weight
     policy_loss = aggregate(cfg.loss_agg, per_token, mask, **agg)
     loss = policy_loss
