@@ -23,6 +23,8 @@ def wait_named(stage: str, calls: list[tuple[str, Any, float]], error: type[Exce
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, next_deadline - time.monotonic()))
         if not ready:
             late = [calls[i] for i in sorted(pending.values()) if time.monotonic() >= start + calls[i][2]]
+            if not late:  # ray.wait may return a hair before the deadline it was given
+                continue
             timeouts = {t for _, _, t in late}
             if len(timeouts) == 1:
                 names = f"{', '.join(who for who, _, _ in late)} did not finish {stage} within {timeouts.pop():g}s"
