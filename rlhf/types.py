@@ -92,6 +92,10 @@ class TrainBatch:
         """Positions ``start..`` of every per-token field (drops a prompt prefix no loss reads)."""
         return self._apply(lambda t: t[:, start:], lambda t: t)
 
+    def map_tokens(self, fn) -> "TrainBatch":
+        """``fn`` applied to every per-token field ([B, L] -> [B, L']); per-sequence fields kept."""
+        return self._apply(fn, lambda t: t)
+
     def to(self, device: torch.device) -> "TrainBatch":
         """Every field on ``device``."""
         return self._apply(lambda t: t.to(device), lambda t: t.to(device))

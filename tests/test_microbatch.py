@@ -1,10 +1,11 @@
-"""The learner's micro-batching: rows sorted by length, each micro-batch cut to its longest row."""
+"""The learner's unshared micro-batching: rows sorted by length, each micro-batch cut to its longest row
+(shared prompts and token budgets: tests/test_shared_prompt.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from rlhf.learner.rank import micro_batches
+from rlhf.learner.packing import micro_batches
 from rlhf.types import TrainBatch
 
 
@@ -16,14 +17,17 @@ def test_micro_batches_sort_by_length_and_drop_padding():
                        response_mask=mask.float(), advantages=torch.tensor([0.0, 1.0, 2.0, 3.0]),
                        old_logprobs=torch.zeros(4, 5), sample_weight=torch.ones(4))
     parts = micro_batches(batch, 2)
-    assert [rows.tolist() for rows, _ in parts] == [[1, 3], [2, 0]]
-    # First micro-batch keeps 5 positions, the second only 3: its longest row has 3 tokens.
-    assert [mb.input_ids.shape[1] for _, mb in parts] == [5, 3]
-    assert parts[1][1].input_ids.tolist() == [[10, 11, 12], [0, 1, 2]]
-    assert parts[1][1].old_logprobs.shape == (2, 3)
-    assert parts[1][1].advantages.tolist() == [2.0, 0.0]
+    assert [mb.rows.tolist() for mb in parts] == [[1, 3], [2, 0]]
+    assert not any(mb.shared for mb in parts)
+    # First micro-batch runs 5 positions, the second only 3: its longest row has 3 tokens.
+    assert [mb.input_ids.shape[1] for mb in parts] == [5, 3]
+    assert parts[1].input_ids.tolist() == [[10, 11, 12], [0, 1, 2]]
+    # Every row is completion from position 0, so the losses read every position (keep_from 0).
+    assert parts[1].keep_from == 0 and parts[1].view.old_logprobs.shape == (2, 3)
+    assert parts[1].view.advantages.tolist() == [2.0, 0.0]
+    assert parts[1].cols.tolist() == [[0, 1, 2], [0, 1, 2]]
     # Every real token survives the cut.
-    assert sum(int(mb.attention_mask.sum()) for _, mb in parts) == sum(lengths)
+    assert sum(int(mb.attention_mask.sum()) for mb in parts) == sum(lengths)
 
 
 def _prompted(prompt_lengths: list[int], total: int) -> TrainBatch:

@@ -147,8 +147,12 @@ class LearnerConfig:
     lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up, to 0 at the last update)
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
-    # Sequences per forward/backward on one rank; gradients accumulate over micro-batches.
+    # Sequences per forward/backward on one rank at most; gradients accumulate over micro-batches.
     micro_batch_size: int = 16
+    # Positions one forward computes at most, padding included (0: rows only); rlhf/learner/packing.py.
+    max_tokens_per_micro_batch: int = 0
+    # Rows with one prompt compute it once per micro-batch (a KV-cached prefix pass); same gradient.
+    share_prompt: bool = True
     # Torch threads per rank (Ray sets OMP_NUM_THREADS=1 inside actors unless told).
     num_threads: int = 2
     num_cpus_per_rank: float = 0.5

@@ -22,6 +22,7 @@ from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import log_file
 from rlhf.learner.rank import LearnerRank
+from rlhf.learner.packing import PassPlan, plan_passes
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.learner.settings import check_settings
@@ -104,9 +105,12 @@ class LearnerGroup:
         ]
         return wait_ranks(stage, refs, self.cfg.timeout_s)
 
-    def _shards(self, batch: TrainBatch) -> list[TrainBatch]:
+    def _shards(self, batch: TrainBatch) -> tuple[list[TrainBatch], PassPlan]:
+        """Each rank's rows, and the passes every rank runs on them (rlhf/learner/packing.py)."""
         rows = batch.size // len(self.ranks)
-        return [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(len(self.ranks))]
+        shards = [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(len(self.ranks))]
+        cfg = self.cfg
+        return shards, plan_passes(shards, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.share_prompt)
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch, objective: str = "grpo") -> dict[str, float]:
@@ -135,8 +139,8 @@ class LearnerGroup:
                 f"{total_seqs:g} weighted sequences; nothing to learn from"
             )
         start = time.perf_counter()
-        shards = self._shards(batch)
-        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs, objective) for s in shards])
+        shards, plan = self._shards(batch)
+        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs, objective, plan) for s in shards])
         wall = time.perf_counter() - start
         return reduce_metrics(results, wall)
 
@@ -161,9 +165,9 @@ class LearnerGroup:
         B = batch.size
         padded = math.ceil(B / world) * world
         index = torch.cat([torch.arange(B), torch.full((padded - B,), B - 1, dtype=torch.long)])
-        shards = self._shards(batch.select(index))
+        shards, plan = self._shards(batch.select(index))
         extra = () if method == "compute_ref_logprobs" else (raw,)
-        return [getattr(a, method).remote(s, *extra) for a, s in zip(self.ranks, shards)]
+        return [getattr(a, method).remote(s, *extra, plan=plan) for a, s in zip(self.ranks, shards)]
 
     def _score_finish(self, stage: str, refs: list, rows: int) -> torch.Tensor:
         return torch.cat(wait_ranks(stage, refs, self.cfg.timeout_s))[:rows]

@@ -25,6 +25,7 @@ import torch
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.console import redirect_output
+from rlhf.learner.packing import MicroBatch, PassPlan, micro_batches
 from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.node import NodeInfo, RankFiles, SharedPath
@@ -35,20 +36,6 @@ DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def micro_batches(batch: TrainBatch, size: int) -> list[tuple[torch.Tensor, TrainBatch]]:
-    """(row indices, micro-batch) pairs: rows sorted by length and each micro-batch cut to its
-    longest row, so little compute goes to padding. The objective normalises by whole-mini-batch
-    counts, so which rows share a micro-batch does not change the loss or its gradient.
-    """
-    lengths = batch.attention_mask.sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = []
-    for i in range(0, batch.size, size):
-        rows = order[i : i + size]
-        out.append((rows, batch.select(rows).narrow(int(lengths[rows].max()))))
-    return out
 
 
 def load_hf_model(model_path: str, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
@@ -152,19 +139,64 @@ class LearnerRank:
             self.ref_engine, *_ = deepspeed.initialize(
                 model=ref, config=reference_config(cfg, dtype, cfg.micro_batch_size)
             )
+        if cfg.share_prompt:
+            self._check_shared_prompt(model_path, dtype)
         return rank
 
+    @torch.no_grad()
+    def _check_shared_prompt(self, model_path: str, dtype: str) -> None:
+        """The two-pass layout must score what the plain pass scores on this model (a model whose
+        attention ignores position_ids or the cache would not): two rows of one 4-token prompt,
+        before any step. Collective under ZeRO-3 like every forward."""
+        from rlhf.algo import token_logprobs
+        from rlhf.learner.packing import shared, unshared
+
+        vocab = self.engine.module.config.vocab_size
+        ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+        ids[1, :4] = ids[0, :4]
+        mask = torch.ones_like(ids)
+        mask[1, 6] = 0  # ragged completions
+        response = torch.zeros(ids.shape)
+        response[:, 4:] = 1.0
+        probe = TrainBatch(input_ids=ids, attention_mask=mask, response_mask=response * mask, advantages=torch.zeros(2))
+        self.engine.eval()
+        rows = torch.arange(2)
+        got = []
+        for mb in (unshared(probe, rows), shared(probe, rows)):
+            lp = token_logprobs(self._logits(self.engine, mb), mb.view.input_ids.to(self.device)).float().cpu()
+            got.append(lp[:, -3:] * mb.view.response_mask[:, -3:])  # the 3 completion positions, aligned
+        gap = float((got[0] - got[1]).abs().max())
+        if not gap <= (1e-4 if dtype == "float32" else 5e-2):
+            raise RuntimeError(
+                f"learner.share_prompt=true: {model_path} scores a prompt-cached completion differently "
+                f"from the plain forward (max |log-prob gap| {gap:.3g}); set learner.share_prompt=false"
+            )
+
     # ----------------------------------------------------------------------------- log-probs
-    def _logits(self, engine, mb: TrainBatch, start: int = 0) -> torch.Tensor:
-        """[B, L - start, V] logits at positions ``start..`` of ``mb``. Where the model takes
-        ``logits_to_keep`` the output head runs on those positions only: a prompt prefix no loss
-        reads costs neither the vocabulary projection nor its backward (~15% of a step on SmolLM2).
+    def _logits(self, engine, mb: MicroBatch) -> torch.Tensor:
+        """[B, S, V] logits aligned with ``mb.view`` (rlhf/learner/packing.py).
+
+        Unshared: where the model takes ``logits_to_keep`` the output head runs on the positions a
+        loss reads only (a prompt prefix costs neither the vocabulary projection nor its backward,
+        ~15% of a step on SmolLM2). Shared: the prefix pass keeps its KV cache (and one position's
+        logits), the cache is gathered per row, the suffix pass attends to it.
         """
-        ids = mb.input_ids.to(self.device)
-        mask = mb.attention_mask.to(self.device)
-        if start and self.keeps_logits:
-            return engine(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits
-        return engine(input_ids=ids, attention_mask=mask).logits[:, start:]
+        dev = self.device
+        ids, mask = mb.input_ids.to(dev), mb.attention_mask.to(dev)
+        if not mb.shared:
+            if mb.keep_from and self.keeps_logits:
+                return engine(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - mb.keep_from).logits
+            return engine(input_ids=ids, attention_mask=mask).logits[:, mb.keep_from:]
+        one = {"logits_to_keep": 1} if self.keeps_logits else {}
+        cache = engine(input_ids=mb.prefix_ids.to(dev), attention_mask=mb.prefix_mask.to(dev),
+                       use_cache=True, **one).past_key_values
+        cache.reorder_cache(mb.prefix_of.to(dev))  # index_select: backward sums the rows' gradients
+        return engine(input_ids=ids, attention_mask=mask, position_ids=mb.position_ids.to(dev),
+                      past_key_values=cache, use_cache=True).logits
+
+    def _micro_batches(self, batch: TrainBatch, plan: PassPlan | None) -> list[MicroBatch]:
+        cfg = self.cfg
+        return micro_batches(batch, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.share_prompt, plan)
 
     def _sampling(self, raw: bool = False) -> dict:
         """How log-probs are taken: the engines' sampling distribution (temperature, top-k, top-p),
@@ -175,43 +207,43 @@ class LearnerRank:
         return {"temperature": cfg.logprob_temperature, "top_k": cfg.logprob_top_k, "top_p": cfg.logprob_top_p}
 
     @torch.no_grad()
-    def _score(self, engine, batch: TrainBatch, sampling: dict) -> torch.Tensor:
+    def _score(self, engine, batch: TrainBatch, sampling: dict, plan: PassPlan | None) -> torch.Tensor:
         from rlhf.algo import token_logprobs
 
         engine.eval()
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for rows, mb in micro_batches(batch, self.cfg.micro_batch_size):
-            start = mb.loss_start()  # positions before it hold 0, as position 0 always does
-            logits = self._logits(engine, mb, start)
-            lp = token_logprobs(logits, mb.input_ids[:, start:].to(self.device), **sampling)
-            out[rows, start : mb.input_ids.shape[1]] = lp.float().cpu()
+        for mb in self._micro_batches(batch, plan):
+            lp = token_logprobs(self._logits(engine, mb), mb.view.input_ids.to(self.device), **sampling)
+            real = mb.view.attention_mask > 0  # positions before the view's hold 0, as position 0 does
+            out[mb.rows[:, None].expand_as(mb.cols)[real], mb.cols[real]] = lp.float().cpu()[real]
         return out
 
-    def compute_logprobs(self, batch: TrainBatch, raw: bool = False) -> torch.Tensor:
+    def compute_logprobs(self, batch: TrainBatch, raw: bool = False, plan: PassPlan | None = None) -> torch.Tensor:
         """[B, L] log-probs of ``batch``'s completion tokens under the current policy (no grad), of
         the distribution the engines sample from (``raw``: logits at temperature 1, the probe's).
 
-        Positions up to ``TrainBatch.loss_start`` (prompt only; always position 0) hold 0.
+        Prompt positions hold 0 (position 0 always does). ``plan``: the passes every rank runs,
+        from LearnerGroup (rlhf/learner/packing.py); None: this batch's own.
         """
-        return self._score(self.engine, batch, self._sampling(raw))
+        return self._score(self.engine, batch, self._sampling(raw), plan)
 
-    def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+    def compute_ref_logprobs(self, batch: TrainBatch, plan: PassPlan | None = None) -> torch.Tensor:
         """[B, L] completion-token log-probs under the frozen reference model (built only when
-        algo.kl_coef > 0); positions and distribution as in ``compute_logprobs``."""
+        algo.kl_coef > 0); positions, distribution and ``plan`` as in ``compute_logprobs``."""
         if self.ref_engine is None:
             raise RuntimeError(f"no reference model: algo.kl_coef={self.algo.kl_coef} (it is loaded only when > 0)")
-        return self._score(self.ref_engine, batch, self._sampling())
+        return self._score(self.ref_engine, batch, self._sampling(), plan)
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float,
-                   objective: str = "grpo") -> RankMetrics:
+                   objective: str = "grpo", plan: PassPlan | None = None) -> RankMetrics:
         """One optimizer update from this rank's rows of a mini-batch.
 
         ``objective``: "grpo" (the algo config's policy objective) or "sft" (completion-token
         cross-entropy at temperature 1, rlhf/distill/sft_loss.py; advantages are ignored).
 
         ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
-        ranks). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
+        ranks); ``plan`` the passes every rank runs (as in ``compute_logprobs``). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
         rank (metric ``skipped`` = 1): the last backward is multiplied by NaN everywhere so that
         DeepSpeed's own overflow check drops the gradients and the step identically on all ranks.
         Returns this rank's metrics; ``LearnerGroup`` combines the ranks' (``reduce_metrics``).
@@ -227,18 +259,17 @@ class LearnerRank:
         step_start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
         self.engine.train()
-        micros = micro_batches(batch, self.cfg.micro_batch_size)
+        micros = self._micro_batches(batch, plan)
         if not micros:
             raise ValueError(f"learner rank {self.rank} got an empty batch for train_step")
         records: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         bad = torch.zeros(1, device=self.device)  # 1 once this rank saw a non-finite loss
         want_entropy_grad = self.algo.entropy_coef != 0
-        for i, (_, mb) in enumerate(micros):
+        for i, micro in enumerate(micros):
             last = i == len(micros) - 1
             self.engine.set_gradient_accumulation_boundary(last)
-            start = mb.loss_start()
-            logits = self._logits(self.engine, mb, start)
-            mb = mb.tail(start).to(self.device)  # every loss reads completion positions only
+            logits = self._logits(self.engine, micro)
+            mb = micro.view.to(self.device)  # every loss reads completion positions only
             if objective == "sft":
                 # The teacher's tokens, learnt as written: no sampling temperature applies.
                 logprobs = token_logprobs(logits, mb.input_ids, temperature=1.0)

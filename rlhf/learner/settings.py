@@ -20,6 +20,15 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updat
     ]:
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"learner.max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} must be >= 0 (0: no budget)")
+    if cfg.share_prompt and cfg.gradient_checkpointing:
+        # transformers drops past_key_values inside checkpointed layers, so the suffix pass
+        # could not see the prompt's cache.
+        raise ConfigError(
+            "learner.share_prompt=true needs the prompt's KV cache across passes, which "
+            "learner.gradient_checkpointing=true drops; set learner.share_prompt=false with it"
+        )
     if not cfg.timeout_s > 0:
         raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
     if not cfg.logprob_temperature > 0:

@@ -1,0 +1,245 @@
+"""Shared-prompt passes and token-budget micro-batches (rlhf/learner/packing.py): the plans and
+layouts by hand, then the real learner (2 ranks, ZeRO-2 and ZeRO-3, DeepSpeed on gloo) against a
+plain single-process torch loop that computes every row whole, as the learner did before."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_learner import ALGO, LOGPROB_ATOL, NORM_RTOL, PARAM_ATOL, TOTAL_STEPS, _hf_logprobs, learner_cfg
+from test_learner import off_policy, plain_torch_updates
+
+from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
+from rlhf.learner import LearnerGroup
+from rlhf.learner.packing import PassPlan, layout, micro_batches, plan_micro_batches, plan_passes, prompt_groups
+from rlhf.learner.packing import split_to
+from rlhf.learner.settings import check_settings
+from rlhf.types import TrainBatch
+
+
+def batch_of(rows: list[tuple[list[int], list[int]]]) -> TrainBatch:
+    """Right-padded (with 0) rows of (prompt ids, completion ids)."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros(ids.shape)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[i, : len(p) + len(c)] = 1
+        response[i, len(p) : len(p) + len(c)] = 1.0
+    return TrainBatch(input_ids=ids, attention_mask=attention, response_mask=response,
+                      advantages=torch.arange(len(rows), dtype=torch.float32),
+                      old_logprobs=-ids.float() * response)
+
+
+A, B, C = [1, 2, 3], [4, 5], [6, 7, 8, 9]
+# Rows (prompt, lengths): 0 A 6, 1 B 5, 2 A 4, 3 B 7, 4 A 5, 5 C 6.
+SIX = batch_of([(A, [10, 11, 12]), (B, [13, 14, 15]), (A, [16]), (B, [17, 18, 19, 20, 21]),
+                (A, [22, 23]), (C, [24, 25])])
+
+
+def plans(*args, **kw) -> list[list[int]]:
+    return [p.tolist() for p in plan_micro_batches(*args, **kw)]
+
+
+# --- plans ---------------------------------------------------------------------------------------
+
+
+def test_rows_of_one_prompt_are_grouped():
+    assert prompt_groups(SIX) == [[0, 2, 4], [1, 3], [5]]
+
+
+def test_shared_plan_keeps_groups_adjacent_longest_first():
+    # Groups by their longest row: B (7) [3, 1], A (6) [0, 4, 2], C (6) [5]; no budget: one batch.
+    assert plans(SIX, 16, share=True) == [[3, 1, 0, 4, 2, 5]]
+
+
+def test_shared_plan_cuts_by_the_token_budget():
+    # Cost = distinct prompts x (longest prompt - 1) + rows x (longest completion + 1):
+    # [3]: 1x1 + 1x6 = 7; [3, 1]: 1 + 2x6 = 13; [3, 1, 0]: 2x2 + 3x6 = 22 > 20, so close [3, 1].
+    # [0, 4, 2]: 1x2 + 3x4 = 14; with 5: 2x3 + 4x4 = 22 > 20, so close; [5] alone.
+    assert plans(SIX, 16, max_tokens=20, share=True) == [[3, 1], [0, 4, 2], [5]]
+
+
+def test_unshared_plan_cuts_by_padded_rows_times_length():
+    # Longest first: 3 (7), 0 (6), 5 (6), 1 (5), 4 (5), 2 (4). [3, 0]: 2x7 = 14, + 5: 21 > 20;
+    # [5, 1, 4]: 3x6 = 18, + 2: 24 > 20; [2].
+    assert plans(SIX, 16, max_tokens=20) == [[3, 0], [5, 1, 4], [2]]
+
+
+def test_row_cap_still_applies():
+    assert plans(SIX, 2, share=True) == [[3, 1], [0, 4], [2, 5]]
+
+
+def test_a_row_longer_than_the_budget_runs_alone():
+    assert plans(SIX, 16, max_tokens=3) == [[3], [0], [5], [1], [4], [2]]
+
+
+def test_split_to_halves_the_largest_first():
+    # [0, 4, 2] (3 rows) -> [0, 4], [2]; then [3, 1] and [0, 4] tie at 2 rows: the first splits.
+    got = split_to([torch.tensor(p) for p in ([3, 1], [0, 4, 2], [5])], 5)
+    assert [p.tolist() for p in got] == [[3], [1], [0, 4], [2], [5]]
+
+
+def test_split_to_refuses_impossible_counts():
+    three = [torch.tensor(p) for p in ([3, 1], [0, 4, 2], [5])]
+    with pytest.raises(ValueError, match="6 rows cannot make 7 micro-batches"):
+        split_to(three, 7)
+    with pytest.raises(ValueError, match="cannot merge 3 micro-batches into 2"):
+        split_to(three, 2)
+
+
+def test_bad_row_cap_is_refused():
+    with pytest.raises(ValueError, match="max_rows=0"):
+        plan_micro_batches(SIX, 0)
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+
+def test_shared_layout_by_hand():
+    batch = batch_of([([11, 12, 13], [14, 15]), ([11, 12, 13], [16]), ([21, 22], [23, 24, 25])])
+    mb = layout(batch, torch.arange(3), share=True)
+    assert mb.shared
+    # The prefix pass: each distinct prompt minus its last token, once.
+    assert mb.prefix_ids.tolist() == [[11, 12], [21, 0]]
+    assert mb.prefix_mask.tolist() == [[1, 1], [1, 0]]
+    assert mb.prefix_of.tolist() == [0, 0, 1]
+    # The suffix pass: last prompt token + completion, at the positions continuing the prompt.
+    assert mb.input_ids.tolist() == [[13, 14, 15, 0], [13, 16, 0, 0], [22, 23, 24, 25]]
+    assert mb.position_ids.tolist() == [[2, 3, 4, 5], [2, 3, 4, 5], [1, 2, 3, 4]]
+    assert mb.cols.tolist() == mb.position_ids.tolist()
+    # Keys: the row's cached prompt (its padding masked), then its own suffix tokens.
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1]]
+    # Per-token fields move with the tokens; per-row fields stay.
+    assert mb.view.response_mask.tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 1, 1]]
+    assert mb.view.old_logprobs.tolist() == [[0, -14, -15, 0], [0, -16, 0, 0], [0, -23, -24, -25]]
+    assert mb.view.advantages.tolist() == [0.0, 1.0, 2.0]
+    assert mb.computed_tokens() == 2 * 2 + 3 * 4
+
+
+def test_layout_is_two_pass_whenever_sharing_is_on():
+    # Distinct prompts still run two passes (no saving, the same cost), so every rank's graph is alike.
+    distinct = batch_of([([11, 12], [1]), ([21, 22], [2])])
+    mb = layout(distinct, torch.arange(2), share=True)
+    assert mb.shared and mb.prefix_ids.tolist() == [[11], [21]]
+    assert not layout(SIX, torch.arange(6), share=False).shared
+
+
+def test_pass_plan_takes_the_most_micro_batches_of_any_rank():
+    # SIX's shared plan at 20 tokens has 3 micro-batches; rows 0-1 alone (A and B): 1.
+    assert plan_passes([SIX, SIX.select(slice(0, 2))], 16, 20, share=True) == PassPlan(3, True)
+    assert plan_passes([SIX], 16, 20, share=False) == PassPlan(3, False)
+
+
+def test_a_one_token_prompt_turns_sharing_off_for_every_rank():
+    # A one-token prompt leaves nothing to cache before its last token.
+    one = batch_of([([11], [1, 2]), ([11], [3])])
+    assert plan_passes([SIX, one], 16, 0, share=True) == PassPlan(1, False)
+
+
+def test_micro_batches_split_to_the_agreed_count():
+    got = micro_batches(SIX, 16, share=True, plan=PassPlan(2, True))
+    assert [mb.rows.tolist() for mb in got] == [[3, 1, 0], [4, 2, 5]]
+    assert all(mb.shared for mb in got)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_negative_token_budget_is_refused():
+    with pytest.raises(ConfigError, match="learner.max_tokens_per_micro_batch=-1 must be >= 0"):
+        check_settings(LearnerConfig(max_tokens_per_micro_batch=-1), AlgoConfig(), "float32", 10)
+
+
+def test_sharing_with_gradient_checkpointing_is_refused():
+    with pytest.raises(ConfigError, match="learner.share_prompt=true .* learner.gradient_checkpointing=true"):
+        check_settings(LearnerConfig(gradient_checkpointing=True), AlgoConfig(), "float32", 10)
+    check_settings(LearnerConfig(gradient_checkpointing=True, share_prompt=False), AlgoConfig(), "float32", 10)
+
+
+# --- the learner ---------------------------------------------------------------------------------
+
+VOCAB = 49152
+BUDGET = 40
+
+
+def grouped_batch(seed: int) -> TrainBatch:
+    """8 rows of up to 14 tokens. Rank 0 (rows 0-3): one 5-token prompt, lengths 9, 8, 8, 7.
+    Rank 1 (rows 4-7): rows 4, 5 one 3-token prompt (lengths 14, 12), rows 6 and 7 prompts of 6
+    and 4 tokens of their own (lengths 13, 10). Row 5 is dropped (weight 0)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 3, 6, 4)]
+    which = [0, 0, 0, 0, 1, 1, 2, 3]
+    lengths = [9, 8, 8, 7, 14, 12, 13, 10]
+    rows = []
+    for k, n in zip(which, lengths):
+        p = prompts[k]
+        rows.append((p, torch.randint(0, VOCAB, (n - len(p),), generator=g).tolist()))
+    batch = batch_of(rows)
+    weight = torch.ones(8)
+    weight[5] = 0.0
+    return replace(batch, advantages=torch.randn(8, generator=g), old_logprobs=None, sample_weight=weight)
+
+
+def test_the_learner_batch_plans_as_derived():
+    batch = grouped_batch(0)
+    rank0, rank1 = batch.select(slice(0, 4)), batch.select(slice(4, 8))
+    # Rank 0: 1 prompt x 4 + 4 rows x (9 - 5 + 1) = 24 <= 40: one micro-batch.
+    assert plans(rank0, 4, max_tokens=BUDGET, share=True) == [[0, 1, 2, 3]]
+    # Rank 1, groups by longest row: B [0, 1] (14), C [2] (13), D [3] (10). [0, 1]: 1x2 + 2x12 =
+    # 26; + row 2: 2x5 + 3x12 = 46 > 40, close. [2, 3]: 2x5 + 2x8 = 26.
+    assert plans(rank1, 4, max_tokens=BUDGET, share=True) == [[0, 1], [2, 3]]
+    # The group agrees on 2 two-pass micro-batches; rank 0 halves its one.
+    plan = plan_passes([rank0, rank1], 4, BUDGET, share=True)
+    assert plan == PassPlan(2, True)
+    got = micro_batches(rank0, 4, BUDGET, share=True, plan=plan)
+    assert [mb.rows.tolist() for mb in got] == [[0, 1], [2, 3]]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def shared_group(request, ray_session, tiny_model_path):
+    cfg = learner_cfg(request.param, micro_batch_size=4, max_tokens_per_micro_batch=BUDGET, share_prompt=True)
+    g = LearnerGroup(cfg, ALGO, tiny_model_path, "float32", False, TOTAL_STEPS)
+    yield g
+    g.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_trained(shared_group, tiny_model_path):
+    initial = shared_group.full_state()
+    batches, metrics = [], []
+    for step in range(2):
+        batch = grouped_batch(seed=step)
+        batch.ref_logprobs = shared_group.compute_ref_logprobs(batch)
+        batch = off_policy(batch, shared_group.compute_logprobs(batch), seed=100 + step)
+        batches.append(batch)
+        metrics.append(shared_group.train_step(batch))
+    reference = plain_torch_updates(tiny_model_path, shared_group.cfg, batches)
+    return {"initial": initial, "after": shared_group.full_state(), "metrics": metrics, "reference": reference}
+
+
+def test_shared_updates_match_whole_rows_in_plain_torch(shared_trained):
+    # Same tolerances as tests/test_learner.py: only the summation order differs (the prompt's
+    # gradient arrives summed over its rows by the cache gather's backward).
+    ref = shared_trained["reference"]
+    for name, want in ref["params"].items():
+        moved = (want - shared_trained["initial"][name]).abs().max().item()
+        assert moved > 1e-4, f"{name} did not move in the reference ({moved})"
+        torch.testing.assert_close(shared_trained["after"][name], want, atol=PARAM_ATOL, rtol=0,
+                                   msg=lambda m: f"{name}: {m}")
+    for step, m in enumerate(shared_trained["metrics"]):
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"][step], rel=NORM_RTOL)
+        assert m["loss"] == pytest.approx(ref["loss"][step], rel=NORM_RTOL, abs=1e-6)
+        assert m["skipped"] == 0.0
+
+
+def test_shared_logprobs_equal_a_transformers_forward(shared_group, shared_trained, tiny_model_path):
+    batch = grouped_batch(seed=7)
+    got = shared_group.compute_logprobs(batch)
+    want = _hf_logprobs(shared_group.full_state(), tiny_model_path, batch)
+    valid = batch.response_mask.bool()
+    torch.testing.assert_close(got.double()[valid], want[valid], atol=LOGPROB_ATOL, rtol=0)
+    assert got[~valid].abs().max() == 0  # prompt and padding positions hold 0
