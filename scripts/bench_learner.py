@@ -10,7 +10,10 @@
      with entropy metrics, micro-batches of ``--micro``), timed from the driver, and
    - a bare loop in this process: forward, log-softmax gather, policy-gradient loss, backward over
      the same micro-batches, gradient clipping, torch AdamW step, with the same thread count.
-   Tokens/s counts attention tokens; the two alternate step by step (``--warmup`` untimed, then
+   - with ``--group-size n`` > 1 (rows share prompts n at a time), also the learner with
+     ``learner.share_prompt`` on (the default; the first learner runs with it off, the bare
+     loop's arithmetic), which computes each shared prompt once.
+   Tokens/s counts attention tokens; they alternate step by step (``--warmup`` untimed, then
    ``--steps`` timed) so both see the same background load, and min and median are reported.
 2. Weight sync (goal: <= 1 s on CPU for SmolLM2-135M): ``LearnerGroup.sync_weights`` into a real
    vLLM engine (gather + write to /dev/shm, engine reload, probe), ``--syncs`` times.
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import statistics
 import time
@@ -27,12 +31,15 @@ import psutil
 import torch
 
 
-def make_batch(rows: int, prompt: int, response: int, vocab: int, seed: int = 0):
+def make_batch(rows: int, prompt: int, response: int, vocab: int, group: int = 1, seed: int = 0):
+    """Rows of ``prompt`` tokens (the same prompt for each ``group`` consecutive rows, as GRPO's
+    samples of one prompt) and ``response // 2 .. response`` completion tokens."""
     from rlhf.types import TrainBatch
 
     g = torch.Generator().manual_seed(seed)
     L = prompt + response
     ids = torch.randint(0, vocab, (rows, L), generator=g)
+    ids[:, :prompt] = ids[::group, :prompt].repeat_interleave(group, dim=0)[:rows]
     lengths = prompt + torch.randint(response // 2, response + 1, (rows,), generator=g)
     pos = torch.arange(L)[None, :]
     attention = (pos < lengths[:, None]).long()
@@ -82,6 +89,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--response", type=int, default=64)
     parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=1, help="rows sharing one prompt (GRPO's n)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="learner.max_tokens_per_micro_batch")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--syncs", type=int, default=3)
@@ -97,19 +106,28 @@ def main() -> None:
     from rlhf.models import resolve_model_path
 
     path = resolve_model_path(args.model)
-    batch = make_batch(args.rows, args.prompt, args.response, vocab=49152)
+    batch = make_batch(args.rows, args.prompt, args.response, vocab=49152, group=args.group_size)
     tokens = float(batch.attention_mask.sum())
     print(f"model {args.model}: {args.rows} rows x {args.prompt}+{args.response} tokens ({tokens:.0f} attention "
-          f"tokens), micro-batch {args.micro}, {args.threads} threads", flush=True)
+          f"tokens), prompts shared by {args.group_size} rows, micro-batch {args.micro}, {args.threads} threads",
+          flush=True)
 
     init_ray(num_cpus=4)
     cfg = LearnerConfig(num_ranks=args.ranks, zero_stage=args.stage, micro_batch_size=args.micro,
-                        num_threads=args.threads, lr=1e-6, timeout_s=1800.0)
+                        num_threads=args.threads, lr=1e-6, timeout_s=1800.0,
+                        max_tokens_per_micro_batch=args.max_tokens, share_prompt=False)
     learner = LearnerGroup(cfg, AlgoConfig(), path, "float32", False, total_updates=100)
+    sharing = None
+    if args.group_size > 1 and not args.sync_only:
+        sharing = LearnerGroup(replace(cfg, share_prompt=True), AlgoConfig(), path, "float32", False, total_updates=100)
     bare_loop = None if args.sync_only else BareLoop(path, args.threads, lr=1e-6)
     # CPU seconds of the rank processes as well as wall time: on a shared 2-core box other jobs
     # stretch wall time by several x, CPU time much less.
-    rank_procs = [psutil.Process(ray.get(a.__ray_call__.remote(lambda self: os.getpid()))) for a in learner.ranks]
+    def procs(group) -> list:
+        return [psutil.Process(ray.get(a.__ray_call__.remote(lambda self: os.getpid()))) for a in group.ranks]
+
+    rank_procs = procs(learner)
+    share_procs = procs(sharing) if sharing else []
     me = psutil.Process()
 
     def cpu(procs) -> float:
@@ -117,7 +135,7 @@ def main() -> None:
 
     try:
         # Alternate the two so that both see the same background load; report min and median.
-        bare, wall, bare_cpu, learner_cpu = [], [], [], []
+        bare, wall, bare_cpu, learner_cpu, shared, shared_cpu = [], [], [], [], [], []
         for step in range(0 if args.sync_only else args.warmup + args.steps):
             start, c0 = time.perf_counter(), cpu([me])
             bare_loop.step(batch, args.micro)
@@ -125,14 +143,25 @@ def main() -> None:
             start, c0 = time.perf_counter(), cpu(rank_procs)
             metrics = learner.train_step(batch)
             w, wc = time.perf_counter() - start, cpu(rank_procs) - c0
-            print(f"  step {step}: bare {b:.2f} s ({bc:.2f} CPU s), learner {w:.2f} s ({wc:.2f} CPU s)", flush=True)
+            line = f"  step {step}: bare {b:.2f} s ({bc:.2f} CPU s), learner {w:.2f} s ({wc:.2f} CPU s)"
+            if sharing:
+                start, c0 = time.perf_counter(), cpu(share_procs)
+                sharing.train_step(batch)
+                sw, swc = time.perf_counter() - start, cpu(share_procs) - c0
+                line += f", learner sharing prompts {sw:.2f} s ({swc:.2f} CPU s)"
+            print(line, flush=True)
             if step >= args.warmup:
                 bare.append(b)
                 wall.append(w)
                 bare_cpu.append(bc)
                 learner_cpu.append(wc)
+                if sharing:
+                    shared.append(sw)
+                    shared_cpu.append(swc)
         rows = [("bare torch loop", bare, bare_cpu),
-                (f"learner (ZeRO-{args.stage}, {args.ranks} rank(s))", wall, learner_cpu)]
+                (f"learner (ZeRO-{args.stage}, {args.ranks} rank(s), share_prompt off)", wall, learner_cpu)]
+        if sharing:
+            rows.append(("learner, share_prompt on", shared, shared_cpu))
         for name, times, cpus in [] if args.sync_only else rows:
             print(f"{name}: min {min(times):.2f} s/step ({tokens / min(times):.1f} tokens/s), median "
                   f"{statistics.median(times):.2f} s/step ({tokens / statistics.median(times):.1f} tokens/s), "
@@ -142,6 +171,11 @@ def main() -> None:
                   f"{100 * (statistics.median(wall) / statistics.median(bare) - 1):+.1f}% by median; CPU time "
                   f"{100 * (statistics.median(learner_cpu) / statistics.median(bare_cpu) - 1):+.1f}% by median "
                   f"(goal <= +10%); last loss {metrics['loss']:.4f}")
+        if sharing:
+            print(f"prompt sharing: {statistics.median(wall) / statistics.median(shared):.2f}x the learner's "
+                  f"tokens/s by median ({min(wall) / min(shared):.2f}x by min), "
+                  f"{statistics.median(bare) / statistics.median(shared):.2f}x the bare loop's")
+            sharing.shutdown()
         del bare_loop
 
         if args.no_engine:
