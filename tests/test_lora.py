@@ -9,6 +9,7 @@ batches with the same objective call as tests/test_learner.py's baseline. One gr
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,16 @@ def test_merged_buckets_have_the_base_names_and_base_plus_scaled_adapter(tiny_mo
 
 
 # --- the learner -----------------------------------------------------------------------------
+
+
+def test_a_target_module_the_model_lacks_fails_the_learner_start_naming_it(ray_session, tiny_model_path):
+    from rlhf.learner import LearnerError, LearnerGroup
+
+    # Raised by the rank once the model is loaded, before DeepSpeed builds anything.
+    with pytest.raises(LearnerError, match=r"learner rank 0 failed in start-up: ConfigError: "
+                       r"model.lora.target_modules: 'qkv_proj' matches no nn.Linear of LlamaForCausalLM"):
+        LearnerGroup(learner_cfg(1, 2), ALGO, tiny_model_path, "float32", False, total_updates=10,
+                     lora=dataclasses.replace(LORA, target_modules=["qkv_proj"]))
 
 
 def make_batch(seed: int) -> TrainBatch:
@@ -323,3 +334,36 @@ def test_merged_weights_synced_to_vllm_pass_the_probe(trained, engines, probe_id
     # 49,152 x 64 tied head, fp32; no adapter tensor is sent.
     n_base = sum(p.numel() for p in base.parameters())
     assert n_base == 3_219_776 and report.num_bytes == (n_base + 49152 * 64) * 4
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def test_a_lora_run_syncs_merged_weights_each_step_and_exports_both_folders(ray_session, tiny_model_path, tmp_path):
+    """``python -m rlhf.train model=tiny model.lora.rank=4`` in-process (the tiny smoke experiment,
+    one step): the step's sync passes the probe check, the export holds the merged weights and the
+    adapter, and the checkpoint records model.lora (what scripts/export.py needs to merge)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rlhf.metrics import read_metrics
+    from rlhf.train import train
+    from support.runs import axis_reward, compose
+
+    cfg = compose("+experiment=tiny_smoke", "model.lora.rank=4", "trainer.steps=1", "trainer.eval_prompts=0",
+                  f"trainer.output_dir={tmp_path / 'run'}", "learner.lr=1e-2", axis_reward(tiny_model_path))
+    run_dir = train(cfg)
+    (step,) = [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in m]
+    assert step["sync/probe_gap"] <= cfg.rollout.probe_tolerance and step["skipped"] == 0.0
+    export = run_dir / "export"
+    adapter = load_file(str(export / "adapter" / "adapter_model.safetensors"))
+    assert len(adapter) == 28 and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    merged, base = load_file(str(export / "model.safetensors")), load_file(str(Path(tiny_model_path) / "model.safetensors"))
+    assert merged.keys() == base.keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (merged[q] - base[q]).abs().max() > 1e-4  # the update reached the merged weights
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(merged[embed], base[embed])  # not a target: frozen
+    saved = json.loads((run_dir / "checkpoints" / "step-1" / "client_state.json").read_text())
+    assert saved["config"]["model"]["lora"]["rank"] == 4
