@@ -223,7 +223,8 @@ def test_two_lora_updates_equal_plain_peft_and_torch_adamw(trained):
 
 
 def test_base_weights_are_unchanged(trained, tiny_model_path):
-    loaded = {"base_model.model." + n: p for n, p in load_hf_model(tiny_model_path, "float32", False).named_parameters()}
+    plain = load_hf_model(tiny_model_path, "float32", False)
+    loaded = {"base_model.model." + n: p for n, p in plain.named_parameters()}
     base = {n: t for n, t in trained["after"].items() if ".lora_" not in n}
     assert len(base) == len(loaded)
     for name, t in base.items():
@@ -359,7 +360,8 @@ def test_a_lora_run_syncs_merged_weights_each_step_and_exports_both_folders(ray_
     export = run_dir / "export"
     adapter = load_file(str(export / "adapter" / "adapter_model.safetensors"))
     assert len(adapter) == 28 and all(".lora_A." in k or ".lora_B." in k for k in adapter)
-    merged, base = load_file(str(export / "model.safetensors")), load_file(str(Path(tiny_model_path) / "model.safetensors"))
+    merged = load_file(str(export / "model.safetensors"))
+    base = load_file(str(Path(tiny_model_path) / "model.safetensors"))
     assert merged.keys() == base.keys()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert (merged[q] - base[q]).abs().max() > 1e-4  # the update reached the merged weights
