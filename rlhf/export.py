@@ -2,7 +2,8 @@
 
 Contents: safetensors weights (``model.safetensors``, or shards plus an index), ``config.json``
 (the base model's architecture with the export dtype), ``generation_config.json`` and the
-tokenizer files. Tied output heads are left out, as ``save_pretrained`` does.
+tokenizer files. Tied output heads are left out, as ``save_pretrained`` does. A LoRA run's export
+holds the merged weights plus ``adapter/``, the PEFT adapter folder (rlhf/learner/lora.py).
 
 Two sources: a live ``LearnerGroup`` (``LearnerGroup.export``) or any saved checkpoint
 (``export_checkpoint``, used by ``scripts/export.py``), whose DeepSpeed shards are merged with
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.config import LoraConfig
+from rlhf.learner.lora import ADAPTER_DIR, is_lora_state, peft_config, save_adapter_folder, split_checkpoint_state
 from rlhf.learner.weights import write_hf_weights
 from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
 
@@ -116,15 +119,36 @@ def export_checkpoint(
         base_model_path = resolve_model_path(run_model["name_or_path"], run_model.get("cache_dir"))
     dtype = dtype or run_model.get("dtype", "float32")
     trust = bool(run_model.get("trust_remote_code", False))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)  # fp32, by HF name
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)  # fp32, by module name
+    adapter: dict[str, torch.Tensor] | None = None
+    if is_lora_state(state):  # a LoRA run: module names are peft's
+        state, adapter = split_checkpoint_state(state, _run_lora(run_model, ckpt_dir))
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust)
     if ties_embeddings(config):
         state.pop(LM_HEAD, None)
     buckets = _buckets(state, torch_dtype(dtype), _BUCKET_BYTES)
+
+    def write(tmp: Path) -> None:
+        write_hf_weights(buckets, tmp)
+        if adapter is not None:
+            lora_cfg = peft_config(_run_lora(run_model, ckpt_dir), base_model_path)
+            cast = {k: v.to(torch_dtype(dtype)) for k, v in adapter.items()}
+            save_adapter_folder(cast, lora_cfg, tmp / ADAPTER_DIR)
+
     return publish_hf_folder(
-        Path(out_dir), lambda tmp: write_hf_weights(buckets, tmp), base_model_path,
-        tokenizer_path or base_model_path, dtype, trust_remote_code=trust,
+        Path(out_dir), write, base_model_path, tokenizer_path or base_model_path, dtype, trust_remote_code=trust,
     )
+
+
+def _run_lora(run_model: dict, ckpt_dir: Path) -> LoraConfig:
+    """The run's model.lora, which a checkpoint holding adapters must record (scaling = alpha / rank)."""
+    recorded = run_model.get("lora") or {}
+    if int(recorded.get("rank", 0)) <= 0:
+        raise ValueError(
+            f"{ckpt_dir} holds LoRA adapters but its client_state.json records no config.model.lora with "
+            "rank > 0: the merge needs the run's model.lora.rank and model.lora.alpha"
+        )
+    return LoraConfig(**recorded)
 
 
 def describe_export(out_dir: Path) -> str:

@@ -215,7 +215,7 @@ def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[Engine
                                 cfg.model.trust_remote_code, logs, placement=placement.engines)
         learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
                                 cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
-                                placement=placement.learner)
+                                placement=placement.learner, lora=cfg.model.lora)
         wait([engines_f, learner_f])
     for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
         if future.exception() is None:

@@ -10,6 +10,7 @@ Conventions used everywhere:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -173,3 +174,18 @@ class BroadcastGroup:
     addr: str  # learner rank 0's node address
     port: int
     world_size: int  # 1 + every engine worker
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One tensor of the model as the engines and transformers name it (rlhf/learner/weights.py).
+
+    ``params``: the parameters to gather before reading it (under ZeRO-3 they are whole only while
+    gathered); the first one gives the shape and dtype. ``compute``: None when the tensor is
+    ``params[0]`` itself, else how to build it from the gathered parameters (LoRA: the base weight
+    merged with its adapter, rlhf/learner/lora.py).
+    """
+
+    name: str
+    params: tuple[torch.nn.Parameter, ...]
+    compute: Callable[[], torch.Tensor] | None = None

@@ -13,6 +13,7 @@ from rlhf.config import Config, ConfigError
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
+from rlhf.learner.lora import check_lora
 from rlhf.learner.settings import check_settings
 from rlhf.placement import plan_placement
 from rewards.api import check_specs, default_name
@@ -79,6 +80,7 @@ def validate(cfg: Config) -> BatchPlan:
     check_off_policy(cfg)
     plan = plan_batches(cfg)
     check_settings(cfg.learner, cfg.algo, cfg.model.dtype, total_updates(cfg))
+    check_lora(cfg.model.lora)
     return plan
 
 

@@ -7,7 +7,8 @@ CHECKPOINT is a ``step-N`` folder, a ``checkpoints`` folder, or a run folder (th
 complete checkpoint is used). The base model (config, generation config, tokenizer) and the dtype
 default to the run's own ``model.name_or_path`` and ``model.dtype``. The checkpoint's manifest is
 verified before DeepSpeed reads its (pickled) files; the result loads with
-``AutoModelForCausalLM.from_pretrained`` and with vLLM.
+``AutoModelForCausalLM.from_pretrained`` and with vLLM. A LoRA run's checkpoint is exported merged,
+plus ``<out>/adapter``, the PEFT adapter folder (model.lora is read from the checkpoint).
 """
 
 from __future__ import annotations

@@ -22,6 +22,24 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key(s) and value(s)."""
 
 
+# Llama's attention and MLP projections: the usual LoRA targets (names of nn.Linear modules).
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    # Adapter rank r; 0 turns LoRA off (full fine-tuning).
+    rank: int = 0
+    # Adapter output is scaled by alpha / rank.
+    alpha: float = 16.0
+    # Dropout on the adapter's input while training (the merged weights the engines get have none).
+    dropout: float = 0.0
+    # Names (last dotted component, or full module paths) of the nn.Linear layers that get adapters.
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    # Seed of the adapters' initialisation, so every learner rank starts from the same adapters.
+    seed: int = 0
+
+
 @dataclass
 class ModelConfig:
     # Built-in name ("smollm2-135m-instruct", "tiny-random-llama"), a local HF folder, or a hub id.
@@ -32,6 +50,8 @@ class ModelConfig:
     dtype: str = "float32"
     # Where converted built-in models are cached (None: $RLHF_MODEL_CACHE or ~/.cache/rlhf/models).
     cache_dir: Optional[str] = None
+    # Low-rank adapters (peft) instead of full fine-tuning; off unless lora.rank > 0.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def run_sft(cfg: Config) -> Path:
                  log_to_driver=logs is None)
         # AlgoConfig(): kl_coef 0, so no reference model is loaded; the GRPO settings go unused.
         learner = LearnerGroup(learner_cfg, AlgoConfig(), model_path, cfg.model.dtype,
-                               cfg.model.trust_remote_code, total_updates=total_steps, logs=logs)
+                               cfg.model.trust_remote_code, total_updates=total_steps, logs=logs,
+                               lora=cfg.model.lora)
         stack.callback(learner.shutdown)
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:

@@ -25,7 +25,8 @@ def bucket_layout(model: torch.nn.Module, bucket_bytes: int) -> list[WeightBucke
     def shape(p: torch.nn.Parameter) -> tuple[int, ...]:
         return tuple(p.ds_shape) if is_zero3(p) else tuple(p.shape)
 
-    return plan_buckets([[(name, shape(p), p.dtype) for name, p in bucket] for bucket in _plan(model, bucket_bytes)])
+    return plan_buckets([[(e.name, shape(e.params[0]), e.params[0].dtype) for e in bucket]
+                         for bucket in _plan(model, bucket_bytes)])
 
 
 class WeightSender:

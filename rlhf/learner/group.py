@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from rlhf import faults
-from rlhf.config import AlgoConfig, LearnerConfig
+from rlhf.config import AlgoConfig, LearnerConfig, LoraConfig
 from rlhf.console import log_file
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.packing import PassPlan, plan_passes
@@ -61,13 +61,19 @@ class LearnerGroup:
         total_updates: int,
         logs: Path | None = None,
         placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output).
         ``placement``: one scheduling strategy per rank (rlhf/placement.py's ``Placement.learner``);
-        None: Ray places the ranks wherever their resources are free."""
+        None: Ray places the ranks wherever their resources are free. ``lora``: model.lora (None or
+        rank 0: full fine-tuning; rlhf/learner/lora.py)."""
         import ray
 
+        from rlhf.learner.lora import check_lora
+
         check_settings(cfg, algo, dtype, total_updates)
+        if lora is not None:
+            check_lora(lora)
         if placement is not None and len(placement) != cfg.num_ranks:
             raise ValueError(f"placement has {len(placement)} slots for learner.num_ranks={cfg.num_ranks}")
         self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
@@ -85,7 +91,7 @@ class LearnerGroup:
         self.ranks = [
             actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
                                                         trust_remote_code, total_updates,
-                                                        log_file(logs, f"learner-rank-{r}"))
+                                                        log_file(logs, f"learner-rank-{r}"), lora)
             for r in range(cfg.num_ranks)
         ]
         try:
@@ -272,6 +278,10 @@ class LearnerGroup:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Full fp32 parameters by HF name (for tests and benchmarks)."""
         return self._call("full_state", "full_state")[0]
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 parameters under the module's own names (with LoRA: peft's; for tests)."""
+        return self._call("raw_state", "raw_state")[0]
 
     def optimizer_states(self) -> list[dict[str, torch.Tensor]]:
         """Each rank's optimizer state tensors (for tests)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf import faults
-from rlhf.config import AlgoConfig, LearnerConfig
+from rlhf.config import AlgoConfig, LearnerConfig, LoraConfig
 from rlhf.console import redirect_output
 from rlhf.learner.packing import MicroBatch, PassPlan, micro_batches
 from rlhf.learner.rank_metrics import RankMetrics
@@ -65,12 +65,18 @@ class LearnerRank:
         trust_remote_code: bool,
         total_updates: int,
         log_path: str | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
+        """``lora``: model.lora (None or rank 0: full fine-tuning)."""
         if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
             redirect_output(log_path)
+        from rlhf.learner.lora import check_lora
         from rlhf.learner.settings import check_settings
 
         check_settings(cfg, algo, dtype, total_updates)
+        self.lora = lora if lora is not None and lora.rank > 0 else None
+        if self.lora is not None:
+            check_lora(self.lora)
         self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
         self._build = (model_path, dtype, trust_remote_code, total_updates)
         self._listener = None
@@ -124,6 +130,10 @@ class LearnerRank:
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and frozen inputs.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:  # adapters only require grad: the optimizer holds their state alone
+            from rlhf.learner.lora import wrap
+
+            model = wrap(model, self.lora, model_path)
         optimizer = build_adamw(model, cfg, fused=self.device.type == "cuda")
         schedule = lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_updates)
         self.engine, *_ = deepspeed.initialize(
@@ -320,9 +330,11 @@ class LearnerRank:
         return paths, nbytes, time.perf_counter() - start
 
     def export_hf(self, out_dir: str) -> int:
-        """Write HF weight shards of the current policy into ``out_dir`` (rank 0); returns bytes."""
+        """Write HF weight shards of the current policy into ``out_dir`` (rank 0); returns bytes.
+        With LoRA they are the merged weights, and the PEFT adapter goes to ``<out_dir>/adapter``."""
         from rlhf.learner.weights import full_parameter_buckets, write_hf_weights
 
+        nbytes = self._export_adapter(Path(out_dir)) if self.lora is not None else 0
         buckets = full_parameter_buckets(
             self.engine.module, self.rank, self.cfg.sync_bucket_mb * 2**20, include_tied_head=False
         )
@@ -330,7 +342,14 @@ class LearnerRank:
             for _ in buckets:  # take part in the ZeRO-3 gathers
                 pass
             return 0
-        return write_hf_weights(buckets, Path(out_dir))
+        return nbytes + write_hf_weights(buckets, Path(out_dir))
+
+    def _export_adapter(self, out_dir: Path) -> int:
+        from rlhf.learner.lora import ADAPTER_DIR, is_adapter, write_adapter
+        from rlhf.learner.weights import gathered_parameters
+
+        adapters = gathered_parameters(self.engine.module, self.rank, is_adapter)  # collective under ZeRO-3
+        return write_adapter(self.engine.module, adapters, out_dir / ADAPTER_DIR) if self.rank == 0 else 0
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> RankFiles:
@@ -369,6 +388,13 @@ class LearnerRank:
         for bucket in full_parameter_buckets(self.engine.module, self.rank, 2**62, False, torch.float32, copy=True):
             out.update(bucket)
         return out
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter under the module's own names (with LoRA: peft's, base_layer weights and
+        lora_A/lora_B apart), CPU fp32, rank 0; collective under ZeRO-3. For tests."""
+        from rlhf.learner.weights import gathered_parameters
+
+        return {k: v.float() for k, v in gathered_parameters(self.engine.module, self.rank, lambda _: True).items()}
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """This rank's fp32 master partitions and their AdamW state (step, exp_avg, exp_avg_sq). For tests."""

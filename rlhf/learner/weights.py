@@ -1,8 +1,9 @@
 """Full parameters out of a (possibly ZeRO-3 sharded) model, in buckets, as safetensors files.
 
-Used by the weight sync (buckets into /dev/shm for the engines) and by the HF export. Under ZeRO-3
-every rank must walk the same buckets, because gathering a shard is a collective; only rank 0
-keeps (copies to CPU and writes) what was gathered. Under ZeRO-0/1/2 parameters are whole on every
+Used by the weight sync (buckets into /dev/shm for the engines) and by the HF export. With LoRA
+the tensors are the base model's, adapters merged in (rlhf/learner/lora.py), under the same names.
+Under ZeRO-3 every rank must walk the same buckets, because gathering a shard is a collective;
+only rank 0 keeps (copies to CPU and writes) what was gathered. Under ZeRO-0/1/2 parameters are whole on every
 rank and rank 0 alone reads them.
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from rlhf.learner.lora import is_lora, merged_entries
 from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
+from rlhf.types import WeightEntry
 
 
 def is_zero3(param: torch.nn.Parameter) -> bool:
@@ -26,16 +29,25 @@ def _numel(param: torch.nn.Parameter) -> int:
     return param.ds_numel if is_zero3(param) else param.numel()
 
 
-def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """Parameters in registration order, cut into buckets of about ``bucket_bytes`` bytes each."""
-    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
+def weight_entries(model: torch.nn.Module) -> list[WeightEntry]:
+    """The model's tensors under their HF names, in registration order (tied weights once): its
+    parameters themselves, or with LoRA the base model's with adapters merged (rlhf/learner/lora.py)."""
+    if is_lora(model):
+        return merged_entries(model)
+    return [WeightEntry(name, (p,)) for name, p in model.named_parameters()]
+
+
+def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[WeightEntry]]:
+    """``weight_entries`` cut into buckets of about ``bucket_bytes`` bytes each."""
+    buckets: list[list[WeightEntry]] = [[]]
     size = 0
-    for name, p in model.named_parameters():  # tied weights appear once (remove_duplicate)
+    for entry in weight_entries(model):
+        p = entry.params[0]
         nbytes = _numel(p) * p.element_size()
         if buckets[-1] and size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
-        buckets[-1].append((name, p))
+        buckets[-1].append(entry)
         size += nbytes
     return buckets
 
@@ -69,17 +81,31 @@ def full_parameter_buckets(
     if not zero3 and rank != 0:
         return
     for bucket in _plan(model, bucket_bytes):
-        params = [p for _, p in bucket]
+        params = [p for entry in bucket for p in entry.params]
         # modifier_rank=None: read-only gather, nothing is scattered back afterwards.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
             if rank != 0:
                 yield {}
                 continue
-            out = {name: _host(p.data, dtype, copy, device) for name, p in bucket}
+            out = {e.name: _host(e.params[0].data if e.compute is None else e.compute(), dtype, copy, device)
+                   for e in bucket}
             yield out
-            for name, p in bucket:
-                if embed is not None and p is embed:
-                    yield {LM_HEAD: out[name]}
+            for e in bucket:
+                if embed is not None and e.compute is None and e.params[0] is embed:
+                    yield {LM_HEAD: out[e.name]}
+
+
+def gathered_parameters(model: torch.nn.Module, rank: int, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """{name as ``named_parameters`` gives it: CPU copy} of the parameters ``keep`` accepts, on rank 0
+    (empty elsewhere), in one gather: for small sets (LoRA adapters, tests). Collective under ZeRO-3."""
+    import deepspeed
+
+    named = [(n, p) for n, p in model.named_parameters() if keep(n)]
+    zero3 = any(is_zero3(p) for _, p in named)
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=zero3):
+        if rank != 0:
+            return {}
+        return {n: p.data.detach().to("cpu", copy=True) for n, p in named}
 
 
 def _host(t: torch.Tensor, dtype: torch.dtype | None, copy: bool, device: torch.device | str) -> torch.Tensor:

