@@ -36,10 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from trl_half import MICRO_BATCH, NUM_GENERATIONS, math_answer_reward  # noqa: E402  (imports torch, trl)
+from trl_half import MICRO_BATCH, NUM_GENERATIONS, math_answer_reward, prompt_dataset  # noqa: E402  (imports torch, trl)
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
@@ -142,16 +141,10 @@ class HeldOutEval(TrainerCallback):
 def main() -> None:
     args = parse_args()
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    with open(args.prompts, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     samples_per_step = args.prompts_per_step * NUM_GENERATIONS
     if samples_per_step % MICRO_BATCH:
         raise SystemExit(f"{samples_per_step} samples a step is not a multiple of the micro-batch {MICRO_BATCH}")
-    if len(rows) < args.steps * args.prompts_per_step:
-        raise SystemExit(f"{args.prompts}: {len(rows)} prompts, need {args.steps * args.prompts_per_step}")
-    dataset = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows
-    ])
+    dataset = prompt_dataset(args.prompts, args.steps, args.prompts_per_step)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     config = GRPOConfig(

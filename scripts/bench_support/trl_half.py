@@ -80,17 +80,22 @@ def math_answer_reward():
     return math_answer
 
 
-def main() -> None:
-    args = parse_args()
-    with open(args.prompts, encoding="utf-8") as f:
+def prompt_dataset(path: str, steps: int, prompts_per_step: int) -> Dataset:
+    """The JSONL prompts as chat messages, so TRL applies the tokenizer's chat template itself, as
+    it usually does; exits when there are fewer than the steps need."""
+    with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    samples_per_step = args.prompts_per_step * NUM_GENERATIONS
-    if len(rows) < args.steps * args.prompts_per_step:
-        raise SystemExit(f"{args.prompts}: {len(rows)} prompts, need {args.steps * args.prompts_per_step}")
-    # Chat messages, so TRL applies the tokenizer's chat template itself, as it usually does.
-    dataset = Dataset.from_list([
+    if len(rows) < steps * prompts_per_step:
+        raise SystemExit(f"{path}: {len(rows)} prompts, need {steps * prompts_per_step}")
+    return Dataset.from_list([
         {"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows
     ])
+
+
+def main() -> None:
+    args = parse_args()
+    samples_per_step = args.prompts_per_step * NUM_GENERATIONS
+    dataset = prompt_dataset(args.prompts, args.steps, args.prompts_per_step)
 
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
