@@ -53,18 +53,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench_step import child_env, install_trl
+from bench_step import ALIASES, PYTHON, REPO, child_env, install_trl
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
 TRL_ACCURACY = REPO / "scripts" / "bench_support" / "trl_accuracy.py"
-ALIASES = {"tiny": "tiny-random-llama", "smollm2": "smollm2-135m-instruct"}
 REAL_MODEL = "smollm2-135m-instruct"
 FIGURE = REPO / "docs" / "figures" / "time_to_accuracy.png"
 EXPERIMENT = "+experiment=single_digit"

@@ -21,8 +21,8 @@ import torch
 from rlhf import faults
 from rlhf.config import AlgoConfig, LearnerConfig, LoraConfig
 from rlhf.console import log_file
-from rlhf.learner.rank import LearnerRank
 from rlhf.learner.packing import PassPlan, plan_passes
+from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.learner.settings import check_settings
@@ -146,7 +146,8 @@ class LearnerGroup:
             )
         start = time.perf_counter()
         shards, plan = self._shards(batch)
-        results = self._call("train_step", "train_step", [(s, total_tokens, total_seqs, objective, plan) for s in shards])
+        results = self._call("train_step", "train_step",
+                             [(s, total_tokens, total_seqs, objective, plan) for s in shards])
         wall = time.perf_counter() - start
         return reduce_metrics(results, wall)
 

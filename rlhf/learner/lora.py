@@ -140,11 +140,11 @@ def merged_entries(model: torch.nn.Module) -> list[WeightEntry]:
     for name, p in model.named_parameters():  # tied weights appear once
         if not name.startswith(_PREFIX):
             raise RuntimeError(f"LoRA model parameter {name!r} lacks peft's prefix {_PREFIX!r}")
-        if any(part.startswith("lora_") for part in name.split(".")):
+        if is_adapter(name):
             continue
         owner, leaf = name.rsplit(".", 1)
         layer = layers.get(owner[: -len(_BASE)]) if owner.endswith(_BASE) else None
-        hf_name = name[len(_PREFIX):].replace(_BASE + ".", ".")
+        hf_name = _hf_name(name)
         if layer is None or leaf != "weight":
             entries.append(WeightEntry(hf_name, (p,)))
             continue
@@ -152,6 +152,11 @@ def merged_entries(model: torch.nn.Module) -> list[WeightEntry]:
         scaling = float(layer.scaling[ADAPTER])
         entries.append(WeightEntry(hf_name, (p, a, b), _merge(p, a, b, scaling)))
     return entries
+
+
+def _hf_name(name: str) -> str:
+    """A peft parameter name as the plain HF model names it (prefix and ``.base_layer`` dropped)."""
+    return name[len(_PREFIX):].replace(_BASE + ".", ".")
 
 
 def _merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> Callable[[], torch.Tensor]:
@@ -203,7 +208,7 @@ def split_checkpoint_state(
             layer = owner[: -len(_BASE)]
             t = merged_weight(t, state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"],
                               scaling)
-        merged[name[len(_PREFIX):].replace(_BASE + ".", ".")] = t
+        merged[_hf_name(name)] = t
     return merged, adapter
 
 

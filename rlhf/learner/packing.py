@@ -117,7 +117,8 @@ def plan_micro_batches(batch: TrainBatch, max_rows: int, max_tokens: int = 0, sh
     for i in order:
         trial = current + [i]
         prompts = {key_of[j]: plens[j] for j in trial}
-        over = max_tokens > 0 and _cost(prompts, [lengths[j] for j in trial], [plens[j] for j in trial], share) > max_tokens
+        cost = _cost(prompts, [lengths[j] for j in trial], [plens[j] for j in trial], share)
+        over = max_tokens > 0 and cost > max_tokens
         if current and (len(trial) > max_rows or over):
             plans.append(current)
             trial = [i]

@@ -253,9 +253,10 @@ class LearnerRank:
         cross-entropy at temperature 1, rlhf/distill/sft_loss.py; advantages are ignored).
 
         ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
-        ranks); ``plan`` the passes every rank runs (as in ``compute_logprobs``). A non-finite loss on any rank, or a non-finite gradient, skips the update on every
-        rank (metric ``skipped`` = 1): the last backward is multiplied by NaN everywhere so that
-        DeepSpeed's own overflow check drops the gradients and the step identically on all ranks.
+        ranks); ``plan`` the passes every rank runs (as in ``compute_logprobs``). A non-finite loss
+        on any rank, or a non-finite gradient, skips the update on every rank (metric ``skipped`` =
+        1): the last backward is multiplied by NaN everywhere so that DeepSpeed's own overflow check
+        drops the gradients and the step identically on all ranks.
         Returns this rank's metrics; ``LearnerGroup`` combines the ranks' (``reduce_metrics``).
         """
         import torch.distributed as dist

@@ -21,7 +21,9 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updat
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
     if cfg.max_tokens_per_micro_batch < 0:
-        raise ConfigError(f"learner.max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} must be >= 0 (0: no budget)")
+        raise ConfigError(
+            f"learner.max_tokens_per_micro_batch={cfg.max_tokens_per_micro_batch} must be >= 0 (0: no budget)"
+        )
     if cfg.share_prompt and cfg.gradient_checkpointing:
         # transformers drops past_key_values inside checkpointed layers, so the suffix pass
         # could not see the prompt's cache.
