@@ -214,9 +214,8 @@ DEEPSPEED_PICKLE_CLASSES = (
 )
 
 
-def check_pickles(folder: Path) -> None:
-    """Load every ``.pt`` file under ``folder`` with torch's weights-only unpickler (nothing can
-    run); raises CheckpointError naming the file when one needs anything else."""
+def safe_load(path: Path):
+    """``torch.load`` with the weights-only unpickler, admitting ``DEEPSPEED_PICKLE_CLASSES`` too."""
     import importlib
 
     import torch
@@ -225,10 +224,16 @@ def check_pickles(folder: Path) -> None:
     for spec in DEEPSPEED_PICKLE_CLASSES:
         module, name = spec.split(":")
         allowed.append(getattr(importlib.import_module(module), name))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_pickles(folder: Path) -> None:
+    """Load every ``.pt`` file under ``folder`` with torch's weights-only unpickler (nothing can
+    run); raises CheckpointError naming the file when one needs anything else."""
     for path in sorted(Path(folder).rglob("*.pt")):
         try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            safe_load(path)
         except Exception as e:
             raise CheckpointError(
                 f"{path} is not a plain tensor checkpoint ({type(e).__name__}: {str(e)[:300]}); "

@@ -7,7 +7,8 @@ holds the merged weights plus ``adapter/``, the PEFT adapter folder (rlhf/learne
 
 Two sources: a live ``LearnerGroup`` (``LearnerGroup.export``) or any saved checkpoint
 (``export_checkpoint``, used by ``scripts/export.py``), whose DeepSpeed shards are merged with
-DeepSpeed's own ``zero_to_fp32`` after the checkpoint's manifest and pickles have been checked.
+DeepSpeed's own ``zero_to_fp32`` (or, without ZeRO, read whole) after the checkpoint's manifest and
+pickles have been checked.
 The folder is built beside the target and renamed into place when complete.
 """
 
@@ -100,11 +101,10 @@ def export_checkpoint(
     ``base_model_path`` (config, generation config, tokenizer) and ``dtype`` default to the run's
     own ``model.name_or_path`` / ``model.dtype`` recorded in the checkpoint's client state.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig
 
     from rlhf.checkpoint import open_checkpoint
-    from rlhf.learner.rank import DS_TAG, torch_dtype
+    from rlhf.learner.rank import torch_dtype
     from rlhf.models import resolve_model_path
 
     ckpt_dir = Path(ckpt_dir)
@@ -119,7 +119,7 @@ def export_checkpoint(
         base_model_path = resolve_model_path(run_model["name_or_path"], run_model.get("cache_dir"))
     dtype = dtype or run_model.get("dtype", "float32")
     trust = bool(run_model.get("trust_remote_code", False))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)  # fp32, by module name
+    state = checkpoint_weights(ckpt_dir)
     adapter: dict[str, torch.Tensor] | None = None
     if is_lora_state(state):  # a LoRA run: module names are peft's
         state, adapter = split_checkpoint_state(state, _run_lora(run_model, ckpt_dir))
@@ -138,6 +138,23 @@ def export_checkpoint(
     return publish_hf_folder(
         Path(out_dir), write, base_model_path, tokenizer_path or base_model_path, dtype, trust_remote_code=trust,
     )
+
+
+def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights by module name from a checkpoint that ``open_checkpoint`` has verified:
+    DeepSpeed's zero_to_fp32 over the ranks' ZeRO partitions, or, for a run without ZeRO (one fp32
+    rank, ``ds_config.zero_stage``), the module state DeepSpeed saved whole."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from rlhf.checkpoint import safe_load
+    from rlhf.learner.rank import DS_TAG
+
+    if any((ckpt_dir / DS_TAG).glob("*zero_pp_rank_*")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
+    states = ckpt_dir / DS_TAG / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} holds neither ZeRO partitions nor {states.name} under {DS_TAG}/")
+    return {name: t.float() for name, t in safe_load(states)["module"].items()}
 
 
 def _run_lora(run_model: dict, ckpt_dir: Path) -> LoraConfig:

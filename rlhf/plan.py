@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf.config import Config
 from rlhf.config.batches import BatchPlan, total_updates
+from rlhf.learner.ds_config import zero_stage
 from rlhf.placement import NodeResources, PlacementPlan, first_fit, plan_placement
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -36,6 +37,14 @@ def count_params(model_path: str, trust_remote_code: bool) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
+
+
+def _zero(cfg: Config) -> str:
+    """The requested ZeRO stage, and the one that runs where they differ (ds_config.zero_stage)."""
+    runs = zero_stage(cfg.learner, cfg.model.dtype)
+    if runs == cfg.learner.zero_stage:
+        return f"ZeRO-{runs}"
+    return f"ZeRO-{cfg.learner.zero_stage} (run without ZeRO: one fp32 rank has nothing to partition)"
 
 
 def estimate_memory(cfg: Config, num_params: int) -> MemoryEstimate:
@@ -102,8 +111,8 @@ def describe(cfg: Config, batches: BatchPlan, memory: MemoryEstimate | None,
         f"  rollouts: {_rollouts(cfg)}",
         "Placement",
         f"  {cfg.trainer.placement}: {cfg.rollout.num_engines} vLLM engine actor(s)"
-        f" (tp={cfg.rollout.tensor_parallel_size}), {cfg.learner.num_ranks} DeepSpeed ZeRO-"
-        f"{cfg.learner.zero_stage} rank actor(s) ({cfg.learner.backend}, {cfg.model.dtype})",
+        f" (tp={cfg.rollout.tensor_parallel_size}), {cfg.learner.num_ranks} DeepSpeed {_zero(cfg)}"
+        f" rank actor(s) ({cfg.learner.backend}, {cfg.model.dtype})",
         f"  reference model: {'yes' if cfg.algo.kl_coef > 0 else 'no (algo.kl_coef=0)'}",
         *placement_lines(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout), nodes),
     ]

@@ -20,12 +20,62 @@ from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf
 
 
 def test_policy_config_zero2_defaults():
-    ds = policy_config(LearnerConfig(), "float32", micro_batch_size=4)
+    ds = policy_config(LearnerConfig(num_ranks=2), "float32", micro_batch_size=4)
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_accumulation_steps"] == 1  # the learner marks boundaries itself
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_clipping"] == 1.0
     assert "bf16" not in ds and "offload_optimizer" not in ds["zero_optimization"]
+
+
+@pytest.mark.parametrize(
+    "overrides, dtype, runs",
+    [
+        ({"num_ranks": 1, "zero_stage": 2}, "float32", 0),  # one fp32 rank: nothing to partition
+        ({"num_ranks": 1, "zero_stage": 1}, "float32", 0),
+        ({"num_ranks": 1, "zero_stage": 2}, "bfloat16", 2),  # bf16 keeps ZeRO's mixed-precision path
+        ({"num_ranks": 1, "zero_stage": 2, "offload_optimizer": True}, "float32", 2),
+        ({"num_ranks": 1, "zero_stage": 3}, "float32", 3),
+        ({"num_ranks": 2, "zero_stage": 2}, "float32", 2),
+    ],
+)
+def test_the_stage_that_runs(overrides, dtype, runs):
+    from rlhf.learner.ds_config import zero_stage
+
+    cfg = LearnerConfig(**overrides)
+    assert zero_stage(cfg, dtype) == runs
+    ds = policy_config(cfg, dtype, micro_batch_size=1)
+    assert ds["zero_optimization"]["stage"] == runs
+    # Without ZeRO in fp32 the optimizer clips (CheckedAdamW), so DeepSpeed must not clip again.
+    assert ds["gradient_clipping"] == (0.0 if runs == 0 else cfg.grad_clip)
+
+
+def _checked_step(grads: list[list[float]], max_norm: float):
+    from rlhf.learner.optim import CheckedAdamW
+
+    params = [torch.nn.Parameter(torch.zeros(len(g))) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g)
+    opt = CheckedAdamW(params, max_norm, lr=0.1, weight_decay=0.0)
+    opt.step()
+    return opt, params
+
+
+def test_checked_adamw_clips_by_the_global_norm_and_keeps_it():
+    # grads [3] and [4]: global norm 5; clipped to 1 they are [0.6] and [0.8]. Adam's first update
+    # is -lr * sign(g) whatever the scale, so the clipped grads are read back from the moments:
+    # exp_avg = (1 - beta1) * g = 0.1 * g.
+    opt, params = _checked_step([[3.0], [4.0]], max_norm=1.0)
+    assert not opt.overflow and float(opt._global_grad_norm) == pytest.approx(5.0, abs=1e-6)
+    got = [float(opt.state[p]["exp_avg"]) for p in params]
+    assert got == pytest.approx([0.06, 0.08], abs=1e-7)
+    assert [float(p) for p in params] == pytest.approx([-0.1, -0.1], abs=1e-6)
+
+
+def test_checked_adamw_skips_a_nonfinite_update():
+    opt, params = _checked_step([[1.0], [float("nan")]], max_norm=1.0)
+    assert opt.overflow and math.isnan(float(opt._global_grad_norm))
+    assert all(float(p) == 0.0 for p in params) and not opt.state  # nothing moved, no moments
 
 
 def test_policy_config_zero3_offload_bf16():

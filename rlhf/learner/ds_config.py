@@ -27,18 +27,36 @@ def _check(cfg: LearnerConfig, dtype: str) -> None:
         raise ConfigError("model.dtype=float16 is not supported by the learner (use bfloat16 or float32)")
 
 
+def zero_stage(cfg: LearnerConfig, dtype: str) -> int:
+    """The ZeRO stage the policy engine runs: ``learner.zero_stage``, except 0 for ZeRO-1/2 on one
+    rank in fp32 without optimizer offload.
+
+    One rank has nothing to partition over, and ZeRO-1/2 still copy every gradient into flat
+    buffers and step a second, flat fp32 copy of the weights: +65% wall time over a bare torch loop
+    at SmolLM2-135M on 2 Xeon cores, against +9% without ZeRO (scripts/bench_learner.py). bf16 keeps
+    the requested stage: without ZeRO it would go through DeepSpeed's BF16_Optimizer, a path the CPU
+    tests here cannot cover. Stage 3 is kept: one rank may want it for parameter offload.
+    """
+    if cfg.num_ranks == 1 and cfg.zero_stage in (1, 2) and dtype == "float32" and not cfg.offload_optimizer:
+        return 0
+    return cfg.zero_stage
+
+
 def policy_config(cfg: LearnerConfig, dtype: str, micro_batch_size: int) -> dict[str, Any]:
     """The training engine's config.
 
     Gradient accumulation is driven by the learner (it marks the accumulation boundary itself and
     calls ``backward(scale_wrt_gas=False)``), so DeepSpeed's own ``gradient_accumulation_steps`` is 1.
+    Without ZeRO in fp32 the optimizer (``optim.CheckedAdamW``) clips, so that it can also keep the
+    norm and skip a non-finite update; DeepSpeed's own clipping is then off.
     """
     _check(cfg, dtype)
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage in (1, 2):
+    stage = zero_stage(cfg, dtype)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
         # Gloo has no reduce-scatter fast path worth overlapping on CPU; contiguous grads keep memory flat.
         zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
-    if cfg.zero_stage == 3:
+    if stage == 3:
         zero.update(
             {
                 "overlap_comm": False,
@@ -48,14 +66,14 @@ def policy_config(cfg: LearnerConfig, dtype: str, micro_batch_size: int) -> dict
                 "stage3_param_persistence_threshold": cfg.zero3_param_persistence_threshold,
             }
         )
-    if cfg.offload_optimizer and cfg.zero_stage >= 1:
+    if cfg.offload_optimizer and stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.pin_memory}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.pin_memory}
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if optimizer_clips(cfg, dtype) else cfg.grad_clip,
         "zero_optimization": zero,
         # A plain torch AdamW is not on DeepSpeed's tested list for ZeRO but works: tests/test_learner.py
         # matches ZeRO-2 and ZeRO-3 updates against torch's own AdamW step.
@@ -67,6 +85,11 @@ def policy_config(cfg: LearnerConfig, dtype: str, micro_batch_size: int) -> dict
         # check_grad_overflow: a non-finite gradient skips the step in bf16 too (fp32 always checks).
         out["bf16"] = {"enabled": True, "check_grad_overflow": True}
     return out
+
+
+def optimizer_clips(cfg: LearnerConfig, dtype: str) -> bool:
+    """No ZeRO in fp32: the torch optimizer runs as it is, so it must clip and skip itself."""
+    return zero_stage(cfg, dtype) == 0 and dtype == "float32"
 
 
 def reference_config(cfg: LearnerConfig, dtype: str, micro_batch_size: int) -> dict[str, Any]:

@@ -28,9 +28,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_adamw(model: torch.nn.Module, cfg: LearnerConfig, fused: bool = False) -> torch.optim.Optimizer:
+class CheckedAdamW(torch.optim.AdamW):
+    """torch AdamW that clips by the global gradient norm and skips an update whose gradients are
+    not finite, as DeepSpeed's ZeRO and mixed-precision optimizers do.
+
+    For DeepSpeed without ZeRO in fp32 (``ds_config.zero_stage``), which steps a plain torch
+    optimizer as it is: it would apply a NaN gradient, and it clips without keeping the norm.
+    DeepSpeed reads ``overflow`` (the update was skipped: no LR-scheduler step, ``skipped_steps``
+    counts it) and ``_global_grad_norm`` (``engine.get_global_grad_norm()``) after ``step``.
+    """
+
+    def __init__(self, params, max_norm: float, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self._global_grad_norm = norm
+        self.overflow = not bool(torch.isfinite(norm))
+        if self.overflow:
+            return None  # DeepSpeed zeroes the gradients after step either way
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)  # reads each p.grad
+        return super().step(closure)
+
+
+def build_adamw(model: torch.nn.Module, cfg: LearnerConfig, fused: bool = False,
+                checked: bool = False) -> torch.optim.Optimizer:
     """torch AdamW; with ``learner.offload_optimizer``, DeepSpeed's CPU AdamW (the same update rule),
-    which ZeRO-Offload requires and which DeepSpeed compiles on first use (~3 min on 2 cores)."""
+    which ZeRO-Offload requires and which DeepSpeed compiles on first use (~3 min on 2 cores).
+    ``checked``: ``CheckedAdamW``, clipping at ``learner.grad_clip`` itself (no ZeRO, fp32)."""
     if cfg.lr <= 0:
         raise ConfigError(f"learner.lr={cfg.lr} must be > 0")
     if len(cfg.betas) != 2:
@@ -41,6 +72,8 @@ def build_adamw(model: torch.nn.Module, cfg: LearnerConfig, fused: bool = False)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, adamw_mode=True)
+    if checked:
+        return CheckedAdamW(groups, cfg.grad_clip, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused or None)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused or None)
 
 

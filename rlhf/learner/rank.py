@@ -98,7 +98,7 @@ class LearnerRank:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from rlhf.learner.ds_config import policy_config, reference_config
+        from rlhf.learner.ds_config import optimizer_clips, policy_config, reference_config
         from rlhf.learner.optim import build_adamw, lr_factor
         from rlhf.learner.rendezvous import init_process_group
 
@@ -134,7 +134,7 @@ class LearnerRank:
             from rlhf.learner.lora import wrap
 
             model = wrap(model, self.lora, model_path)
-        optimizer = build_adamw(model, cfg, fused=self.device.type == "cuda")
+        optimizer = build_adamw(model, cfg, fused=self.device.type == "cuda", checked=optimizer_clips(cfg, dtype))
         schedule = lr_factor(cfg.lr_schedule, cfg.warmup_steps, total_updates)
         self.engine, *_ = deepspeed.initialize(
             model=model,
@@ -398,15 +398,20 @@ class LearnerRank:
         return {k: v.float() for k, v in gathered_parameters(self.engine.module, self.rank, lambda _: True).items()}
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """This rank's fp32 master partitions and their AdamW state (step, exp_avg, exp_avg_sq). For tests."""
+        """This rank's fp32 master partitions and their AdamW state (step, exp_avg, exp_avg_sq); without
+        ZeRO, every parameter and its state. For tests."""
         zero = self.engine.optimizer
-        # ZeRO-3 keeps its flat fp32 partitions here (and empties the inner optimizer's
-        # param_groups between steps); ZeRO-1/2 keep them in single_partition_of_fp32_groups.
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        if self.engine.zero_optimization_stage() == 0:  # the torch optimizer, on the parameters themselves
+            inner, masters = zero, [p for group in zero.param_groups for p in group["params"]]
+        else:
+            # ZeRO-3 keeps its flat fp32 partitions here (and empties the inner optimizer's
+            # param_groups between steps); ZeRO-1/2 keep them in single_partition_of_fp32_groups.
+            inner = zero.optimizer
+            masters = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
         out = {}
-        for i, flat in enumerate(flats):
+        for i, flat in enumerate(masters):
             out[f"{i}.master"] = flat.detach().float().cpu().clone()
-            for k, v in zero.optimizer.state.get(flat, {}).items():
+            for k, v in inner.state.get(flat, {}).items():
                 if torch.is_tensor(v):
                     out[f"{i}.{k}"] = v.detach().float().cpu().clone()
         return out
