@@ -15,7 +15,10 @@ Both get the same arithmetic prompts in the same order ("What is a + b?", drawn 
 the demo run draws them, chat-templated by each framework) and the same reward (the built-in
 ``math_answer``, last-number mode). Step 1 is warm-up and excluded; steps 2..N are averaged. The
 table shows s/step (mean ± std), completion tokens per step (the two sample different completions,
-so lengths differ) and the ratio TRL / ours (goal: >= 4).
+so lengths differ) and the ratio TRL / ours (goal: >= 2x on an AVX-512 CPU, >= 3x on an AVX2-only
+one, where transformers' generate is slower). Beside it, this machine's fp32 matmul ceiling
+(measured first, in this process) and our training and generation FLOP/s as a share of it.
+``--lora-rank R``: both train peft LoRA adapters (same LoraConfig), LoRA's own row.
 
     .venv/bin/python scripts/bench_step.py                         # SmolLM2-135M, 4 steps each
     .venv/bin/python scripts/bench_step.py --model tiny --steps 2  # quick check of the script
@@ -55,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (logs, run folders)")
     p.add_argument("--verbose", action="store_true", help="echo the children's whole output")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="both train peft LoRA adapters of this rank (model.lora.rank; TRL's peft_config)")
     args = p.parse_args()
     if args.steps < 2:
         p.error(f"--steps={args.steps}: need at least 2 (step 1 is warm-up and not measured)")
@@ -70,6 +75,8 @@ class Result:
     step_s: list[float]  # every step, warm-up included
     tokens: list[float]  # completion tokens generated per step
     startup_s: float  # process wall time outside the steps (imports, engines, model load, tear-down)
+    train_tokens_s: float = float("nan")  # sequence tokens per second of the update (ours only)
+    generate_tokens_s: float = float("nan")  # completion tokens per second of generation (ours only)
 
     def measured(self) -> list[float]:
         return self.step_s[1:]
@@ -163,7 +170,7 @@ def bench_trl(args: argparse.Namespace, model_path: str, tmp: Path) -> Result:
     cmd = [PYTHON, str(TRL_HALF), "--model-path", model_path, "--prompts", str(prompts),
            "--prompts-per-step", str(PROMPTS_PER_STEP), "--steps", str(args.steps),
            "--max-new-tokens", str(MAX_NEW_TOKENS), "--lr", str(args.lr), "--work-dir", str(tmp / "trl_out"),
-           "--out", str(out)]
+           "--out", str(out), "--lora-rank", str(args.lora_rank)]
     pythonpath = os.pathsep.join(p for p in [str(site), str(REPO), os.environ.get("PYTHONPATH", "")] if p)
     wall = run_child(f"trl {version}", cmd, tmp / "trl.log", child_env(PYTHONPATH=pythonpath),
                      args.verbose, ("trl step",))
@@ -171,7 +178,7 @@ def bench_trl(args: argparse.Namespace, model_path: str, tmp: Path) -> Result:
     if len(res["step_s"]) != args.steps:
         raise SystemExit(f"[trl] timed {len(res['step_s'])} steps, expected {args.steps}; see {tmp / 'trl.log'}")
     print(f"[trl] set-up (imports, model, trainer) {res['setup_s']:.1f} s; torch threads {res['torch_threads']}")
-    return Result(f"TRL {version} GRPOTrainer", res["step_s"], res["tokens"], wall - sum(res["step_s"]))
+    return Result(f"TRL {version} GRPOTrainer{_lora(args)}", res["step_s"], res["tokens"], wall - sum(res["step_s"]))
 
 
 def bench_ours(args: argparse.Namespace, model_path: str, tmp: Path) -> Result:
@@ -187,7 +194,8 @@ def bench_ours(args: argparse.Namespace, model_path: str, tmp: Path) -> Result:
            "algo.kl_coef=0",
            f"learner.lr={args.lr}",
            "trainer.seed=0",
-           f"trainer.output_dir={run_dir}"]
+           f"trainer.output_dir={run_dir}",
+           f"model.lora.rank={args.lora_rank}"]
     wall = run_child("ours", cmd, tmp / "ours.log", child_env(), args.verbose, ("step ", "eval", "config error"))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m for m in lines if any(k.startswith("timing/") for k in m) and "timing/eval" not in m]
@@ -198,13 +206,44 @@ def bench_ours(args: argparse.Namespace, model_path: str, tmp: Path) -> Result:
     print("[ours] mean phase times over steps 2..N: " + ", ".join(
         f"{k.split('/', 1)[1]} {statistics.fmean(m.get(k) or 0.0 for m in steps[1:]):.2f} s" for k in phases))
     tokens = [m.get("throughput/generated_tokens", float("nan")) for m in steps]
-    return Result("ours (rlhf.train)", step_s, tokens, wall - sum(step_s))
+    generate_s = sum(m["timing/generate"] for m in steps[1:])
+    return Result(f"ours (rlhf.train){_lora(args)}", step_s, tokens, wall - sum(step_s),
+                  train_tokens_s=statistics.fmean(m["tokens/s"] for m in steps[1:]),
+                  generate_tokens_s=sum(tokens[1:]) / generate_s)
 
 
-def report(results: list[Result], args: argparse.Namespace) -> None:
+def _lora(args: argparse.Namespace) -> str:
+    return f", LoRA r={args.lora_rank}" if args.lora_rank > 0 else ""
+
+
+def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 8) -> float:
+    """This machine's fp32 matmul ceiling: the best of ``repeats`` n x n products on ``threads``
+    threads (2 n^3 FLOPs each), measured in this process before the children run."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name and its avx512 flags: machines here differ 2-3x."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+    flags = sorted({f for f in text.split() if f.startswith("avx512")})
+    return f"{name}; {', '.join(flags) if flags else 'no avx512 (AVX2 class)'}"
+
+
+def report(results: list[Result], args: argparse.Namespace, ceiling_gflops: float, num_params: int) -> None:
     print(f"\nGRPO step, {args.model}: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples x <= {MAX_NEW_TOKENS} "
           f"new tokens, beta=0, fp32 CPU; mean over steps 2..{args.steps} (step 1 is warm-up)")
-    print(f"machine: {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"machine: {cpu_model()}; {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f} (1 min)")
     head = f"{'':28} {'s/step':>16} {'step 1 s':>9} {'tokens/step':>12} {'start-up s':>11}"
     print(head)
     print("-" * len(head))
@@ -215,15 +254,29 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     if len(results) == 2:
         trl, ours = results
         ratio = trl.mean() / ours.mean()
-        verdict = "meets" if ratio >= 4 else "misses"
-        print(f"ratio TRL / ours: {ratio:.2f}x ({verdict} the goal of >= 4x)")
+        goal = 2.0 if "avx512f" in cpu_model() else 3.0
+        verdict = "meets" if ratio >= goal else "misses"
+        print(f"ratio TRL / ours: {ratio:.2f}x ({verdict} this CPU class's goal of >= {goal:.0f}x)")
+    for r in results:
+        if r.train_tokens_s == r.train_tokens_s:  # measured (not NaN)
+            # Training ~ 6 x params FLOPs per token (forward 2, backward 4), LoRA or not (the
+            # backward still runs through the frozen weights); generation ~ 2 x params per token.
+            train = 6 * num_params * r.train_tokens_s / 1e9
+            gen = 2 * num_params * r.generate_tokens_s / 1e9
+            print(f"{r.name}: fp32 matmul ceiling {ceiling_gflops:.0f} GFLOP/s (2 threads); training "
+                  f"{r.train_tokens_s:.0f} tokens/s = {train:.1f} GFLOP/s ({train / ceiling_gflops:.0%} of it); "
+                  f"generation {r.generate_tokens_s:.0f} tokens/s = {gen:.1f} GFLOP/s "
+                  f"({gen / ceiling_gflops:.0%})")
 
 
 def main() -> None:
     args = parse_args()
     from rlhf.models import resolve_model_path
 
+    from rlhf.plan import count_params
+
     model_path = str(resolve_model_path(args.model))
+    ceiling = matmul_gflops()
     tmp = Path(tempfile.mkdtemp(prefix="bench_step-"))
     print(f"temporary folder: {tmp}")
     results, finished = [], False
@@ -232,7 +285,7 @@ def main() -> None:
             results.append(bench_trl(args, model_path, tmp))
         if not args.skip_ours:
             results.append(bench_ours(args, model_path, tmp))
-        report(results, args)
+        report(results, args, ceiling, count_params(model_path, False))
         finished = True
     finally:
         if args.keep_tmp or not finished:  # a failed run keeps its logs

@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", required=True, help="TRL's output_dir (nothing is saved there)")
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--lora-rank", type=int, default=0, help="peft LoRA of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
     return p.parse_args()
 
 
@@ -92,6 +94,16 @@ def prompt_dataset(path: str, steps: int, prompts_per_step: int) -> Dataset:
     ])
 
 
+def lora_config(args: argparse.Namespace):
+    """The very peft LoraConfig the framework trains with for the same model.lora (or None)."""
+    if args.lora_rank <= 0:
+        return None
+    from rlhf.config import LoraConfig
+    from rlhf.learner.lora import peft_config
+
+    return peft_config(LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha))
+
+
 def main() -> None:
     args = parse_args()
     samples_per_step = args.prompts_per_step * NUM_GENERATIONS
@@ -133,6 +145,7 @@ def main() -> None:
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[timer],
+        peft_config=lora_config(args),
     )
     setup_s = time.perf_counter() - START
     trainer.train()
