@@ -14,6 +14,9 @@ from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.types import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
+# One fp32 rank: runs without ZeRO (rlhf/learner/ds_config.py zero_stage), so its checkpoint holds
+# the module whole and no ZeRO partitions.
+ONE_RANK = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=2, lr=1e-2, timeout_s=600.0)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +24,7 @@ def run(ray_session, tiny_model_path, tmp_path_factory):
     """A run folder holding one checkpoint of a tiny model after one update, and its weights."""
     from rlhf.learner import LearnerGroup
 
-    cfg = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=2, lr=1e-2, timeout_s=600.0)
-    group = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
+    group = LearnerGroup(ONE_RANK, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
     try:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 49152, (4, 12), generator=g)
@@ -128,3 +130,24 @@ def test_export_loads_in_vllm_with_logprobs_matching_transformers(ray_session, e
     # fp32 on both sides; vLLM's CPU kernels differ from torch by rounding only (~1e-6 measured
     # on this model in tests/test_rollout.py), a wrong or stale weight by > 1e-2.
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
+def test_a_learner_without_zero_refuses_a_checkpoint_with_zero_partitions(run, tiny_model_path, tmp_path):
+    import shutil
+
+    from rlhf.learner import LearnerError, LearnerGroup
+
+    root, _ = run
+    saved = root / "checkpoints" / "step-1"
+    assert not list(saved.rglob("*zero_pp_rank_*"))  # saved without ZeRO
+    copy = tmp_path / "step-1"
+    shutil.copytree(saved, copy)
+    (copy / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")  # as ZeRO-2 writes
+    group = LearnerGroup(ONE_RANK, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
+    try:
+        # The rank's own check (the manifest check in LearnerGroup.load would refuse the extra file first).
+        with pytest.raises(LearnerError, match="saved with ZeRO optimizer partitions, but this learner runs "
+                           "without ZeRO .learner.zero_stage=2, learner.num_ranks=1"):
+            group._call("load_checkpoint", "load_checkpoint", None, str(copy))
+    finally:
+        group.shutdown()

@@ -374,6 +374,16 @@ class LearnerRank:
         return RankFiles(self.rank, this_node(), files_where(Path(ckpt_dir), mine))
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
+        zero_files = any((Path(ckpt_dir) / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
+        if zero_files != (self.engine.zero_optimization_stage() > 0):
+            # One fp32 rank runs without ZeRO (ds_config.zero_stage): the two layouts do not load
+            # into each other, and DeepSpeed would fail on the optimizer state with no names.
+            saved, runs = ("with", "without") if zero_files else ("without", "with")
+            raise ValueError(
+                f"{ckpt_dir} was saved {saved} ZeRO optimizer partitions, but this learner runs {runs} ZeRO "
+                f"(learner.zero_stage={self.cfg.zero_stage}, learner.num_ranks={self.cfg.num_ranks}, "
+                "model.dtype): resume with the learner settings that saved it"
+            )
         path, _ = self.engine.load_checkpoint(
             ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
