@@ -83,7 +83,8 @@ class CalculatorEnv(ToolEnv):
         if self.answer_column not in item:
             raise KeyError(f"env calculator: the item has no column {self.answer_column!r} "
                            f"(it has {sorted(item)}); set env.kwargs.answer_column")
-        reference = parse_number(str(item[self.answer_column]))
+        written = str(item[self.answer_column])
+        reference = parse_number(gsm8k_answer(written) or written)
         if reference is None:
             return None  # an unscoreable reference: counted as a None reward, never as 0
         said = gsm8k_answer(answer) or last_number(answer)
