@@ -6,6 +6,9 @@ total: a length penalty or a format bonus beside the answer reward must not chan
 count as correct. A sample whose reward failed (None) is neither right nor wrong: it is left out
 of the accuracy and counted in ``failures``, next to the reward runner's own failure counts.
 
+Rollouts go through the same loop as training's (rlhf/episodes.py): multi-turn with an
+environment, whose own reward can be the accuracy reward (``trainer.eval_reward=env``).
+
 The standard error treats prompts as the unit (samples of one prompt are correlated): the std of
 per-prompt accuracies over sqrt(number of prompts scored).
 """

@@ -6,6 +6,10 @@ algo.kl_coef > 0) -> learner updates (DeepSpeed ZeRO ranks in Ray actors) -> wei
 engines, checked with a probe -> metrics -> periodic evaluation and checkpoint. At the end: a final
 evaluation, checkpoint, HF export and plots of the run (reward.png, timeline.png).
 
+With an environment (``env.name``, rollouts/env/) a rollout is several turns, the model's and the
+environment's, one batched generate per turn (rlhf/episodes.py); its observation tokens are masked
+out of the loss. Without one it is the same loop run for one turn.
+
 Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
 trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
 learner trains step s, and the sync waits for that batch to finish. The learner measures, on every

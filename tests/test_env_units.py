@@ -226,3 +226,34 @@ def test_train_batch_refuses_a_mask_of_the_wrong_length_or_starting_on_an_observ
     c.token_mask = [0, 1, 0, 0, 0, 1]
     with pytest.raises(ValueError, match="first token must be the model's"):
         build_train_batch(RolloutBatch([c], n=1), torch.zeros(1, 1), torch.zeros(1, 1), pad_id=0)
+
+
+# --- config validation: named ConfigErrors before anything starts -------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["env.name=calculatr"], "env.name='calculatr'"),
+    ([f"env.name={ENVS}:NoStep"], "NoStep has no step\\(\\) method"),
+    (["env=calculator", "+env.kwargs.colum=x"], "env.kwargs .*unexpected keyword argument 'colum'"),
+    (["env.max_turns=3"], "env.max_turns=3 needs an environment"),
+    (["env=calculator", "env.max_turns=0"], "env.max_turns=0 must be >= 1"),
+    (["env=calculator", "env.max_total_tokens=8"], "env.max_total_tokens=8 is less than one turn"),
+    (["env=calculator", "env.max_total_tokens=1000"], "data.max_prompt_tokens \\+ env.max_total_tokens"),
+    (["env=calculator", "reward.functions=[{fn: math_answer, name: env}]"], "a reward function is named 'env'"),
+    (["trainer.eval_reward=env"], "trainer.eval_reward='env' is not one of the rewards"),
+])
+def test_env_config_errors_name_the_key(overrides, message):
+    from rlhf.config import ConfigError
+    from rlhf.validation import validate
+    from tests.support.runs import compose
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(*overrides))
+
+
+def test_env_eval_reward_is_valid_with_an_environment():
+    from rlhf.validation import eval_reward, validate
+    from tests.support.runs import compose
+
+    cfg = compose("+experiment=calculator_arithmetic")
+    validate(cfg)
+    assert eval_reward(cfg) == "env"
