@@ -37,7 +37,7 @@ from rollouts.env.trajectory import Trajectory
 
 ENV_REWARD = "env"  # the env reward's name among the reward functions' (metrics, eval_reward)
 # Env metrics that count events: summed over dynamic-sampling draws.
-ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/obs_truncated", "env/budget_stops",
+ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/obs_truncated", "env/budget_stops", "env/budget_cuts",
                "env/max_turns_stops", "env/tool_calls", "env/tool_errors", "env/reward_none")
 
 
@@ -141,8 +141,9 @@ def run_episodes(engines, prompt_ids: list[list[int]], items: list[dict[str, Any
             # A later turn's limit is the roomiest live trajectory's: cut the others to their own.
             room = _room(t, budget, runtime.max_model_len) if factory is not None else len(c.completion_ids)
             cut = len(c.completion_ids) > room
-            t.add_action(c.completion_ids[:room], c.logprobs[:room], c.text, "length" if cut else c.finish_reason)
-            counts["env/budget_stops"] += cut
+            text = runtime.codec.tokenizer.decode(c.completion_ids[:room]) if cut else c.text
+            t.add_action(c.completion_ids[:room], c.logprobs[:room], text, "length" if cut else c.finish_reason)
+            counts["env/budget_cuts"] += cut
         if factory is None:
             break
         _step(runtime, [trajs[i] for i in live], counts, last_turn=turn == cfg.max_turns - 1, budget=budget)
