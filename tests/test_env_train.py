@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.eval import run_eval
 from rlhf.metrics import read_metrics
 from rlhf.train import train
 from tests.support.runs import axis_reward, compose
@@ -37,6 +38,18 @@ def test_two_turn_environment_trains_with_observation_tokens_masked(ray_session,
         assert 0 < m["throughput/generated_tokens"] <= 4 * 4 * 2 * 16
     evals = [m for m in lines if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 2] and all(m["eval/env/turns_mean"] == 2.0 for m in evals)
+
+
+def test_eval_cli_runs_the_environment_and_reads_its_reward(ray_session, tiny_model_path, tmp_path):
+    """``python -m rlhf.eval`` with TwoTurn: 3 prompts x 2 samples, every one 2 turns; accuracy is
+    the env reward's (TwoTurn gives 0 or 1, never None, so nothing is left unscored)."""
+    cfg = compose("+experiment=tiny_smoke", f"model.name_or_path={tiny_model_path}", "trainer.eval_prompts=3",
+                  "trainer.eval_samples=2", f"trainer.output_dir={tmp_path}", f"env.name={ENVS}:TwoTurn",
+                  "env.max_turns=2", "env.max_total_tokens=64", "trainer.eval_reward=env")
+    result = run_eval(cfg)
+    assert result.reward == "env" and result.failures == 0 and result.num_prompts == 3
+    assert result.reward_metrics["env/turns_mean"] == 2.0
+    assert 0.0 <= result.accuracy <= 1.0
 
 
 @pytest.mark.slow
