@@ -257,3 +257,22 @@ def test_env_eval_reward_is_valid_with_an_environment():
     cfg = compose("+experiment=calculator_arithmetic")
     validate(cfg)
     assert eval_reward(cfg) == "env"
+
+
+def test_tools_go_into_the_template_or_the_system_message(tokenizer):
+    import copy
+
+    from rlhf.data import with_tools
+
+    tools = env_tools(CalculatorEnv)
+    hi = [{"role": "user", "content": "Hi"}]
+    # SmolLM2's template has no tool format: the tools are described in the system message instead.
+    text = with_tools(tokenizer, hi, tools)
+    assert text.startswith("<|im_start|>system\nYou may call these tools:\n<tools>\n") and '"calculate"' in text
+    # A template with its own tool format gets them its way.
+    own = copy.copy(tokenizer)
+    own.chat_template = ("{% if tools %}TOOLS {{ tools | length }}\n{% endif %}{% for m in messages %}<|im_start|>"
+                         "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                         "<|im_start|>assistant\n{% endif %}")
+    assert with_tools(own, hi, tools) == "TOOLS 1\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert with_tools(own, hi, None) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
