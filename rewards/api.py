@@ -32,14 +32,11 @@ called when the runner shuts down.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from rlhf.specs import resolve_spec
 
 BatchFn = Callable[..., Any]  # (prompts, completions, **columns) -> list[float | None] (or awaitable)
 SampleFn = Callable[..., Any]  # (prompt, completion, **row) -> float | None (or awaitable)
@@ -224,51 +221,8 @@ def default_name(spec: str) -> str:
 
 
 def resolve(spec: str) -> Any:
-    """The object a spec names. Errors name the spec and what was missing."""
-    if spec in BUILTINS:
-        return resolve(BUILTINS[spec])
-    if ":" not in spec:
-        raise ValueError(
-            f"reward {spec!r} is not a built-in ({', '.join(sorted(BUILTINS))}) and has no ':attr' "
-            "part; write 'my_pkg.module:function' or 'path/to/file.py:function'"
-        )
-    where, attr = spec.rsplit(":", 1)
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(spec, Path(where))
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            raise ModuleNotFoundError(f"reward {spec!r}: cannot import module {where!r}: {e}") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        public = sorted(n for n in vars(module) if not n.startswith("_"))
-        raise AttributeError(
-            f"reward {spec!r}: {where!r} has no attribute {attr!r} (it has: {', '.join(public)})"
-        ) from None
-
-
-def _import_file(spec: str, path: Path) -> Any:
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"reward {spec!r}: file {str(path)!r} not found")
-    # A name unique to the file, so two rewards.py files in different folders do not collide.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    mod_name = f"_reward_file_{path.stem}_{digest}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    module_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ImportError(f"reward {spec!r}: cannot import {str(path)!r} as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[mod_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[mod_name]
-        raise
-    return module
+    """The object a reward spec names. Errors name the spec and what was missing."""
+    return resolve_spec(spec, BUILTINS, "reward")
 
 
 def _check_kwargs(spec: str, fn: Callable, kwargs: dict[str, Any]) -> None:

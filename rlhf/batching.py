@@ -40,7 +40,8 @@ def pad_sequences(
 def build_train_batch(
     rollouts: RolloutBatch, advantages: torch.Tensor, rewards: torch.Tensor, pad_id: int
 ) -> TrainBatch:
-    """Pad prompt+completion sequences to one length; rows follow the rollout order.
+    """Pad prompt+completion sequences to one length; rows follow the rollout order. A completion's
+    ``token_mask`` (multi-turn) zeroes response_mask and sampler log-probs on observation tokens.
 
     advantages, rewards: [G, n] (rewards NaN where the reward failed: such rows get weight 0).
     """
@@ -58,6 +59,16 @@ def build_train_batch(
             )
         p = len(c.prompt_ids)
         sampler[i, p : p + len(c.completion_ids)] = torch.tensor(c.logprobs, dtype=torch.float32)
+        if c.token_mask is not None:  # observation tokens (multi-turn) carry no loss
+            if len(c.token_mask) != len(c.completion_ids):
+                raise ValueError(f"completion {i} has a token_mask of {len(c.token_mask)} for "
+                                 f"{len(c.completion_ids)} tokens")
+            if not c.token_mask or c.token_mask[0] != 1:
+                # The learner takes the prompt to end before the first loss token (packing.py).
+                raise ValueError(f"completion {i}: its first token must be the model's (token_mask[0] == 1)")
+            mask = torch.tensor(c.token_mask, dtype=torch.float32)
+            response_mask[i, p : p + len(c.completion_ids)] = mask
+            sampler[i, p : p + len(c.completion_ids)] *= mask
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

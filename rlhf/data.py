@@ -31,6 +31,7 @@ import numpy as np
 from rlhf.batching import ROLLOUT_COLUMNS
 from rlhf.config import ConfigError, DataConfig
 from rlhf.tasks import arithmetic, gsm8k
+from rollouts.env.tools import describe_tools
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,15 @@ class PromptDataset:
         self._order = self._permutation(0)
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, tokenizer: Any, split: str = "train") -> "PromptDataset":
-        """``split``: "train" or "eval" (the held-out prompts of the same source)."""
+    def from_config(cls, cfg: DataConfig, tokenizer: Any, split: str = "train",
+                    tools: list[dict] | None = None) -> "PromptDataset":
+        """``split``: "train" or "eval" (the held-out prompts of the same source). ``tools``: the
+        environment's tool schemas, written into every prompt (:func:`with_tools`)."""
         raw, source = load_raw(cfg, split)
         if len(raw) == 0:
             raise DataError(f"{source}: the dataset is empty")
         columns = _check_columns(cfg, raw, source)
-        prepared = _prepare(cfg, raw, tokenizer, source)
+        prepared = _prepare(cfg, raw, tokenizer, source, tools)
         return cls(prepared, source, cfg.shuffle_seed, columns)
 
     def __len__(self) -> int:
@@ -191,11 +194,12 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset, source: str) -> dict[
     return _reward_columns(cfg)
 
 
-def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str) -> datasets.Dataset:
+def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str,
+             tools: list[dict] | None = None) -> datasets.Dataset:
     def prepare(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts, raws = [], []
         for prompt, index in zip(batch[cfg.prompt_column], indices):
-            text, raw_prompt = _render(cfg, tokenizer, prompt, f"{source} row {index}")
+            text, raw_prompt = _render(cfg, tokenizer, prompt, f"{source} row {index}", tools)
             texts.append(text)
             raws.append(raw_prompt)
         # The chat template already wrote the special tokens it wants.
@@ -204,7 +208,7 @@ def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str
 
     # An explicit fingerprint: hashing the tokenizer inside `prepare` is slow and unreliable.
     fingerprint = hashlib.sha1(repr((raw._fingerprint, getattr(tokenizer, "name_or_path", ""),
-                                     cfg.prompt_column, cfg.system_prompt, cfg.apply_chat_template)).encode())
+                                     cfg.prompt_column, cfg.system_prompt, cfg.apply_chat_template, tools)).encode())
     prepared = raw.map(prepare, batched=True, with_indices=True, keep_in_memory=True,
                        new_fingerprint=fingerprint.hexdigest(), desc="preparing prompts")
     lengths = np.array([len(ids) for ids in prepared[_IDS]])
@@ -224,7 +228,8 @@ def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str
     return prepared
 
 
-def _render(cfg: DataConfig, tokenizer: Any, prompt: Any, where: str) -> tuple[str, str]:
+def _render(cfg: DataConfig, tokenizer: Any, prompt: Any, where: str,
+            tools: list[dict] | None = None) -> tuple[str, str]:
     """(prompt text for the model, the raw user prompt) for one row's prompt value."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
@@ -246,9 +251,30 @@ def _render(cfg: DataConfig, tokenizer: Any, prompt: Any, where: str) -> tuple[s
             raise DataError(f"{where}: the chat prompt has its own system message and data.system_prompt is set")
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     if cfg.apply_chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = with_tools(tokenizer, messages, tools)
     elif len(messages) == 1 or (len(messages) == 2 and cfg.system_prompt is not None):
-        text = "\n\n".join(m["content"] for m in messages)
+        text = "\n\n".join(m["content"] for m in (_tools_in_system(messages, tools) if tools else messages))
     else:
         raise DataError(f"{where}: a multi-turn chat prompt needs data.apply_chat_template=true")
     return text, users[-1]
+
+
+def with_tools(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> str:
+    """The chat template's prompt with the tools in the template's own tool format; a template
+    that has none (it renders the same with and without them, e.g. SmolLM2's) gets them described
+    in the system message instead (rollouts/env/tools.py's describe_tools)."""
+    plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not tools:
+        return plain
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    if text != plain:
+        return text
+    return tokenizer.apply_chat_template(_tools_in_system(messages, tools), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _tools_in_system(messages: list[dict], tools: list[dict]) -> list[dict]:
+    text = describe_tools(tools)
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]

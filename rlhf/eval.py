@@ -2,7 +2,8 @@
 
     python -m rlhf.eval model.name_or_path=runs/<run>/export trainer.eval_prompts=64 trainer.eval_samples=8
 
-Uses the same config as training: the held-out split of ``data``, the ``reward`` functions (a
+Uses the same config as training: the held-out split of ``data``, the ``env`` (multi-turn
+rollouts with an environment, as in training; ``env.name=null``: one turn), the ``reward`` functions (a
 sample is correct when the reward ``trainer.eval_reward``, by default the first, reaches 1.0; a
 failed reward is counted apart, not as wrong), ``trainer.eval_*`` for prompts, samples and
 temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/eval.json.
@@ -21,6 +22,7 @@ from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
+from rlhf.episodes import EnvRuntime, env_items
 from rlhf.heldout import EvalResult, evaluate
 from rlhf.models import resolve_model_path
 from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
@@ -39,9 +41,12 @@ def run_eval(cfg: Config) -> EvalResult:
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
     model_path = local_model_dir(model_path) or model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    items = PromptDataset.from_config(cfg.data, tokenizer, split="eval").eval_items(cfg.trainer.eval_prompts)
+    env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
+    data = PromptDataset.from_config(cfg.data, tokenizer, split="eval", tools=env.tools)
+    items = data.eval_items(cfg.trainer.eval_prompts)
     if not items:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts}: no held-out prompts to evaluate")
+    env.check(env_items(items)[0])  # a broken environment fails before the engines start
     # Ray before the rewards: a reward_model reward starts its actor when it is built.
     logs = component_logs(cfg.trainer)
     init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
@@ -51,9 +56,11 @@ def run_eval(cfg: Config) -> EvalResult:
         try:
             check_shared_storage(Path(cfg.trainer.output_dir), model_path, group_actors(engines))
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
-                              cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
+                              cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop),
+                              env=env, env_weight=cfg.env.reward_weight)
         finally:
             engines.shutdown()
+            env.close()
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"model": model_path, **asdict(result)}, indent=2) + "\n")

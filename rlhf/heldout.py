@@ -6,6 +6,9 @@ total: a length penalty or a format bonus beside the answer reward must not chan
 count as correct. A sample whose reward failed (None) is neither right nor wrong: it is left out
 of the accuracy and counted in ``failures``, next to the reward runner's own failure counts.
 
+Rollouts go through the same loop as training's (rlhf/episodes.py): multi-turn with an
+environment, whose own reward can be the accuracy reward (``trainer.eval_reward=env``).
+
 The standard error treats prompts as the unit (samples of one prompt are correlated): the std of
 per-prompt accuracies over sqrt(number of prompts scored).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from rlhf.batching import expand_for_rewards
+from rlhf.episodes import EnvRuntime, env_items, run_episodes, score_episodes
 from rlhf.types import SamplingSettings
 
 
@@ -72,12 +75,16 @@ def summarise(correct: list[list[bool | None]], rewards: list[float | None], len
 
 
 def evaluate(engines, items, reward_runner, samples: int, temperature: float, max_new_tokens: int,
-             reward: str, threshold: float = 1.0, stop: tuple[str, ...] = ()) -> EvalResult:
-    """Generate ``samples`` completions for each prompt item; accuracy from the reward named ``reward``."""
+             reward: str, threshold: float = 1.0, stop: tuple[str, ...] = (), env: EnvRuntime | None = None,
+             env_weight: float = 1.0) -> EvalResult:
+    """Roll out ``samples`` trajectories for each prompt item (one turn without ``env``, as in
+    training otherwise: rlhf/episodes.py); accuracy from the reward named ``reward`` ("env": the
+    environment's own reward)."""
     sampling = SamplingSettings(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, stop=stop)
-    rollouts = engines.generate([it.prompt_ids for it in items], sampling)
-    prompts, completions, columns = expand_for_rewards(items, rollouts)
-    scored = reward_runner.score(prompts, completions, columns)
+    env = env or EnvRuntime.single_turn()
+    episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env)
+    rollouts = episodes.rollouts
+    scored = score_episodes(reward_runner, items, episodes, env_weight, env.factory is not None)
     if reward not in scored.per_fn:
         raise KeyError(f"trainer.eval_reward={reward!r} is not a configured reward ({sorted(scored.per_fn)})")
     values = scored.per_fn[reward]
@@ -87,4 +94,4 @@ def evaluate(engines, items, reward_runner, samples: int, temperature: float, ma
     ]
     lengths = [len(c.completion_ids) for c in rollouts.completions]
     result = summarise(correct, values, lengths)
-    return replace(result, reward=reward, reward_metrics=scored.metrics)
+    return replace(result, reward=reward, reward_metrics={**scored.metrics, **episodes.metrics})

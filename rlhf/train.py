@@ -6,6 +6,10 @@ algo.kl_coef > 0) -> learner updates (DeepSpeed ZeRO ranks in Ray actors) -> wei
 engines, checked with a probe -> metrics -> periodic evaluation and checkpoint. At the end: a final
 evaluation, checkpoint, HF export and plots of the run (reward.png, timeline.png).
 
+With an environment (``env.name``, rollouts/env/) a rollout is several turns, the model's and the
+environment's, one batched generate per turn (rlhf/episodes.py); its observation tokens are masked
+out of the loss. Without one it is the same loop run for one turn.
+
 Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
 trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
 learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
@@ -41,7 +45,7 @@ from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages, group_has_signal
 from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
-from rlhf.batching import build_train_batch, expand_for_rewards, mini_batches, rewards_matrix
+from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster import init_ray
@@ -50,6 +54,7 @@ from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.data import PromptDataset, reward_column_names
+from rlhf.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
 from rlhf.heldout import evaluate
 from rlhf.learner import LearnerGroup
 from rlhf.learner.transport import choose_transport
@@ -98,9 +103,10 @@ def print_plan(cfg: Config) -> None:
 _COUNTED = ("/failures", "/timeouts", "/none")
 
 
-def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
+def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
             sampling: SamplingSettings, timeline: Timeline) -> Collected:
-    """Draw prompts, generate and score; with dynamic sampling, refill zero-variance groups.
+    """Draw prompts, roll out (one turn, or several with an environment: rlhf/episodes.py) and
+    score; with dynamic sampling, refill zero-variance groups.
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
     an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
@@ -114,12 +120,12 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
     for draw in range(draws):
         items = data.next_batch(want - len(kept_items))
         with timeline.span("generate", step, metrics):
-            rollouts = engines.generate([it.prompt_ids for it in items], sampling,
-                                        seed=derive_seed(cfg.rollout.seed, step, draw))
+            episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env,
+                                    seed=derive_seed(cfg.rollout.seed, step, draw))
+        rollouts = episodes.rollouts
         generated += rollouts.num_output_tokens
-        prompts, completions, columns = expand_for_rewards(items, rollouts)
         with timeline.span("score", step, metrics):
-            scored = rewards.score(prompts, completions, columns)
+            scored = score_episodes(rewards, items, episodes, cfg.env.reward_weight, env.factory is not None)
         for g, item in enumerate(items):
             group = scored.total[g * n : (g + 1) * n]
             flat = not group_has_signal(group)
@@ -130,8 +136,8 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
             kept_items.append(item)
             kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
             kept_scores.append((group, {k: v[g * n : (g + 1) * n] for k, v in scored.per_fn.items()}))
-        for key, value in scored.metrics.items():
-            counted = key.endswith(_COUNTED)
+        for key, value in {**scored.metrics, **episodes.metrics}.items():
+            counted = key.endswith(_COUNTED) or key in ENV_COUNTED
             metrics[key] = metrics.get(key, 0.0) + value if counted else value
         if len(kept_items) == want:
             break
@@ -236,10 +242,12 @@ def train(cfg: Config) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    data = PromptDataset.from_config(cfg.data, tokenizer, split="train")
+    env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
+    data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)
+    env.check(env_items(data.eval_items(1))[0])  # a broken environment fails before any engine starts
     eval_items = []
     if cfg.trainer.eval_prompts > 0:
-        eval_data = PromptDataset.from_config(cfg.data, tokenizer, split="eval")
+        eval_data = PromptDataset.from_config(cfg.data, tokenizer, split="eval", tools=env.tools)
         eval_items = eval_data.eval_items(cfg.trainer.eval_prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
@@ -252,6 +260,7 @@ def train(cfg: Config) -> Path:
                  log_to_driver=component_logs(cfg.trainer) is None)
         rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
+        stack.callback(env.close)
         engines, learner = start_groups(cfg, model_path, stack)
         check_shared_storage(run_dir, model_path, group_actors(engines, learner))
         # Before the first step: files across nodes is refused here; broadcast forms its group.
@@ -281,7 +290,8 @@ def train(cfg: Config) -> Path:
             with timeline.span("eval", step, m := {}):
                 result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
                                   cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
-                                  reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop))
+                                  reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop), env=env,
+                                  env_weight=cfg.env.reward_weight)
             logger.log(step, {**result.metrics(), **m})
             print(f"eval @ step {step}: {result.describe()}", flush=True)
 
@@ -304,7 +314,7 @@ def train(cfg: Config) -> Path:
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
         producer = RolloutProducer(
-            lambda step, version: collect(cfg, step, version, data, engines, rewards, sampling, timeline),
+            lambda step, version: collect(cfg, step, version, data, engines, rewards, env, sampling, timeline),
             first_step=start_step + 1, last_step=cfg.trainer.steps,
         )
         stack.callback(producer.close)

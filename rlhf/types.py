@@ -4,7 +4,8 @@ Conventions used everywhere:
 - A *sequence* is prompt tokens followed by completion tokens, right-padded to a common length L.
 - Per-token tensors are aligned with ``input_ids``: ``logprobs[b, t]`` is log p(input_ids[b, t] |
   input_ids[b, :t]) and position 0 holds 0. ``response_mask[b, t]`` is 1 where input_ids[b, t] is a
-  completion token (a token the policy chose), 0 on prompt tokens and padding.
+  completion token the policy chose, 0 on prompt tokens, padding and observation tokens (the
+  tokens an environment appended between model turns; ``Completion.token_mask``).
 - Completions of one prompt are contiguous: group g owns rows g*n .. g*n+n-1.
 """
 
@@ -41,6 +42,9 @@ class Completion:
     text: str  # decoded completion
     # Learner updates applied to the weights that sampled it (trainer.max_staleness; -1: unknown).
     policy_version: int = -1
+    # Per completion token: 1 where the policy chose it, 0 on an environment's observation tokens
+    # (multi-turn rollouts, rollouts/env/); None: every token is the policy's (single turn).
+    token_mask: list[int] | None = None
 
 
 @dataclass
@@ -58,7 +62,8 @@ class RolloutBatch:
 
     @property
     def num_output_tokens(self) -> int:
-        return sum(len(c.completion_ids) for c in self.completions)
+        """Tokens the engines sampled (observation tokens of multi-turn completions excluded)."""
+        return sum(len(c.completion_ids) if c.token_mask is None else sum(c.token_mask) for c in self.completions)
 
 
 @dataclass

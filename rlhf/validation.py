@@ -13,11 +13,13 @@ from rlhf.config import Config, ConfigError
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
+from rlhf.episodes import ENV_REWARD
 from rlhf.learner.lora import check_lora
 from rlhf.learner.settings import check_settings
 from rlhf.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
+from rollouts.env.api import load_env
 from rollouts.engine import bound_cores
 
 
@@ -74,6 +76,7 @@ def validate(cfg: Config) -> BatchPlan:
         check_specs(cfg.reward.functions, columns=reward_column_names(cfg.data))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_env(cfg)
     names = reward_names(cfg)
     if cfg.trainer.eval_reward is not None and cfg.trainer.eval_reward not in names:
         raise ConfigError(f"trainer.eval_reward={cfg.trainer.eval_reward!r} is not one of the rewards {names}")
@@ -140,8 +143,41 @@ def check_off_policy(cfg: Config) -> None:
 
 
 def reward_names(cfg: Config) -> list[str]:
-    """The name each reward function has in metrics (its ``name``, else derived from ``fn``)."""
-    return [f.name or default_name(f.fn) for f in cfg.reward.functions]
+    """The name each reward function has in metrics (its ``name``, else derived from ``fn``), and
+    "env" for an environment's reward."""
+    names = [f.name or default_name(f.fn) for f in cfg.reward.functions]
+    return names + ([ENV_REWARD] if cfg.env.name is not None else [])
+
+
+def check_env(cfg: Config) -> None:
+    """The environment resolves to a class with reset/step whose constructor takes env.kwargs,
+    and its budgets can work (nothing is built or called)."""
+    env = cfg.env
+    if env.name is None:
+        if env.max_turns != 1:
+            raise ConfigError(f"env.max_turns={env.max_turns} needs an environment (env.name is null: one turn)")
+        return
+    try:
+        load_env(env.name, dict(env.kwargs or {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("max_turns", "max_tool_tokens", "num_workers"):
+        if getattr(env, key) < 1:
+            raise ConfigError(f"env.{key}={getattr(env, key)} must be >= 1")
+    if not env.timeout_s > 0:
+        raise ConfigError(f"env.timeout_s={env.timeout_s} must be > 0")
+    if env.max_total_tokens is not None:
+        if env.max_total_tokens < cfg.rollout.max_new_tokens:
+            raise ConfigError(f"env.max_total_tokens={env.max_total_tokens} is less than one turn "
+                              f"(rollout.max_new_tokens={cfg.rollout.max_new_tokens})")
+        if cfg.data.max_prompt_tokens + env.max_total_tokens > cfg.rollout.max_model_len:
+            raise ConfigError(
+                f"data.max_prompt_tokens + env.max_total_tokens = {cfg.data.max_prompt_tokens} + "
+                f"{env.max_total_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}")
+    clash = [f.name or default_name(f.fn) for f in cfg.reward.functions if (f.name or default_name(f.fn)) == ENV_REWARD]
+    if clash:
+        raise ConfigError(f"a reward function is named {ENV_REWARD!r}, the name of env.name={env.name!r}'s "
+                          "reward: give it another `name`")
 
 
 def eval_reward(cfg: Config) -> str:

@@ -269,6 +269,33 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    # The environment each trajectory talks to (rollouts/env/): a built-in name ("calculator"), a
+    # dotted path ("my_pkg.envs:MyEnv") or a file path ("path/to/envs.py:MyEnv"). None: no
+    # environment, one turn per trajectory (prompt -> completion), the single-turn case.
+    name: Optional[str] = None
+    # Keyword arguments of the environment's constructor.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Model turns per trajectory at most; a trajectory still going after them ends there.
+    max_turns: int = 1
+    # Tokens of one observation at most (its text is cut to fit before it is templated; counted).
+    max_tool_tokens: int = 256
+    # Tokens after the prompt per trajectory (model + observation tokens) at most; None: as many as
+    # rollout.max_model_len leaves after the prompt.
+    max_total_tokens: Optional[int] = None
+    # Weight of the environment's reward (the sum of the rewards its steps return) in the total
+    # reward, as a reward named "env" beside reward.functions; 0 logs it without optimising it.
+    reward_weight: float = 1.0
+    # Seconds one reset or step may take; an overrun becomes an error observation (counted).
+    timeout_s: float = 10.0
+    # Threads running resets and steps concurrently.
+    num_workers: int = 4
+    # Chat role of observation turns in the chat template ("tool", or "user" for templates
+    # without a tool role).
+    observation_role: str = "tool"
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 8
     prompts_per_step: int = 16
@@ -401,6 +428,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)

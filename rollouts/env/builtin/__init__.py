@@ -1,0 +1,1 @@
+"""Built-in environments, named in rollouts/env/api.py's BUILTINS."""

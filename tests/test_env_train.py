@@ -1,0 +1,69 @@
+"""The training loop with a 2-turn environment, end to end on the tiny random model (in-process,
+sharing the session's Ray), and the calculator environment on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rlhf.eval import run_eval
+from rlhf.metrics import read_metrics
+from rlhf.train import train
+from tests.support.runs import axis_reward, compose
+
+ENVS = (Path(__file__).parent / "support" / "envs.py").as_posix()
+
+
+def test_two_turn_environment_trains_with_observation_tokens_masked(ray_session, tiny_model_path, tmp_path):
+    cfg = compose("+experiment=tiny_smoke", f"trainer.output_dir={tmp_path / 'run'}", f"env.name={ENVS}:TwoTurn",
+                  "env.max_turns=2", "env.max_total_tokens=64", "env.reward_weight=1.0", "trainer.eval_reward=env",
+                  axis_reward(tiny_model_path))
+    run_dir = train(cfg)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        # Every trajectory: model turn (16 tokens at most) -> TwoTurn's observation -> model turn.
+        assert m["env/turns_mean"] == 2.0 and m["env/observation_tokens_mean"] > 0
+        assert m["env/step_errors"] == 0 and m["env/reward_none"] == 0
+        assert 0.0 <= m["reward/env/mean"] <= 1.0
+        # Observation tokens carry sampler log-prob 0; had any reached the mismatch statistics,
+        # |log ratio| there would be the learner's full -log p (several nats, since the tiny model is
+        # random over 49k tokens), not the fp32 kernel noise of model tokens.
+        assert m["mismatch/abs_logprob_diff_max"] < 1e-2, m["mismatch/abs_logprob_diff_max"]
+        assert math.isfinite(m["loss"])
+        # Sampled tokens only: 4 prompts x 4 samples x 2 turns x 16 tokens at most.
+        assert 0 < m["throughput/generated_tokens"] <= 4 * 4 * 2 * 16
+    evals = [m for m in lines if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 2] and all(m["eval/env/turns_mean"] == 2.0 for m in evals)
+
+
+def test_eval_cli_runs_the_environment_and_reads_its_reward(ray_session, tiny_model_path, tmp_path):
+    """``python -m rlhf.eval`` with TwoTurn: 3 prompts x 2 samples, every one 2 turns; accuracy is
+    the env reward's (TwoTurn gives 0 or 1, never None, so nothing is left unscored)."""
+    cfg = compose("+experiment=tiny_smoke", f"model.name_or_path={tiny_model_path}", "trainer.eval_prompts=3",
+                  "trainer.eval_samples=2", f"trainer.output_dir={tmp_path}", f"env.name={ENVS}:TwoTurn",
+                  "env.max_turns=2", "env.max_total_tokens=64", "trainer.eval_reward=env")
+    result = run_eval(cfg)
+    assert result.reward == "env" and result.failures == 0 and result.num_prompts == 3
+    assert result.reward_metrics["env/turns_mean"] == 2.0
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+@pytest.mark.slow
+def test_calculator_environment_on_smollm2(ray_session, smollm2_path, tmp_path):
+    """SmolLM2-135M with the calculator on 2-term arithmetic: the run completes, tools are offered
+    (the prompt describes them, SmolLM2's template having no tool format) and every metric is real."""
+    cfg = compose("+experiment=calculator_arithmetic", f"trainer.output_dir={tmp_path / 'run'}",
+                  "trainer.steps=1", "trainer.prompts_per_step=4", "rollout.n=4", "trainer.eval_prompts=8",
+                  "trainer.eval_samples=2", "trainer.export_at_end=false")
+    run_dir = train(cfg)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    (step,) = [m for m in lines if "loss" in m]
+    assert 1.0 <= step["env/turns_mean"] <= 3.0
+    assert 0.0 <= step["reward/env/mean"] <= 1.0
+    assert step["mismatch/abs_logprob_diff_max"] < 1e-2
+    for key in ("env/tool_calls", "env/tool_errors", "env/step_errors", "env/step_timeouts", "env/budget_stops"):
+        assert key in step
