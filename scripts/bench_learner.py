@@ -31,6 +31,13 @@ import psutil
 import torch
 
 
+def _runs(cfg) -> str:
+    """What the learner runs where it differs from --stage (one fp32 rank runs without ZeRO)."""
+    from rlhf.learner.ds_config import zero_stage
+
+    return "" if zero_stage(cfg, "float32") == cfg.zero_stage else ", run without ZeRO"
+
+
 def make_batch(rows: int, prompt: int, response: int, vocab: int, group: int = 1, seed: int = 0):
     """Rows of ``prompt`` tokens (the same prompt for each ``group`` consecutive rows, as GRPO's
     samples of one prompt) and ``response // 2 .. response`` completion tokens."""
@@ -159,7 +166,7 @@ def main() -> None:
                     shared.append(sw)
                     shared_cpu.append(swc)
         rows = [("bare torch loop", bare, bare_cpu),
-                (f"learner (ZeRO-{args.stage}, {args.ranks} rank(s), share_prompt off)", wall, learner_cpu)]
+                (f"learner (ZeRO-{args.stage}{_runs(cfg)}, {args.ranks} rank(s), share_prompt off)", wall, learner_cpu)]
         if sharing:
             rows.append(("learner, share_prompt on", shared, shared_cpu))
         for name, times, cpus in [] if args.sync_only else rows:
