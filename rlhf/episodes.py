@@ -20,6 +20,7 @@ trajectories are rows i*n .. i*n+n-1.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ from rollouts.env.trajectory import Trajectory
 
 ENV_REWARD = "env"  # the env reward's name among the reward functions' (metrics, eval_reward)
 # Env metrics that count events: summed over dynamic-sampling draws.
-ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/obs_truncated", "env/budget_stops", "env/budget_cuts",
+ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/step_busy", "env/obs_truncated", "env/budget_stops", "env/budget_cuts",
                "env/max_turns_stops", "env/tool_calls", "env/tool_errors", "env/reward_none")
 
 
@@ -197,11 +198,23 @@ def _reset(runtime: EnvRuntime, envs: list, items: list[dict], prompts: list[lis
 
 
 def _step(runtime: EnvRuntime, trajs: list[Trajectory], counts: dict, last_turn: bool, budget: int | None) -> None:
-    """Every live trajectory's environment steps on its last model turn; observations appended."""
+    """Every live trajectory's environment steps on its last model turn; observations appended.
+
+    A step that overran keeps running in its retired pool thread; until it returns, its
+    environment gets no other call (one instance is never stepped from two threads): the model
+    sees a busy error instead (env/step_busy)."""
     name, codec = runtime.cfg.name, runtime.codec
-    outcomes = runtime.run([(lambda t=t: t.env.step(t.pieces[-1])) for t in trajs])
-    for t, outcome in zip(trajs, outcomes):
-        if isinstance(outcome, TimeoutError):
+    ready = [t for t in trajs if t.running is None or t.running.is_set()]
+    for t in ready:
+        t.running = threading.Event()
+    outcomes = dict(zip(map(id, ready), runtime.run([(lambda t=t: _signalling(t)) for t in ready])))
+    busy = object()
+    for t in trajs:
+        outcome = outcomes.get(id(t), busy)
+        if outcome is busy:
+            counts["env/step_busy"] += 1
+            obs, done = "Error: the environment is still running its previous step", False
+        elif isinstance(outcome, TimeoutError):
             counts["env/step_timeouts"] += 1
             obs, done = f"Error: the environment did not answer within {runtime.cfg.timeout_s}s", False
         elif isinstance(outcome, BaseException):
@@ -221,6 +234,14 @@ def _step(runtime: EnvRuntime, trajs: list[Trajectory], counts: dict, last_turn:
             continue
         counts["env/obs_truncated"] += turn.truncated
         t.add_observation(turn.ids, codec.tokenizer.decode(turn.ids))
+
+
+def _signalling(t: Trajectory):
+    """``t``'s step on its last model turn; ``t.running`` is set once it returns, however late."""
+    try:
+        return t.env.step(t.pieces[-1])
+    finally:
+        t.running.set()
 
 
 def _metrics(trajs: list[Trajectory], counts: dict[str, float]) -> dict[str, float]:

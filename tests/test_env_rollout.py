@@ -124,6 +124,23 @@ def test_raising_and_hanging_steps_become_counted_error_observations(group, toke
     assert episodes.metrics["env/step_timeouts"] == 2 and episodes.env_rewards == [None, None]
 
 
+def test_an_overrunning_environment_is_not_stepped_again_until_it_returns(group, tokenizer, prompts):
+    env = runtime(tokenizer, "StepBlocks", max_turns=2, timeout_s=0.5)
+    blocks = env.factory.cls
+    try:
+        episodes = run_episodes(group, prompts[:1], items(1), SAMPLING, env, seed=1)
+    finally:
+        blocks.release.set()
+        env.close()
+    # 2 trajectories: turn 1's steps overrun (2 timeouts, the model sees the error); turn 2 finds
+    # both environments still inside that step, so they get no second call (2 busy, calls stay 2)
+    # and max_turns ends both without a reward.
+    m = episodes.metrics
+    assert (m["env/step_timeouts"], m["env/step_busy"], blocks.calls) == (2, 2, 2)
+    assert m["env/max_turns_stops"] == 2 and episodes.env_rewards == [None, None]
+    assert all("did not answer within 0.5s" in c.text for c in episodes.rollouts.completions)
+
+
 @pytest.mark.parametrize("name, message", [
     ("StepWrongTypes", "step\\(\\) returned dict"),
     ("RewardNotANumber", "step\\(\\) returned reward str"),

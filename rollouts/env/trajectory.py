@@ -8,6 +8,7 @@ and 0.0 on observation tokens. A one-turn trajectory is a plain completion (mask
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from rlhf.types import Completion
@@ -26,6 +27,7 @@ class Trajectory:
     done: bool = False
     env_reward: float | None = None  # the sum of the rewards the environment's steps returned
     env: object = None  # the environment instance of this trajectory (None: single turn)
+    running: threading.Event | None = None  # set when its latest step returned (rlhf/episodes.py)
 
     def add_action(self, ids: list[int], logprobs: list[float], text: str, finish_reason: str) -> None:
         if len(ids) != len(logprobs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -40,6 +41,18 @@ class StepRaises(TwoTurn):
 class StepHangs(TwoTurn):
     def step(self, action: str):
         time.sleep(3.0)
+        return "late", 1.0, True
+
+
+class StepBlocks(TwoTurn):
+    """Every step waits for the test to set ``release`` (class-wide); ``calls`` counts them."""
+
+    release = threading.Event()
+    calls = 0
+
+    def step(self, action: str):
+        type(self).calls += 1
+        self.release.wait(60)
         return "late", 1.0, True
 
 
