@@ -13,7 +13,8 @@ single-digit additions x 4 samples at temperature 0.7, up to 48 tokens, correct 
 
 - ours: ``python -m rlhf.train +experiment=single_digit`` in a child process (Ray, a vLLM engine,
   a DeepSpeed learner, one fp32 rank and so without ZeRO, weight sync), ``trainer.eval_every=E``;
-  its in-loop evaluations are read from ``metrics.jsonl`` while it runs (each line carries its wall ``time``).
+  its in-loop evaluations are read from ``metrics.jsonl`` while it runs (each line carries its
+  wall ``time``).
 - TRL: ``scripts/bench_support/trl_accuracy.py`` (GRPOTrainer, TRL installed with ``pip --no-deps``
   into a throw-away folder on the child's PYTHONPATH, never into the project venv): every E optimizer
   steps the policy is saved (safetensors) and evaluated by ``python -m rlhf.eval`` on a fresh vLLM
