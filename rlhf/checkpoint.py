@@ -214,6 +214,12 @@ DEEPSPEED_PICKLE_CLASSES = (
 )
 
 
+def has_zero_partitions(deepspeed_dir: Path) -> bool:
+    """A DeepSpeed folder saved by ZeRO ranks (``*zero_pp_rank_<r>_*_optim_states.pt`` each), not
+    by a learner without ZeRO (its module and optimizer whole in ``mp_rank_00_model_states.pt``)."""
+    return any(Path(deepspeed_dir).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
 def safe_load(path: Path):
     """``torch.load`` with the weights-only unpickler, admitting ``DEEPSPEED_PICKLE_CLASSES`` too."""
     import importlib

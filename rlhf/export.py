@@ -146,10 +146,10 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     rank, ``ds_config.zero_stage``), the module state DeepSpeed saved whole."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from rlhf.checkpoint import safe_load
+    from rlhf.checkpoint import has_zero_partitions, safe_load
     from rlhf.learner.rank import DS_TAG
 
-    if any((ckpt_dir / DS_TAG).glob("*zero_pp_rank_*")):
+    if has_zero_partitions(ckpt_dir / DS_TAG):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
     states = ckpt_dir / DS_TAG / "mp_rank_00_model_states.pt"
     if not states.is_file():

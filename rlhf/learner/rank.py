@@ -374,7 +374,9 @@ class LearnerRank:
         return RankFiles(self.rank, this_node(), files_where(Path(ckpt_dir), mine))
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        zero_files = any((Path(ckpt_dir) / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
+        from rlhf.checkpoint import has_zero_partitions
+
+        zero_files = has_zero_partitions(Path(ckpt_dir) / DS_TAG)
         if zero_files != (self.engine.zero_optimization_stage() > 0):
             # One fp32 rank runs without ZeRO (ds_config.zero_stage): the two layouts do not load
             # into each other, and DeepSpeed would fail on the optimizer state with no names.
