@@ -88,9 +88,9 @@ class _Outcome:
 
 class RewardRunner:
     def __init__(self, cfg: RewardConfig, columns: Sequence[str] | None = None):
-        """``columns``: the column names ``score`` will be passed; None skips the check against them."""
-        if not cfg.functions:
-            raise ValueError("reward.functions is empty: configure at least one reward function")
+        """``columns``: the column names ``score`` will be passed; None skips the check against them.
+        No functions is allowed (pure distillation, rlhf/validation.py's check_distill): every total is
+        then the empty sum, 0."""
         if cfg.timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
         if cfg.executor not in EXECUTORS:

@@ -42,6 +42,8 @@ def build_train_batch(
 ) -> TrainBatch:
     """Pad prompt+completion sequences to one length; rows follow the rollout order. A completion's
     ``token_mask`` (multi-turn) zeroes response_mask and sampler log-probs on observation tokens.
+    Teacher log-probs (on-policy distillation) are placed like the sampler's: every completion
+    carries them, or none does.
 
     advantages, rewards: [G, n] (rewards NaN where the reward failed: such rows get weight 0).
     """
@@ -52,6 +54,10 @@ def build_train_batch(
         [c.prompt_ids + c.completion_ids for c in completions], [len(c.prompt_ids) for c in completions], pad_id
     )
     sampler = torch.zeros(input_ids.shape, dtype=torch.float32)
+    scored = [c.teacher_logprobs is not None for c in completions]
+    if any(scored) and not all(scored):
+        raise ValueError(f"completion {scored.index(False)} has no teacher log-probs, but others do")
+    teacher = torch.zeros(input_ids.shape, dtype=torch.float32) if all(scored) else None
     for i, c in enumerate(completions):
         if len(c.logprobs) != len(c.completion_ids):
             raise ValueError(
@@ -59,6 +65,11 @@ def build_train_batch(
             )
         p = len(c.prompt_ids)
         sampler[i, p : p + len(c.completion_ids)] = torch.tensor(c.logprobs, dtype=torch.float32)
+        if teacher is not None:
+            if len(c.teacher_logprobs) != len(c.completion_ids):
+                raise ValueError(f"completion {i} has {len(c.teacher_logprobs)} teacher log-probs for "
+                                 f"{len(c.completion_ids)} tokens")
+            teacher[i, p : p + len(c.completion_ids)] = torch.tensor(c.teacher_logprobs, dtype=torch.float32)
         if c.token_mask is not None:  # observation tokens (multi-turn) carry no loss
             if len(c.token_mask) != len(c.completion_ids):
                 raise ValueError(f"completion {i} has a token_mask of {len(c.token_mask)} for "
@@ -69,12 +80,15 @@ def build_train_batch(
             mask = torch.tensor(c.token_mask, dtype=torch.float32)
             response_mask[i, p : p + len(c.completion_ids)] = mask
             sampler[i, p : p + len(c.completion_ids)] *= mask
+            if teacher is not None:
+                teacher[i, p : p + len(c.completion_ids)] *= mask
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         response_mask=response_mask,
         advantages=advantages.reshape(-1).to(torch.float32),
         sampler_logprobs=sampler,
+        teacher_logprobs=teacher,
         sample_weight=(~torch.isnan(rewards.reshape(-1))).to(torch.float32),
     )
 

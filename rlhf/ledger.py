@@ -1,7 +1,10 @@
 """Cost ledger: what a run consumed and what it cost, kept in ``<run folder>/ledger.json``.
 
 Every run (teacher collection, SFT, GRPO) counts tokens generated, tokens trained, teacher tokens
-bought, wall time and device-hours by device kind, and prices them with ``LedgerConfig``. The file
+bought, wall time and device-hours by device kind, and prices them with ``LedgerConfig``. With an
+open teacher on our own engines (on-policy distillation) it also counts the tokens the teacher
+scored, the seconds that took, and the teacher engines' hours; engines on devices of their own
+(``ledger.teacher_num_devices``) add their device-hours to the run's. The file
 is rewritten atomically as the run goes, so a crash leaves the last saved state, and a resumed run
 carries on from it. At the end ``summary()`` prints the run's cost and the cost per 1M output tokens
 of serving the tuned model on the same hardware, next to the closed API's price:
@@ -38,6 +41,11 @@ class LedgerTotals:
     teacher_requests: int = 0  # requests paid for (cache hits are not)
     teacher_prompt_tokens: int = 0
     teacher_completion_tokens: int = 0
+    # An open teacher on our engines: tokens it prefilled (prompt + completion), the seconds that
+    # took, and engine-hours (teacher engines x the wall time they were up).
+    teacher_tokens_scored: int = 0
+    teacher_scoring_s: float = 0.0
+    teacher_engine_hours: float = 0.0
     wall_s: float = 0.0
     device_hours: dict[str, float] = field(default_factory=dict)
 
@@ -112,6 +120,11 @@ def format_summary(totals: LedgerTotals, report: CostReport, device_kind: str) -
         f"  tokens generated   {totals.tokens_generated:,}; tokens trained {totals.tokens_trained:,}",
         f"  teacher tokens     {totals.teacher_prompt_tokens:,} prompt + "
         f"{totals.teacher_completion_tokens:,} completion in {totals.teacher_requests:,} requests",
+    ]
+    if totals.teacher_tokens_scored or totals.teacher_engine_hours:
+        lines.append(f"  teacher engines    {totals.teacher_tokens_scored:,} tokens scored in "
+                     f"{totals.teacher_scoring_s:.1f} s; {totals.teacher_engine_hours:.4f} engine-hours")
+    lines += [
         f"  run cost           ${report.total_usd:.4f} (compute ${report.compute_usd:.4f}, "
         f"teacher API ${report.teacher_usd:.4f})",
     ]
@@ -173,12 +186,15 @@ class CostLedger:
                 f"ledger.device_kind={self.device_kind!r} has no price in ledger.device_hour_price "
                 f"(known: {sorted(cfg.device_hour_price)})"
             )
-        if cfg.num_devices < 0:
-            raise ConfigError(f"ledger.num_devices={cfg.num_devices} must be >= 0")
+        for key in ("num_devices", "teacher_num_devices"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"ledger.{key}={getattr(cfg, key)} must be >= 0")
         self.totals = self._load(run_kind) if self.path.exists() else LedgerTotals(run_kind)
         # Totals from earlier sessions of this run; this session's time is added on top.
         self._base_wall_s = self.totals.wall_s
         self._base_hours = dict(self.totals.device_hours)
+        self._base_teacher_hours = self.totals.teacher_engine_hours
+        self._teachers, self._teachers_t0 = 0, 0.0  # set_teacher_engines
         self._clock = clock
         self._t0 = clock()
         self._last_save = float("-inf")
@@ -213,12 +229,27 @@ class CostLedger:
         self.totals.teacher_completion_tokens += completion_tokens
         self._maybe_save()
 
+    def add_teacher_scored(self, tokens: int, seconds: float) -> None:
+        """Tokens an open teacher (our engines) prefilled to score the student's samples."""
+        self.totals.teacher_tokens_scored += tokens
+        self.totals.teacher_scoring_s += seconds
+        self._maybe_save()
+
+    def set_teacher_engines(self, count: int) -> None:
+        """From now on ``count`` teacher engines are up: their engine-hours accrue, and the
+        device-hours of ``ledger.teacher_num_devices`` devices of their own."""
+        self._teachers, self._teachers_t0 = count, self._clock()
+
     def _update_time(self) -> None:
-        session_s = self._clock() - self._t0
+        now = self._clock()
+        session_s = now - self._t0
         self.totals.wall_s = self._base_wall_s + session_s
+        teacher_s = now - self._teachers_t0 if self._teachers else 0.0
+        device_s = self.cfg.num_devices * session_s + (self.cfg.teacher_num_devices * teacher_s if self._teachers else 0.0)
         hours = dict(self._base_hours)
-        hours[self.device_kind] = hours.get(self.device_kind, 0.0) + self.cfg.num_devices * session_s / 3600
+        hours[self.device_kind] = hours.get(self.device_kind, 0.0) + device_s / 3600
         self.totals.device_hours = hours
+        self.totals.teacher_engine_hours = self._base_teacher_hours + self._teachers * teacher_s / 3600
 
     def report(self) -> CostReport:
         self._update_time()

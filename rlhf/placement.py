@@ -13,6 +13,9 @@
   engine, holding all of its tensor-parallel GPUs: ``rollout.num_gpus_per_engine`` is already
   the engine's total, see conf/rollout/vllm_gpu.yaml), each on resources of its own.
 
+A teacher for on-policy distillation (``teacher.engines``) is placed the same way: colocated,
+teacher engine i joins bundle i; separate, its engines get a third group, ``teacher``.
+
 Every group uses PACK, so ranks fill a node before spilling to the next (cheaper collectives).
 
 Failing fast (``reserve``): before creating anything, the bundles are compared with the cluster's
@@ -86,6 +89,7 @@ class PlacementPlan:
     groups: tuple[GroupSpec, ...]
     ranks: tuple[Slot, ...]  # learner rank r -> its slot
     engines: tuple[Slot, ...]  # engine e -> its slot
+    teachers: tuple[Slot, ...] = ()  # teacher engine t -> its slot (on-policy distillation)
 
     def bundles(self) -> list[tuple[str, int, Bundle]]:
         """(group, index, bundle) for every bundle of every group."""
@@ -103,17 +107,25 @@ def engine_bundle(cfg: RolloutConfig) -> Bundle:
     return Bundle(cfg.num_cpus_per_engine, cfg.num_gpus_per_engine)
 
 
-def plan_placement(mode: str, learner: LearnerConfig, rollout: RolloutConfig) -> PlacementPlan:
-    """The placement groups for ``trainer.placement=mode`` (pure arithmetic; nothing is created)."""
+def plan_placement(mode: str, learner: LearnerConfig, rollout: RolloutConfig,
+                   teacher: RolloutConfig | None = None) -> PlacementPlan:
+    """The placement groups for ``trainer.placement=mode`` (pure arithmetic; nothing is created);
+    ``teacher``: the teacher's engines (teacher.engines), None without a teacher."""
     R, E = learner.num_ranks, rollout.num_engines
+    T = teacher.num_engines if teacher is not None else 0
     rank, engine = rank_bundle(learner), engine_bundle(rollout)
+    tutor = engine_bundle(teacher) if teacher is not None else Bundle()
     if mode == "colocated":
-        bundles = tuple((rank if i < R else Bundle()) + (engine if i < E else Bundle()) for i in range(max(R, E)))
+        bundles = tuple((rank if i < R else Bundle()) + (engine if i < E else Bundle()) + (tutor if i < T else Bundle())
+                        for i in range(max(R, E, T)))
         plan = PlacementPlan(mode, (GroupSpec("colocated", bundles),),
-                             tuple(Slot("colocated", r) for r in range(R)), tuple(Slot("colocated", e) for e in range(E)))
+                             tuple(Slot("colocated", r) for r in range(R)), tuple(Slot("colocated", e) for e in range(E)),
+                             tuple(Slot("colocated", t) for t in range(T)))
     elif mode == "separate":
-        plan = PlacementPlan(mode, (GroupSpec("learner", (rank,) * R), GroupSpec("engines", (engine,) * E)),
-                             tuple(Slot("learner", r) for r in range(R)), tuple(Slot("engines", e) for e in range(E)))
+        groups = (GroupSpec("learner", (rank,) * R), GroupSpec("engines", (engine,) * E))
+        plan = PlacementPlan(mode, groups + ((GroupSpec("teacher", (tutor,) * T),) if T else ()),
+                             tuple(Slot("learner", r) for r in range(R)), tuple(Slot("engines", e) for e in range(E)),
+                             tuple(Slot("teacher", t) for t in range(T)))
     else:
         raise PlacementError(f"trainer.placement={mode!r} is not one of {list(MODES)}")
     for name, i, b in plan.bundles():
@@ -243,6 +255,7 @@ class Placement:
 
         self.learner = [strategy(s) for s in plan.ranks]
         self.engines = [strategy(s) for s in plan.engines]
+        self.teachers = [strategy(s) for s in plan.teachers]
 
     def bundle_nodes(self, group: str) -> list[str]:
         """The node id each bundle of ``group`` was reserved on, in bundle order."""
@@ -296,7 +309,7 @@ def reserve(plan: PlacementPlan, timeout_s: float) -> Placement:
 
 
 def record_placement(run_dir: Path, mode: str, rank_nodes: list[NodeInfo], engine_nodes: list[NodeInfo],
-                     transport: str) -> Path:
+                     transport: str, teacher_nodes: list[NodeInfo] = ()) -> Path:
     """``<run>/placement.json``: where every learner rank and engine ran and how weights travelled,
     so a run's layout on the cluster is on record beside its metrics."""
     path = Path(run_dir) / "placement.json"
@@ -305,6 +318,7 @@ def record_placement(run_dir: Path, mode: str, rank_nodes: list[NodeInfo], engin
         "weight_transport": transport,
         "learner_ranks": [asdict(n) for n in rank_nodes],
         "engines": [asdict(n) for n in engine_nodes],
+        "teacher_engines": [asdict(n) for n in teacher_nodes],
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -39,16 +39,19 @@ def absolute(path: str) -> str:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """A copy of ``cfg`` whose run folder, model cache and local model folder are absolute paths."""
+    """A copy of ``cfg`` whose run folder, model cache and local model folders (the policy's and an
+    open teacher's) are absolute paths."""
     model = cfg.model
-    name = model.name_or_path
-    if Path(name).expanduser().exists():  # a local folder; otherwise a built-in name or a hub id
-        name = absolute(name)
+
+    def local(name: str | None) -> str | None:  # a local folder; otherwise a built-in name or a hub id
+        return absolute(name) if name and Path(name).expanduser().exists() else name
+
     cache = absolute(model.cache_dir) if model.cache_dir else model.cache_dir
     return dataclasses.replace(
         cfg,
         trainer=dataclasses.replace(cfg.trainer, output_dir=absolute(cfg.trainer.output_dir)),
-        model=dataclasses.replace(model, name_or_path=name, cache_dir=cache),
+        model=dataclasses.replace(model, name_or_path=local(model.name_or_path), cache_dir=cache),
+        teacher=dataclasses.replace(cfg.teacher, model=local(cfg.teacher.model)),
     )
 
 
@@ -57,9 +60,10 @@ def local_model_dir(model_path: str) -> str | None:
     return absolute(model_path) if Path(model_path).expanduser().is_dir() else None
 
 
-def group_actors(engines: Any = None, learner: Any = None) -> list[tuple[str, Any]]:
-    """(name, actor handle) of every learner rank and rollout engine, as errors name them."""
+def group_actors(engines: Any = None, learner: Any = None, teacher: Any = None) -> list[tuple[str, Any]]:
+    """(name, actor handle) of every learner rank, rollout engine and teacher engine, as errors name them."""
     named = [(f"learner rank {r}", a) for r, a in enumerate(getattr(learner, "ranks", []))]
+    named += [(f"teacher engine {i}", e) for i, e in enumerate(getattr(getattr(teacher, "group", None), "engines", []))]
     return named + [(f"rollout engine {i}", e) for i, e in enumerate(getattr(engines, "engines", []))]
 
 

@@ -10,6 +10,11 @@ With an environment (``env.name``, rollouts/env/) a rollout is several turns, th
 environment's, one batched generate per turn (rlhf/episodes.py); its observation tokens are masked
 out of the loss. Without one it is the same loop run for one turn.
 
+With a teacher (on-policy distillation, algo.distill_coef > 0) an open model on engines of its own
+(rollouts/teacher.py) scores every sampled token after the rewards, and each token's advantage
+gains distill_coef x -(log π_student - log π_teacher) (rlhf/algo/distill.py); with no task reward
+that is the whole signal.
+
 Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
 trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
 learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
@@ -69,11 +74,12 @@ from rlhf.storage import absolute_paths, check_shared_storage, group_actors, loc
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch, SamplingSettings
-from rlhf.validation import eval_reward, validate
+from rlhf.validation import eval_reward, teacher_engines, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
 from rollouts.requests import sampling_from_config
+from rollouts.teacher import TeacherEngines, check_same_tokenizer
 
 register_configs()
 
@@ -104,9 +110,10 @@ _COUNTED = ("/failures", "/timeouts", "/none")
 
 
 def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
-            sampling: SamplingSettings, timeline: Timeline) -> Collected:
+            sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None) -> Collected:
     """Draw prompts, roll out (one turn, or several with an environment: rlhf/episodes.py) and
-    score; with dynamic sampling, refill zero-variance groups.
+    score; with dynamic sampling, refill zero-variance groups; with a ``teacher``, have it score the
+    kept completions' tokens (distill/teacher_tokens, timing/teacher).
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
     an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
@@ -143,6 +150,9 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
             break
     metrics["dynamic_sampling/dropped_groups"] = dropped
     metrics["dynamic_sampling/draws"] = draw + 1
+    if teacher is not None:
+        with timeline.span("teacher", step, metrics):
+            metrics["distill/teacher_tokens"] = float(teacher.score(kept_rollouts).tokens)
     for c in kept_rollouts:
         c.policy_version = policy_version
     return Collected(step, policy_version, kept_items, kept_rollouts, kept_scores, generated, metrics)
@@ -205,28 +215,49 @@ def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 PROBE_TEXT = "Weight sync probe: 12 + 7 = 19. The engines must score this exactly as the learner does."
 
 
-def start_groups(cfg: Config, model_path: str, stack: ExitStack) -> tuple[EngineGroup, LearnerGroup]:
+def start_groups(cfg: Config, model_path: str, teacher_path: str | None,
+                 stack: ExitStack) -> tuple[EngineGroup, LearnerGroup, TeacherEngines | None]:
     """Reserve the placement groups (failing fast if the cluster cannot hold them), then start the
-    engine and learner actors in them concurrently (each takes tens of seconds on CPU)."""
+    engine and learner actors, and the teacher's engines when there is one, in them concurrently
+    (each takes tens of seconds on CPU)."""
     logs = component_logs(cfg.trainer)
-    placement = reserve(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout),
+    placement = reserve(plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout, teacher_engines(cfg)),
                         cfg.trainer.placement_timeout_s)
     stack.callback(placement.remove)  # after the groups' shutdown, registered below (LIFO)
     # Weights as files across nodes cannot work: refused here, before any actor starts (connect()
     # checks again once the actors run, on the nodes they actually report).
     rank_nodes, engine_nodes = placement.slot_nodes()
     choose_transport(cfg.learner.sync_transport, rank_nodes[0], engine_nodes)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        engines_f = pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, logs, placement=placement.engines)
-        learner_f = pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
-                                cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
-                                placement=placement.learner, lora=cfg.model.lora)
-        wait([engines_f, learner_f])
-    for future in (engines_f, learner_f):  # shut down whichever started, even if the other failed
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [
+            pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs,
+                        placement=placement.engines),
+            pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
+                        cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
+                        placement=placement.learner, lora=cfg.model.lora),
+        ]
+        if teacher_path is not None:
+            futures.append(pool.submit(TeacherEngines.start, cfg.teacher, teacher_path, logs, placement.teachers))
+        wait(futures)
+    for future in futures:  # shut down whichever started, even if another failed
         if future.exception() is None:
             stack.callback(future.result().shutdown)
-    return engines_f.result(), learner_f.result()
+    engines, learner = futures[0].result(), futures[1].result()
+    return engines, learner, futures[2].result() if teacher_path is not None else None
+
+
+def prepare_teacher(cfg: Config, tokenizer, student_path: str, samples: list[str]) -> str | None:
+    """The open teacher's model folder when the run distils from one, after checking that its
+    tokenizer is the student's (before any engine starts); None without a teacher."""
+    if teacher_engines(cfg) is None:
+        return None
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.teacher.model, cfg.model.cache_dir)
+    path = local_model_dir(path) or path
+    theirs = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_same_tokenizer(tokenizer, theirs, student_path, path, samples)
+    return path
 
 
 def train(cfg: Config) -> Path:
@@ -245,6 +276,8 @@ def train(cfg: Config) -> Path:
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)
     env.check(env_items(data.eval_items(1))[0])  # a broken environment fails before any engine starts
+    teacher_path = prepare_teacher(cfg, tokenizer, model_path,
+                                   [tokenizer.decode(it.prompt_ids) for it in data.eval_items(4)])
     eval_items = []
     if cfg.trainer.eval_prompts > 0:
         eval_data = PromptDataset.from_config(cfg.data, tokenizer, split="eval", tools=env.tools)
@@ -261,11 +294,15 @@ def train(cfg: Config) -> Path:
         rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
         stack.callback(env.close)
-        engines, learner = start_groups(cfg, model_path, stack)
+        engines, learner, teacher = start_groups(cfg, model_path, teacher_path, stack)
         check_shared_storage(run_dir, model_path, group_actors(engines, learner))
+        if teacher is not None:
+            check_shared_storage(run_dir, teacher_path, group_actors(teacher=teacher))
+            ledger.set_teacher_engines(teacher.num_engines)
         # Before the first step: files across nodes is refused here; broadcast forms its group.
         transport = learner.connect(engines)
-        record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport)
+        record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport,
+                         teacher.nodes() if teacher is not None else [])
 
         start_step, pending = 0, []
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
@@ -314,7 +351,8 @@ def train(cfg: Config) -> Path:
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
         producer = RolloutProducer(
-            lambda step, version: collect(cfg, step, version, data, engines, rewards, env, sampling, timeline),
+            lambda step, version: collect(cfg, step, version, data, engines, rewards, env, sampling, timeline,
+                                          teacher),
             first_step=start_step + 1, last_step=cfg.trainer.steps,
         )
         stack.callback(producer.close)
@@ -384,6 +422,8 @@ def train(cfg: Config) -> Path:
             # Every token generated this step is billed, including the groups dynamic sampling dropped.
             metrics["throughput/generated_tokens"] = float(got.generated_tokens)
             ledger.add_generated(got.generated_tokens, metrics["timing/generate"])
+            if teacher is not None:
+                ledger.add_teacher_scored(int(metrics["distill/teacher_tokens"]), metrics["timing/teacher"])
             ledger.add_trained(trained * cfg.algo.epochs_per_step)
             logger.log(step, metrics)
             print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)

@@ -45,6 +45,9 @@ class Completion:
     # Per completion token: 1 where the policy chose it, 0 on an environment's observation tokens
     # (multi-turn rollouts, rollouts/env/); None: every token is the policy's (single turn).
     token_mask: list[int] | None = None
+    # The teacher's log-prob of each completion token (on-policy distillation, rollouts/teacher.py),
+    # len == len(completion_ids); None: not scored by a teacher.
+    teacher_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -79,6 +82,9 @@ class TrainBatch:
     # [B, L] the sampler's (vLLM's processed) log-probs of the completion tokens, 0 elsewhere;
     # None: not measured or corrected (rlhf/algo/correction.py).
     sampler_logprobs: torch.Tensor | None = None
+    # [B, L] the teacher's log-probs of the completion tokens, 0 elsewhere (on-policy distillation,
+    # rlhf/algo/distill.py); None: no teacher.
+    teacher_logprobs: torch.Tensor | None = None
     # Per-sequence loss weight: 0 drops a sequence (e.g. its reward was None). [B] float.
     sample_weight: torch.Tensor | None = None
 
@@ -126,6 +132,7 @@ class TrainBatch:
             old_logprobs=maybe(per_token, self.old_logprobs),
             ref_logprobs=maybe(per_token, self.ref_logprobs),
             sampler_logprobs=maybe(per_token, self.sampler_logprobs),
+            teacher_logprobs=maybe(per_token, self.teacher_logprobs),
             sample_weight=maybe(per_seq, self.sample_weight),
         )
 

@@ -9,7 +9,8 @@ plan that prints is a run that starts.
 from __future__ import annotations
 
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
-from rlhf.config import Config, ConfigError
+from rlhf.algo.distill import DISTILL_OBJECTIVES
+from rlhf.config import Config, ConfigError, RolloutConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
@@ -43,12 +44,15 @@ def validate(cfg: Config) -> BatchPlan:
         ("algo.loss_agg", AGGREGATIONS),
         ("algo.kl_estimator", KL_ESTIMATORS),
         ("algo.rollout_correction", ROLLOUT_CORRECTIONS),
+        ("algo.distill", DISTILL_OBJECTIVES),
     ]:
         name = getattr(cfg.algo, key.split(".")[1])
         if name not in registry:
             raise ConfigError(f"{key}={name!r} is not a registered {registry.kind}; known: {registry.names()}")
-    # Every registered estimator takes its baseline from the prompt's own group of samples.
-    if cfg.rollout.n < 2:
+    check_distill(cfg)
+    # Every registered estimator takes its baseline from the prompt's own group of samples (pure
+    # distillation has no task reward to compare).
+    if cfg.rollout.n < 2 and has_task_reward(cfg):
         raise ConfigError(
             f"rollout.n={cfg.rollout.n}: algo.advantage={cfg.algo.advantage} compares samples within a "
             "group, so it needs at least 2 samples per prompt"
@@ -72,7 +76,7 @@ def validate(cfg: Config) -> BatchPlan:
         )
     try:
         bound_cores(cfg.rollout.cpu_threads_bind)
-        plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout)  # a bundle asking nothing
+        plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout, teacher_engines(cfg))  # a bundle asking nothing
         check_specs(cfg.reward.functions, columns=reward_column_names(cfg.data))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -140,6 +144,62 @@ def check_off_policy(cfg: Config) -> None:
             f"trainer.max_staleness={k} generates while the learner trains, which "
             "rollout.sleep_between_steps=true (engines asleep during training) rules out"
         )
+
+
+def teacher_engines(cfg: Config) -> RolloutConfig | None:
+    """The open teacher's engine settings when the run distils from one (algo.distill_coef > 0)."""
+    return cfg.teacher.engines if cfg.algo.distill_coef > 0 else None
+
+
+def has_task_reward(cfg: Config) -> bool:
+    """Whether any reward is optimised: a reward function or the environment's with a weight != 0."""
+    env = cfg.env.name is not None and cfg.env.reward_weight != 0
+    return env or any(f.weight != 0 for f in cfg.reward.functions)
+
+
+def check_distill(cfg: Config) -> None:
+    """On-policy distillation needs an open teacher on our engines that can score every sequence;
+    without a task reward, nothing may depend on one."""
+    algo, teacher = cfg.algo, cfg.teacher
+    if algo.distill_coef < 0:
+        raise ConfigError(f"algo.distill_coef={algo.distill_coef} must be >= 0 (0: no teacher)")
+    if not algo.distill_clamp > 0:
+        raise ConfigError(f"algo.distill_clamp={algo.distill_clamp} must be > 0")
+    if algo.distill_coef == 0:
+        if not cfg.reward.functions:
+            raise ConfigError("reward.functions is empty: configure at least one reward function, or distil "
+                              "from a teacher (algo.distill_coef > 0 with +teacher=engines)")
+        return
+    if teacher.source != "engines":
+        raise ConfigError(
+            f"algo.distill_coef={algo.distill_coef} needs an open teacher on our own engines (+teacher=engines, "
+            f"teacher.source=engines), not teacher.source={teacher.source!r}: an API returns no log-probs of "
+            "the student's tokens")
+    if not teacher.model:
+        raise ConfigError("teacher.model is not set: the open teacher's built-in name, HF folder or hub id")
+    if teacher.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"teacher.dtype={teacher.dtype!r} is not one of ['float32', 'bfloat16', 'float16']")
+    if teacher.engines.num_engines < 1:
+        raise ConfigError(f"teacher.engines.num_engines={teacher.engines.num_engines} must be >= 1")
+    if teacher.engines.max_model_len <= cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"teacher.engines.max_model_len={teacher.engines.max_model_len} must exceed rollout.max_model_len="
+            f"{cfg.rollout.max_model_len}: the teacher scores whole sequences (up to rollout.max_model_len "
+            "tokens) as vLLM prompts, which leave room for one new token")
+    try:
+        bound_cores(teacher.engines.cpu_threads_bind)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("rollout.", "teacher.engines.")) from None
+    if has_task_reward(cfg):
+        return
+    if algo.dynamic_sampling:
+        raise ConfigError("algo.dynamic_sampling drops groups whose rewards are all equal, and with no task reward "
+                          "(every reward weight 0) every group is: turn it off for pure distillation")
+    if cfg.trainer.eval_prompts > 0 and not cfg.reward.functions and cfg.env.name is None:
+        raise ConfigError(
+            f"trainer.eval_prompts={cfg.trainer.eval_prompts} needs a reward to tell right answers, and "
+            "reward.functions is empty: set trainer.eval_prompts=0, or add a reward with weight 0 (evaluated "
+            "and logged, not optimised)")
 
 
 def reward_names(cfg: Config) -> list[str]:

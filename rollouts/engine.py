@@ -213,10 +213,21 @@ class RolloutEngine:
         """log p(token_t | tokens before t) for every t, element 0 = 0.0 (rlhf.types' convention)."""
         if len(token_ids) < 2:
             raise ValueError(f"probe token_ids has {len(token_ids)} tokens; need at least 2")
-        validate_request([token_ids], SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
-        out = self.llm.generate([{"prompt_token_ids": token_ids}], probe_params(), use_tqdm=False)[0]
+        return [0.0] + self.score_tokens([token_ids], [1])[0]
+
+    def score_tokens(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """log p(seq[t] | seq[:t]) for t = starts[i] .. len(seq) - 1 of every sequence, at temperature
+        1, in one batched prefill (vLLM's prompt log-probs): how a teacher scores a student's tokens."""
+        if len(starts) != len(sequences):
+            raise ValueError(f"{len(starts)} starts for {len(sequences)} sequences")
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start <= len(seq):
+                raise ValueError(f"sequence {i}: start {start} is outside 1..{len(seq)} (position 0 has no prefix)")
+        validate_request(sequences, SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], probe_params(), use_tqdm=False)
         # prompt_logprobs[0] is None (the first token has no prefix); entry t maps token -> Logprob.
-        return [0.0] + [out.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0]
+        return [[out.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))]
+                for seq, start, out in zip(sequences, starts, outs, strict=True)]
 
     def sleep(self) -> bool:
         """Release KV cache (and weights, level 2) between generation phases. False: unsupported."""

@@ -34,19 +34,23 @@ def split_evenly(num_items: int, num_parts: int) -> list[range]:
 
 class EngineGroup:
     """``cfg.num_engines`` RolloutEngine actors, started together; with ``logs`` (a folder), engine
-    i writes its output to ``logs``/engine-i.log instead of Ray's worker log."""
+    i writes its output to ``logs``/engine-i.log (a teacher's: teacher-engine-i.log) instead of
+    Ray's worker log."""
 
     def __init__(
         self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
         logs: Path | None = None, placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
+        role: str = "rollout",
     ) -> None:
         """``placement``: one scheduling strategy per engine (rlhf/placement.py's ``Placement.engines``);
-        None: Ray places the engines wherever their resources are free."""
+        None: Ray places the engines wherever their resources are free. ``role``: "rollout" (the
+        policy's engines) or "teacher", in log names and errors."""
         if cfg.num_engines < 1:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
         if placement is not None and len(placement) != cfg.num_engines:
             raise ValueError(f"placement has {len(placement)} slots for rollout.num_engines={cfg.num_engines}")
-        self.cfg = cfg
+        self.cfg, self.role = cfg, role
+        log_prefix = "" if role == "rollout" else f"{role}-"
         actor_cls = ray.remote(RolloutEngine)
         # Ray's CPU counts are bookkeeping, not pinning: a fractional request lets engines and
         # learner ranks share one machine while they take turns.
@@ -58,7 +62,7 @@ class EngineGroup:
         where = [{} if placement is None else {"scheduling_strategy": placement[i]} for i in range(cfg.num_engines)]
         self.engines = [
             actor_cls.options(**options, **where[i]).remote(cfg, model_path, dtype, trust_remote_code, i,
-                                                            log_file(logs, f"engine-{i}"))
+                                                            log_file(logs, f"{log_prefix}engine-{i}"))
             for i in range(cfg.num_engines)
         ]
         # All actors were created above, so the engines start concurrently; now wait for them all.
@@ -95,6 +99,17 @@ class EngineGroup:
             generate_s=seconds,
             per_engine_s=[p.generate_s for p in parts],
         )
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Each sequence's log-probs of its tokens from ``starts[i]`` on (``RolloutEngine.score_tokens``),
+        in order; the sequences are split into contiguous chunks, one per engine."""
+        if len(starts) != len(sequences):
+            raise ValueError(f"{len(starts)} starts for {len(sequences)} sequences")
+        validate_request(sequences, SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
+        chunks = [c for c in split_evenly(len(sequences), len(self.engines)) if len(c)]
+        refs = [engine.score_tokens.remote([sequences[i] for i in chunk], [starts[i] for i in chunk])
+                for engine, chunk in zip(self.engines, chunks)]
+        return [row for part in self._gather(refs, "score") for row in part]
 
     def load_weights(self, paths: list[str]) -> list[float]:
         """Every engine loads the same weight files; seconds per engine."""
@@ -162,10 +177,11 @@ class EngineGroup:
             try:
                 results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except RayActorError as err:
-                raise RuntimeError(f"rollout engine {index} died during {what}: {err}") from err
+                raise RuntimeError(f"{self.role} engine {index} died during {what}: {err}") from err
             except GetTimeoutError as err:
+                key = "rollout" if self.role == "rollout" else f"{self.role}.engines"
                 raise TimeoutError(
-                    f"rollout engine {index}: {what} took longer than rollout.timeout_s="
+                    f"{self.role} engine {index}: {what} took longer than {key}.timeout_s="
                     f"{self.cfg.timeout_s}"
                 ) from err
         return results

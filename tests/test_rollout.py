@@ -266,6 +266,36 @@ def test_two_engines_return_complete_ordered_results(group, tokenizer):
     assert [c.prompt_index for c in single.completions] == [0, 0] and len(single.per_engine_s) == 1
 
 
+def test_teacher_scores_completion_tokens_like_transformers_over_two_engines(group, tokenizer, hf_model):
+    """The teacher's scoring (on-policy distillation): 5 completions split 3 / 2 over the engines,
+    each token scored given its prompt and the tokens before it, as transformers computes it."""
+    from rlhf.types import Completion
+    from rollouts.teacher import TeacherEngines
+
+    texts = [("The capital of France is", " Paris, a city"), ("1 + 1 =", " 2"), ("Once upon a time", ", in a land"),
+             ("Numbers:", " 3 4 5 6 7 8"), ("A", " b")]
+    completions = []
+    for i, (prompt, completion) in enumerate(texts):
+        p, c = tokenizer(prompt)["input_ids"], tokenizer(completion)["input_ids"]
+        completions.append(Completion(i, p, c, [0.0] * len(c), "stop", completion))
+    scores = TeacherEngines(group).score(completions)
+    # Tokens prefilled: every prompt and completion token.
+    assert scores.sequences == 5 and scores.tokens == sum(len(c.prompt_ids) + len(c.completion_ids) for c in completions)
+    for c in completions:
+        expected = _hf_logprobs(hf_model, c.prompt_ids + c.completion_ids)[len(c.prompt_ids):]
+        assert len(c.teacher_logprobs) == len(c.completion_ids)
+        assert _max_gap(c.teacher_logprobs, expected) < TOL
+
+
+def test_scoring_refuses_a_sequence_longer_than_the_engines_take(group):
+    # vLLM scores a sequence as a prompt, which must leave room for one new token: 255 of 256 fits.
+    assert len(group.score([[5] * (MAX_MODEL_LEN - 1)], [1])[0]) == MAX_MODEL_LEN - 2
+    with pytest.raises(ValueError, match=f"prompt 1 has {MAX_MODEL_LEN} tokens"):
+        group.score([[5, 6], [5] * MAX_MODEL_LEN], [1, 1])
+    with pytest.raises(ValueError, match="sequence 0: start 0 is outside 1..2"):
+        ray.get(group.engines[0].score_tokens.remote([[5, 6]], [0]))
+
+
 def test_engine_that_fails_to_start_is_named(ray_session, tmp_path):
     # An empty folder is no model: vLLM's constructor raises inside actor 0, and the group's start
     # reports which engine died instead of hanging or surfacing a bare Ray error.

@@ -1,8 +1,10 @@
 """Clipped policy-gradient losses, per token. Shapes: B sequences, L positions (see rlhf/types.py).
 
 Every loss has the signature
-    fn(logprobs [B,L], old_logprobs [B,L], advantages [B], response_mask [B,L], *,
+    fn(logprobs [B,L], old_logprobs [B,L], advantages [B] or [B,L], response_mask [B,L], *,
        clip_low, clip_high, dual_clip=None) -> (per_token_loss [B,L], diagnostics)
+Advantages are one per sequence (broadcast over its tokens) or one per token (on-policy
+distillation, rlhf/algo/distill.py).
 ``per_token_loss`` is 0 outside the mask; aggregation (rlhf/algo/aggregation.py) reduces it.
 Diagnostics are detached means/extremes over the masked tokens of this call. With no masked
 tokens the means are 0 and ratio/max, ratio/min are -inf/+inf (the identities of max/min, so
@@ -24,7 +26,10 @@ def _check(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
     expect_dim("logprobs", logprobs, 2, "[B, L]")
     expect_shape("old_logprobs", old_logprobs, logprobs.shape)
     expect_shape("response_mask", mask, logprobs.shape)
-    expect_shape("advantages", advantages, logprobs.shape[:1])
+    if advantages.dim() != 2:
+        expect_shape("advantages", advantages, logprobs.shape[:1])
+    else:
+        expect_shape("advantages", advantages, logprobs.shape)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -45,7 +50,7 @@ def clipped_surrogate(
     Dual clip (Ye et al. 2020): for A < 0 the loss is also capped at -c*A, so a token whose ratio
     exploded (r > c) cannot dominate the batch.
     """
-    adv = advantages[:, None]  # [B, 1], broadcast over tokens
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] broadcast, or [B, L]
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)  # [B, L]
@@ -57,7 +62,7 @@ def clipped_surrogate(
         "clip_frac/high": _masked_mean(((r > 1.0 + clip_high) & (adv > 0)).float(), mask),
     }
     if dual_clip is not None:
-        cap = -adv * dual_clip  # [B, 1]
+        cap = -adv * dual_clip  # [B, 1] or [B, L]
         loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
         stats["clip_frac/dual"] = _masked_mean(((r > dual_clip) & (adv < 0)).float(), mask)
     stats["ratio/mean"] = _masked_mean(r, mask)

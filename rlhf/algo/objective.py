@@ -2,6 +2,12 @@
 
     loss = agg(policy_loss) + kl_coef * agg(kl) - entropy_coef * agg(entropy)
 
+With a teacher (on-policy distillation, ``TrainBatch.teacher_logprobs``), the policy loss takes a
+per-token advantage: the sequence's task advantage plus ``distill_coef`` times the distillation
+objective's (rlhf/algo/distill.py), A_t = A_seq + distill_coef * -(log π_s - log π_T). log π_s is
+the learner's pre-update log-prob of the token (``old_logprobs``, else this forward pass, detached).
+With no task reward (every reward weight 0, or none) A_seq is 0: pure distillation.
+
 ``agg`` is the configured aggregation, normalised by whole-mini-batch counts (see
 aggregation.py), so the learner sums the micro-batch losses and gradients. ``sample_weight``
 weighs each sequence once, in the aggregation (a weight of 0.5 halves that sequence's share);
@@ -16,8 +22,8 @@ batch: the policy has not moved yet), so the default path costs no extra forward
 Metrics (detached 0-dim tensors), and how the learner combines them over micro-batches and ranks
 (``RankMetrics`` in rlhf/learner/rank_metrics.py):
 - added up: policy_loss, kl, entropy (aggregated like the loss), clip_frac/*, ratio/mean,
-  mismatch/* means, rollout_correction/* (token shares: micro-batch mean x its weighted kept
-  tokens / total_tokens).
+  mismatch/* means, distill/* means, rollout_correction/* (token shares: micro-batch mean x its
+  weighted kept tokens / total_tokens).
 - largest / smallest: the names in MAX_METRICS / MIN_METRICS (ratio/max, mismatch max, ratio/min).
 """
 
@@ -27,6 +33,7 @@ from torch import Tensor
 
 from rlhf.algo.aggregation import aggregate
 from rlhf.algo.correction import correction_weights, mismatch_stats
+from rlhf.algo.distill import DISTILL_OBJECTIVES, distill_stats
 from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.losses import POLICY_LOSSES
 from rlhf.config import AlgoConfig
@@ -50,7 +57,7 @@ def grpo_objective(
     """Scalar loss of this micro-batch and its metrics.
 
     logprobs [B, L]: the policy's token log-probs (token_logprobs), with grad.
-    batch: the micro-batch (response_mask, advantages, old/ref log-probs, sample_weight).
+    batch: the micro-batch (response_mask, advantages, old/ref/teacher log-probs, sample_weight).
     total_tokens, total_seqs: normalisers(...) of the whole mini-batch.
     norm_length: Dr.GRPO's constant; defaults to cfg.norm_length. A null there raises for
         seq_mean_token_sum_norm (conf/algo/dr_grpo.yaml sets it to ${rollout.max_new_tokens};
@@ -59,6 +66,8 @@ def grpo_objective(
     """
     if cfg.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError(f"algo.kl_coef={cfg.kl_coef} > 0 but the batch has no ref_logprobs")
+    if batch.teacher_logprobs is not None and not cfg.distill_coef > 0:
+        raise ValueError(f"the batch has teacher_logprobs but algo.distill_coef={cfg.distill_coef} is not > 0")
     if cfg.entropy_coef != 0 and entropy is None:
         raise ValueError(f"algo.entropy_coef={cfg.entropy_coef} != 0 but no entropy was given")
     norm_length = cfg.norm_length if norm_length is None else norm_length
@@ -82,10 +91,16 @@ def grpo_objective(
         seq_weight=weight,
     )
 
-    per_token, diag = POLICY_LOSSES.get(cfg.policy_loss)(
-        logprobs, old, batch.advantages, mask,
+    advantages, diag = batch.advantages, {}  # [B]
+    if batch.teacher_logprobs is not None:
+        per_token_adv = DISTILL_OBJECTIVES.get(cfg.distill)(old, batch.teacher_logprobs, mask, clamp=cfg.distill_clamp)
+        advantages = advantages[:, None] * mask + cfg.distill_coef * per_token_adv  # [B, L]
+        diag.update(distill_stats(old, batch.teacher_logprobs, mask))
+    per_token, loss_diag = POLICY_LOSSES.get(cfg.policy_loss)(
+        logprobs, old, advantages, mask,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
     )
+    diag.update(loss_diag)
     if batch.sampler_logprobs is not None:
         diag.update(mismatch_stats(old, batch.sampler_logprobs, mask))
         if cfg.rollout_correction != "none":

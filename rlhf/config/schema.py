@@ -240,6 +240,15 @@ class AlgoConfig:
     # 1e-11 to 7e-11 in step; 0.007 to 0.035 one update stale (max_staleness=1); 0.067 when the
     # engines report log-probs at temperature 1 and sample at 0.7. null: never checked.
     max_mismatch_kl: Optional[float] = 0.05
+    # On-policy distillation (rlhf/algo/distill.py): > 0 starts the teacher engines (teacher.*,
+    # source=engines), which score every sampled token, and adds distill_coef x the per-token
+    # objective to the task advantage. 0: no teacher. With no task reward (every reward weight 0,
+    # or reward.functions empty) the run is pure distillation.
+    distill_coef: float = 0.0
+    # Registry name of the per-token objective: "reverse_kl" (-(log π_s - log π_T), k1).
+    distill: str = "reverse_kl"
+    # The per-token log-ratio is clamped to [-distill_clamp, distill_clamp].
+    distill_clamp: float = 10.0
 
 
 @dataclass
@@ -338,7 +347,9 @@ class TrainerConfig:
 @dataclass
 class TeacherConfig:
     # "api": ask an OpenAI-compatible chat-completions endpoint; "jsonl": read prompts and
-    # teacher answers already collected from `path`.
+    # teacher answers already collected from `path`; "engines": an open model served by our own
+    # vLLM engines (Ray actors), which can answer prompts (collection for SFT) and score the
+    # student's tokens (on-policy distillation, algo.distill_coef > 0).
     source: str = "api"
     # Endpoint root, e.g. "https://api.openai.com/v1", or "http://127.0.0.1:8000/v1" for `vllm serve`.
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -374,6 +385,15 @@ class TeacherConfig:
     # Keep only answers a reward function scores >= min_reward (a reward spec, see reward.functions).
     filter_reward: Optional[str] = None
     min_reward: float = 1.0
+    # source=engines: `model` is a built-in name, a local HF folder or a hub id, loaded in this dtype;
+    # its tokenizer must be the student's (checked at start-up).
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    # The teacher's vLLM engines: count, tensor parallelism, memory, Ray resources, as for the policy's
+    # (rollout.*; its sampling keys are unused). They are placed like the policy engines
+    # (trainer.placement): colocated, teacher engine i shares bundle i; separate, a group of their
+    # own. max_model_len must exceed rollout.max_model_len: vLLM scores a sequence as a prompt.
+    engines: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_model_len=2048, kv_cache_gb=0.5))
 
 
 @dataclass
@@ -404,6 +424,9 @@ class LedgerConfig:
     device_kind: str = "auto"
     # Devices the run holds (GPUs; 1 for a CPU machine); device-hours = num_devices * wall hours.
     num_devices: int = 1
+    # Devices an open teacher's engines hold on top of num_devices (trainer.placement=separate on
+    # GPUs: teacher.engines.num_engines x its GPUs); 0 when they share the run's (colocated).
+    teacher_num_devices: int = 0
     # USD per device-hour, by kind. Illustrative: set your provider's prices.
     device_hour_price: dict[str, float] = field(
         default_factory=lambda: {"cpu": 0.10, "h100": 2.50, "h200": 3.50}
