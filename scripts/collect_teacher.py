@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config.store import register_configs
-from rlhf.distill.teacher import collect_run
+from rlhf.distill.collect import collect_run
 
 register_configs()
 ConfigStore.instance().store(name="collect_teacher", node={

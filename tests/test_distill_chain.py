@@ -103,3 +103,57 @@ def test_rerun_skips_completed_stages(chain):
     assert changed == []
     assert chain["again"] == chain["summary"]
     assert sorted(p.name for p in run.iterdir()) == ["collect", "grpo", "sft", SUMMARY_FILE]
+
+
+# --- an open teacher on our engines: collect -> SFT -> on-policy distillation -> GRPO ---------------
+
+
+@pytest.fixture(scope="module")
+def open_chain(ray_session, tiny_model_path, tmp_path_factory):
+    """The tiny model's perturbed copy as the open teacher; no filter (its random answers are never
+    right), 6 prompts x 1 answer -> 6 SFT examples, OPD and GRPO 1 step each."""
+    from tests.support.teachers import perturbed_copy
+
+    tmp = tmp_path_factory.mktemp("open-chain")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS[:6]))
+    teacher = perturbed_copy(tiny_model_path, tmp / "teacher", std=0.05)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_object(compose(config_name="config", overrides=[
+            "+experiment=opd_chain", "model=tiny", f"trainer.output_dir={tmp / 'run'}",
+            f"teacher.model={teacher}", f"teacher.path={prompts}", "teacher.filter_reward=null",
+            "teacher.max_tokens=8", "teacher.engines.kv_cache_gb=0.25",
+            "sft.batch_size=3", "sft.epochs=1", "sft.lr=1e-3", "sft.max_seq_len=256",
+            "trainer.steps=1", "trainer.prompts_per_step=4", "trainer.eval_prompts=0",
+            "trainer.tensorboard=false", "rollout.n=4", "rollout.max_new_tokens=16",
+            "rollout.kv_cache_gb=0.25", "learner.micro_batch_size=8", "ledger.device_kind=cpu",
+        ]))
+    summary = run_chain(cfg)
+    again = run_chain(cfg)
+    return {"run": tmp / "run", "summary": summary, "again": again}
+
+
+def test_open_teacher_chain_runs_every_stage_and_resumes(open_chain):
+    run = open_chain["run"]
+    for stage in ("collect", "sft", "opd", "grpo"):
+        assert (run / stage / STAGE_MARKER).is_file(), stage
+    # The engines answered every prompt once: 6 rows, 2 SFT updates of 3.
+    assert len((run / "collect" / "teacher.jsonl").read_text().splitlines()) == 6
+    assert [m["step"] for m in read_metrics(run / "sft" / "metrics.jsonl")] == [1, 2]
+    # OPD starts from the SFT export and distils; GRPO starts from the OPD export and does not.
+    opd = json.loads((run / "opd" / "checkpoints" / "step-1" / "client_state.json").read_text())["config"]
+    grpo = json.loads((run / "grpo" / "checkpoints" / "step-1" / "client_state.json").read_text())["config"]
+    assert opd["model"]["name_or_path"] == str(run / "sft" / "export") and opd["algo"]["distill_coef"] == 1.0
+    assert grpo["model"]["name_or_path"] == str(run / "opd" / "export") and grpo["algo"]["distill_coef"] == 0.0
+    (step,) = [m for m in read_metrics(run / "opd" / "metrics.jsonl") if "loss" in m]
+    assert step["distill/teacher_tokens"] > 0 and "distill/reverse_kl" in step
+    assert not any("distill/reverse_kl" in m for m in read_metrics(run / "grpo" / "metrics.jsonl"))
+    # The summary counts the open teacher: tokens scored are the OPD ledger's, engine-hours the
+    # collect and OPD stages' together.
+    ledgers = {s: json.loads((run / s / "ledger.json").read_text())["totals"] for s in ("collect", "opd")}
+    summary = open_chain["summary"]
+    assert summary.teacher_tokens_scored == ledgers["opd"]["teacher_tokens_scored"] == int(step["distill/teacher_tokens"])
+    assert summary.teacher_engine_hours == pytest.approx(
+        ledgers["collect"]["teacher_engine_hours"] + ledgers["opd"]["teacher_engine_hours"], rel=1e-9)
+    assert ledgers["collect"]["tokens_generated"] > 0
+    assert open_chain["again"] == summary  # the rerun skipped every stage

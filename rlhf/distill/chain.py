@@ -1,16 +1,20 @@
-"""From closed to open in one run: teacher collection -> SFT -> GRPO from the SFT model.
+"""From closed to open in one run: teacher collection -> SFT -> [on-policy distillation] -> GRPO.
 
     python -m rlhf.distill.chain +experiment=distill_then_grpo teacher.model=... teacher.path=...
+    python -m rlhf.distill.chain +experiment=opd_chain teacher.model=<open model> teacher.path=...
 
-One composed config drives all three stages, each in its own folder under ``trainer.output_dir``:
+One composed config drives every stage, each in its own folder under ``trainer.output_dir``:
 
-    collect/  teacher.jsonl (the SFT dataset), teacher_cache.jsonl, ledger.json   (rlhf.distill.teacher)
+    collect/  teacher.jsonl (the SFT dataset), teacher_cache.jsonl, ledger.json   (rlhf.distill.collect)
     sft/      metrics, checkpoints, export/ (the SFT model), ledger.json          (rlhf.distill.sft)
+    opd/      metrics, checkpoints, export/, ledger.json                          (rlhf.train, distilling)
     grpo/     metrics, checkpoints, export/ (the final model), ledger.json        (rlhf.train)
     summary.json                                                                   (this module)
 
-The SFT stage reads ``collect/teacher.jsonl``; the GRPO stage starts from
-``model.name_or_path=sft/export``. A stage that finishes writes ``STAGE_COMPLETE`` in its folder and
+The SFT stage reads ``collect/teacher.jsonl``. With an open teacher on our engines
+(``teacher.source=engines``) and ``algo.distill_coef > 0``, an on-policy distillation stage follows
+from ``sft/export`` (the rewards as configured: weight 0 for pure distillation), and GRPO starts from
+``opd/export`` with ``algo.distill_coef=0``; otherwise GRPO starts from ``sft/export``. A stage that finishes writes ``STAGE_COMPLETE`` in its folder and
 is skipped when the chain runs again; an interrupted stage resumes (the collection from its response
 cache, SFT and GRPO from their last checkpoint: both run with ``trainer.resume=true``).
 
@@ -33,7 +37,7 @@ from rlhf.validation import validate
 
 register_configs()
 
-STAGES = ("collect", "sft", "grpo")
+STAGES = ("collect", "sft", "opd", "grpo")
 STAGE_MARKER = "STAGE_COMPLETE"
 SUMMARY_FILE = "summary.json"
 
@@ -45,6 +49,8 @@ class ChainSummary:
     stage_usd: dict[str, float]  # stage -> its ledger's total cost
     total_usd: float
     teacher_usd: float  # of which paid to the teacher API
+    teacher_tokens_scored: int  # by an open teacher on our engines (on-policy distillation)
+    teacher_engine_hours: float
     serving_usd_per_m: float | None
     closed_api_usd_per_m: float | None
     ratio: float | None  # closed API price / serving cost of the tuned model
@@ -59,19 +65,22 @@ def mark_done(stage_dir: Path, outputs: dict[str, str]) -> None:
     atomic_write_text(stage_dir / STAGE_MARKER, json.dumps(outputs, indent=1) + "\n")
 
 
-def summarise(run_dir: Path) -> ChainSummary:
+def summarise(run_dir: Path, stages: tuple[str, ...] = ("collect", "sft", "grpo")) -> ChainSummary:
     """Sum of the stage ledgers' costs; the serving figures come from the GRPO stage's ledger."""
-    costs = {}
-    for stage in STAGES:
+    costs, totals = {}, {}
+    for stage in stages:
         path = run_dir / stage / LEDGER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the {stage} stage wrote no ledger")
-        costs[stage] = json.loads(path.read_text(encoding="utf-8"))["cost"]
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+        costs[stage], totals[stage] = ledger["cost"], ledger["totals"]
     grpo = costs["grpo"]
     return ChainSummary(
         stage_usd={s: c["total_usd"] for s, c in costs.items()},
         total_usd=sum(c["total_usd"] for c in costs.values()),
         teacher_usd=sum(c["teacher_usd"] for c in costs.values()),
+        teacher_tokens_scored=sum(t.get("teacher_tokens_scored", 0) for t in totals.values()),
+        teacher_engine_hours=sum(t.get("teacher_engine_hours", 0.0) for t in totals.values()),
         serving_usd_per_m=grpo["serving_usd_per_m"],
         closed_api_usd_per_m=grpo["closed_api_usd_per_m"],
         ratio=grpo["ratio"],
@@ -81,6 +90,9 @@ def summarise(run_dir: Path) -> ChainSummary:
 def format_chain_summary(s: ChainSummary) -> str:
     stages = ", ".join(f"{k} ${v:.4f}" for k, v in s.stage_usd.items())
     lines = [f"chain cost         ${s.total_usd:.4f} ({stages}; teacher API ${s.teacher_usd:.4f})"]
+    if s.teacher_engine_hours:
+        lines.append(f"open teacher       {s.teacher_tokens_scored:,} tokens scored; "
+                     f"{s.teacher_engine_hours:.4f} engine-hours")
     if s.serving_usd_per_m is not None:
         lines.append(f"serving cost       ${s.serving_usd_per_m:.4f} per 1M output tokens (tuned model)")
     if s.closed_api_usd_per_m is not None:
@@ -90,32 +102,48 @@ def format_chain_summary(s: ChainSummary) -> str:
     return "\n".join(lines)
 
 
-def stage_configs(cfg: Config, run_dir: Path) -> tuple[Config, Config]:
-    """The SFT and GRPO stages' configs: new objects, the composed one is left as it is."""
-    sft_dir, grpo_dir = run_dir / "sft", run_dir / "grpo"
+def distils(cfg: Config) -> bool:
+    """Whether the chain has an on-policy distillation stage (an open teacher, algo.distill_coef > 0)."""
+    return cfg.algo.distill_coef > 0
+
+
+def stage_configs(cfg: Config, run_dir: Path) -> tuple[Config, Config | None, Config]:
+    """The SFT, on-policy distillation (None without one) and GRPO stages' configs: new objects, the
+    composed one is left as it is."""
+    sft_dir, opd_dir, grpo_dir = run_dir / "sft", run_dir / "opd", run_dir / "grpo"
     sft_cfg = replace(
         cfg,
         sft=replace(cfg.sft, data_path=str(run_dir / "collect" / cfg.teacher.output_file)),
         trainer=replace(cfg.trainer, output_dir=str(sft_dir), resume=True, export_at_end=True),
     )
+    opd_cfg = None
+    if distils(cfg):
+        opd_cfg = replace(
+            cfg,
+            model=replace(cfg.model, name_or_path=str(sft_dir / "export")),
+            trainer=replace(cfg.trainer, output_dir=str(opd_dir), resume=True, export_at_end=True),
+        )
     grpo_cfg = replace(
         cfg,
-        model=replace(cfg.model, name_or_path=str(sft_dir / "export")),
+        model=replace(cfg.model, name_or_path=str((opd_dir if opd_cfg else sft_dir) / "export")),
+        algo=replace(cfg.algo, distill_coef=0.0),
         trainer=replace(cfg.trainer, output_dir=str(grpo_dir), resume=True),
     )
-    return sft_cfg, grpo_cfg
+    return sft_cfg, opd_cfg, grpo_cfg
 
 
 def run_chain(cfg: Config) -> ChainSummary:
     """Run the stages not yet complete, in order; returns (and writes) the chain's cost summary."""
+    from rlhf.distill.collect import collect_run
     from rlhf.distill.sft import EXPORT_DIR, check_config, run_sft
-    from rlhf.distill.teacher import collect_run
     from rlhf.train import train
 
     run_dir = Path(cfg.trainer.output_dir)
-    sft_cfg, grpo_cfg = stage_configs(cfg, run_dir)
+    sft_cfg, opd_cfg, grpo_cfg = stage_configs(cfg, run_dir)
     # Every stage's settings are checked before the first one spends anything.
     check_config(sft_cfg)
+    if opd_cfg is not None:
+        validate(opd_cfg)
     validate(grpo_cfg)
     if not cfg.trainer.export_at_end:
         raise ConfigError("trainer.export_at_end=false: the chain hands each stage's export to the next")
@@ -124,7 +152,7 @@ def run_chain(cfg: Config) -> ChainSummary:
     if stage_done(collect_dir):
         print(f"collect: complete in {collect_dir}, skipped", flush=True)
     else:
-        result = collect_run(cfg.teacher, cfg.ledger, collect_dir)
+        result = collect_run(cfg.teacher, cfg.ledger, collect_dir, cfg.trainer, cfg.model.cache_dir)
         mark_done(collect_dir, {"dataset": str(result.dataset_path)})
 
     sft_dir = Path(sft_cfg.trainer.output_dir)
@@ -134,14 +162,20 @@ def run_chain(cfg: Config) -> ChainSummary:
         run_sft(sft_cfg)
         mark_done(sft_dir, {"export": str(sft_dir / EXPORT_DIR)})
 
-    grpo_dir = Path(grpo_cfg.trainer.output_dir)
-    if stage_done(grpo_dir):
-        print(f"grpo: complete in {grpo_dir}, skipped", flush=True)
-    else:
-        train(grpo_cfg)
-        mark_done(grpo_dir, {"export": str(grpo_dir / "export"), "base": grpo_cfg.model.name_or_path})
+    stages = ("collect", "sft", "grpo")
+    for name, stage_cfg in (("opd", opd_cfg), ("grpo", grpo_cfg)):
+        if stage_cfg is None:
+            continue
+        stage_dir = Path(stage_cfg.trainer.output_dir)
+        if stage_done(stage_dir):
+            print(f"{name}: complete in {stage_dir}, skipped", flush=True)
+        else:
+            train(stage_cfg)
+            mark_done(stage_dir, {"export": str(stage_dir / "export"), "base": stage_cfg.model.name_or_path})
+    if opd_cfg is not None:
+        stages = ("collect", "sft", "opd", "grpo")
 
-    summary = summarise(run_dir)
+    summary = summarise(run_dir, stages)
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
     print(format_chain_summary(summary), flush=True)
     return summary

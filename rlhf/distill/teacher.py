@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
+from rlhf.config import ConfigError, TeacherConfig
 from rlhf.distill.cache import ResponseCache, request_key
 from rlhf.distill.client import TeacherClient, api_key_from_env
 from rlhf.ledger import CostLedger, atomic_write_text
@@ -198,37 +198,13 @@ def collect_from_config(cfg: TeacherConfig, run_dir: str | Path, reward_fn: Rewa
     if cfg.source == "jsonl":
         return from_jsonl(cfg, run_dir, reward_fn)
     if cfg.source != "api":
-        raise ConfigError(f"teacher.source={cfg.source!r} is not one of ['api', 'jsonl']")
+        raise ConfigError(f"teacher.source={cfg.source!r} is not one of ['api', 'jsonl'] (or 'engines', "
+                          "collected by rlhf.distill.collect)")
     if not cfg.path:
         raise ConfigError("teacher.path is not set (the JSONL of prompts to ask the teacher)")
     _check_api_config(cfg)
     rows = read_jsonl(cfg.path, [cfg.prompt_column])
     return collect(rows, cfg, run_dir, reward_fn, ledger)
-
-
-def collect_run(cfg: TeacherConfig, ledger_cfg: LedgerConfig, run_dir: str | Path) -> CollectResult:
-    """A whole collection run in ``run_dir``: the filter reward loaded (and closed), bought tokens in
-    the run's ledger.json, the ledger summary and the answer counts printed."""
-    reward = None
-    if cfg.filter_reward:
-        from rewards.api import load_reward
-
-        reward = load_reward(cfg.filter_reward)
-    ledger = CostLedger(run_dir, ledger_cfg, "collect")
-    try:
-        result = collect_from_config(cfg, run_dir, reward.batch_fn if reward else None, ledger)
-    finally:
-        if reward is not None:
-            reward.close()
-        print(ledger.close())
-    s = result.stats
-    print(f"{s.kept} of {s.answers} answers kept -> {result.dataset_path} "
-          f"({s.cache_hits} from cache, {s.paid} bought, {s.retries} retries, "
-          f"{s.rejected} below teacher.min_reward, {s.unscored} unscored)")
-    if s.missing_usage:
-        print(f"warning: {s.missing_usage} responses carried no usage field; their tokens are not "
-              "in the ledger")
-    return result
 
 
 def from_jsonl(cfg: TeacherConfig, run_dir: str | Path,
