@@ -40,8 +40,9 @@ def test_default_config_composes_and_validates():
 def test_every_group_option_composes(group):
     for option in sorted((CONF / group).glob("*.yaml")):
         if group == "experiment":
-            # The distil chain asks its teacher: the model name and prompts file are the user's.
-            teacher = ["teacher.model=m", "teacher.path=/p.jsonl"] if option.stem == "distill_then_grpo" else []
+            # Experiments with a teacher ask for it: the model and the prompts file are the user's.
+            asks_teacher = "- /teacher:" in option.read_text()
+            teacher = ["teacher.model=m", "teacher.path=/p.jsonl"] if asks_teacher else []
             cfg = composed(f"+experiment={option.stem}", *teacher)
         else:
             overrides = [f"{group}={option.stem}"]
