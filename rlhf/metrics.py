@@ -73,6 +73,9 @@ def progress_line(step: int, total: int, metrics: dict[str, float], started: flo
     )
     acc = metrics.get("reward/accuracy")
     acc_txt = f" acc={acc:.3f}" if acc is not None else ""
+    # Distilling: the reverse KL to the teacher is the number to watch (pure mode's reward is 0).
+    kl = metrics.get("distill/reverse_kl")
+    acc_txt += f" reverse_kl={kl:.4f}" if kl is not None else ""
     return (
         f"step {step}/{total} reward={metrics.get('reward/mean', float('nan')):.3f}{acc_txt} "
         f"tok/s={metrics.get('throughput/tokens_per_s', 0):.0f} {phases} "

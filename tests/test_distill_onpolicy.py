@@ -265,3 +265,11 @@ def test_tiny_student_distilled_from_a_perturbed_copy_moves_towards_it(ray_sessi
     assert ledger["teacher_engine_hours"] > 0
     placement = json.loads((run / "placement.json").read_text())
     assert len(placement["teacher_engines"]) == 1
+
+
+def test_the_step_line_shows_the_reverse_kl_when_distilling():
+    from rlhf.metrics import progress_line
+
+    line = progress_line(1, 8, {"reward/mean": 0.0, "distill/reverse_kl": 0.12345}, started=0.0)
+    assert "reward=0.000 reverse_kl=0.1235 " in line
+    assert "reverse_kl" not in progress_line(1, 8, {"reward/mean": 0.5}, started=0.0)
