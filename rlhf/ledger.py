@@ -34,7 +34,7 @@ LEDGER_FILE = "ledger.json"
 class LedgerTotals:
     """Running totals of one run (across resumes)."""
 
-    run_kind: str  # "collect", "sft", "grpo"
+    run_kind: str  # "collect", "sft", "opd", "grpo"
     tokens_generated: int = 0
     generation_s: float = 0.0  # wall time spent generating those tokens
     tokens_trained: int = 0

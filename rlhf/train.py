@@ -287,7 +287,8 @@ def train(cfg: Config) -> Path:
     ckpt_dir = run_dir / "checkpoints"
 
     with ExitStack() as stack:
-        ledger = CostLedger(run_dir, cfg.ledger, run_kind="grpo")  # checks its prices before start-up
+        # Checks its prices before start-up; a run that distils from a teacher is an "opd" run.
+        ledger = CostLedger(run_dir, cfg.ledger, run_kind="opd" if cfg.algo.distill_coef > 0 else "grpo")
         # Ray before the rewards: a reward_model reward starts its actor when it is built.
         init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
                  log_to_driver=component_logs(cfg.trainer) is None)

@@ -137,6 +137,7 @@ def test_open_teacher_chain_runs_every_stage_and_resumes(open_chain):
     run = open_chain["run"]
     for stage in ("collect", "sft", "opd", "grpo"):
         assert (run / stage / STAGE_MARKER).is_file(), stage
+        assert json.loads((run / stage / "ledger.json").read_text())["totals"]["run_kind"] == stage
     # The engines answered every prompt once: 6 rows, 2 SFT updates of 3.
     assert len((run / "collect" / "teacher.jsonl").read_text().splitlines()) == 6
     assert [m["step"] for m in read_metrics(run / "sft" / "metrics.jsonl")] == [1, 2]
