@@ -65,7 +65,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float], started: float) -> str:
-    """One human line per step: step/total, reward, accuracy, tokens/s, phase times, ETA."""
+    """One human line per step: step/total, reward, accuracy, reverse KL when distilling, tokens/s,
+    phase times, ETA."""
     elapsed = time.time() - started
     eta = elapsed / max(step, 1) * (total - step)
     phases = " ".join(
@@ -75,9 +76,9 @@ def progress_line(step: int, total: int, metrics: dict[str, float], started: flo
     acc_txt = f" acc={acc:.3f}" if acc is not None else ""
     # Distilling: the reverse KL to the teacher is the number to watch (pure mode's reward is 0).
     kl = metrics.get("distill/reverse_kl")
-    acc_txt += f" reverse_kl={kl:.4f}" if kl is not None else ""
+    kl_txt = f" reverse_kl={kl:.4f}" if kl is not None else ""
     return (
-        f"step {step}/{total} reward={metrics.get('reward/mean', float('nan')):.3f}{acc_txt} "
+        f"step {step}/{total} reward={metrics.get('reward/mean', float('nan')):.3f}{acc_txt}{kl_txt} "
         f"tok/s={metrics.get('throughput/tokens_per_s', 0):.0f} {phases} "
         f"elapsed={elapsed / 60:.1f}m eta={eta / 60:.1f}m"
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from rlhf.config import Config, ConfigError
@@ -41,7 +42,8 @@ def test_every_group_option_composes(group):
     for option in sorted((CONF / group).glob("*.yaml")):
         if group == "experiment":
             # Experiments with a teacher ask for it: the model and the prompts file are the user's.
-            asks_teacher = "- /teacher:" in option.read_text()
+            defaults = OmegaConf.load(option).get("defaults", [])
+            asks_teacher = any("/teacher" in d for d in defaults if isinstance(d, DictConfig))
             teacher = ["teacher.model=m", "teacher.path=/p.jsonl"] if asks_teacher else []
             cfg = composed(f"+experiment={option.stem}", *teacher)
         else:

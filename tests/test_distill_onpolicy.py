@@ -17,6 +17,7 @@ from rlhf.algo.objective import grpo_objective
 from rlhf.batching import build_train_batch
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LedgerConfig, RolloutConfig
 from rlhf.ledger import CostLedger
+from rlhf.metrics import progress_line
 from rlhf.placement import Bundle, plan_placement
 from rlhf.types import Completion, RolloutBatch, TrainBatch
 from rlhf.validation import validate
@@ -268,8 +269,6 @@ def test_tiny_student_distilled_from_a_perturbed_copy_moves_towards_it(ray_sessi
 
 
 def test_the_step_line_shows_the_reverse_kl_when_distilling():
-    from rlhf.metrics import progress_line
-
     line = progress_line(1, 8, {"reward/mean": 0.0, "distill/reverse_kl": 0.12345}, started=0.0)
     assert "reward=0.000 reverse_kl=0.1235 " in line
     assert "reverse_kl" not in progress_line(1, 8, {"reward/mean": 0.5}, started=0.0)
