@@ -1,9 +1,11 @@
 """The training loop end to end on a simulated 3-node Ray cluster (tests/support/sim_cluster.py),
-trainer.placement=separate: learner ranks and the engine on different nodes, weights by broadcast.
-The scenario runs in a fresh process (the session's own Ray is already joined here)."""
+trainer.placement=separate: learner ranks and the engine on different nodes, weights by broadcast,
+and a distillation teacher on a node of its own. The scenario runs in a fresh process (the
+session's own Ray is already joined here)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -70,3 +72,18 @@ def test_async_rollouts_overlap_across_two_nodes():
     for step in (1, 2):  # the engine's node generated batch step + 1 while the rank trained step
         assert span[("generate", step + 1)]["start"] < span[("train", step)]["end"]
         assert span[("generate", step + 1)]["end"] <= span[("sync", step)]["start"]
+
+
+def test_a_teacher_on_its_own_node_scores_what_another_node_generated():
+    got = run_scenario("opd_separate_three_nodes", timeout_s=900)
+    # Three 1-CPU nodes and three 1-CPU groups (rank, policy engine, teacher engine): one each.
+    nodes = got["rank_nodes"] + got["engine_nodes"] + got["teacher_nodes"]
+    assert len(nodes) == 3 and len(set(nodes)) == 3
+    # tiny_smoke: 4 prompts x 4 samples a step; the teacher scores each sequence's prompt and
+    # completion, and a chat-templated prompt alone is over 16 tokens: more than 16 x 16 = 256 a step.
+    assert len(got["teacher_tokens"]) == 2 and all(t > 256 for t in got["teacher_tokens"])
+    assert all(math.isfinite(kl) for kl in got["reverse_kl"])
+    ledger = got["ledger"]
+    assert ledger["run_kind"] == "opd"
+    assert ledger["teacher_tokens_scored"] == sum(int(t) for t in got["teacher_tokens"])
+    assert ledger["teacher_engine_hours"] > 0 and ledger["teacher_scoring_s"] > 0

@@ -227,6 +227,41 @@ def train_async_two_nodes() -> dict:
     }
 
 
+@scenario("opd_separate_three_nodes")
+def opd_separate_three_nodes() -> dict:
+    """On-policy distillation with trainer.placement=separate on three 1-CPU worker nodes: the
+    learner rank, the policy engine and the teacher engine each fill a node, so the teacher scores
+    completions generated on another node for a rank on a third."""
+    import tempfile
+
+    from rlhf.metrics import read_metrics
+    from rlhf.models import TINY, resolve_model_path
+    from rlhf.train import train
+    from tests.support.runs import compose
+    from tests.support.teachers import perturbed_copy
+
+    tmp = Path(tempfile.mkdtemp(prefix="sim-opd-"))
+    teacher = perturbed_copy(resolve_model_path(TINY), tmp / "teacher", std=0.05)
+    nodes = [{"num_cpus": 1, "resources": {f"node_{x}": 1}} for x in "abc"]
+    with sim_cluster(nodes):
+        run = train(compose("+experiment=tiny_smoke", "+teacher=engines", f"teacher.model={teacher}",
+                            "algo.distill_coef=1.0", "reward.functions=[]", "trainer.placement=separate",
+                            "learner.num_cpus_per_rank=1", "rollout.num_cpus_per_engine=1",
+                            "teacher.engines.num_cpus_per_engine=1", "teacher.engines.kv_cache_gb=0.25",
+                            "trainer.eval_prompts=0", "trainer.tensorboard=false", "trainer.steps=2",
+                            "trainer.export_at_end=false", f"trainer.output_dir={tmp / 'run'}"))
+    placement = json.loads((run / "placement.json").read_text())
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    return {
+        "rank_nodes": [n["node_id"] for n in placement["learner_ranks"]],
+        "engine_nodes": [n["node_id"] for n in placement["engines"]],
+        "teacher_nodes": [n["node_id"] for n in placement["teacher_engines"]],
+        "teacher_tokens": [m["distill/teacher_tokens"] for m in steps],
+        "reverse_kl": [m["distill/reverse_kl"] for m in steps],
+        "ledger": json.loads((run / "ledger.json").read_text())["totals"],
+    }
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
