@@ -58,13 +58,31 @@ def test_tis_truncates_the_ratio_at_the_cap():
     assert diag["rollout_correction/weight_mean"].item() == pytest.approx((1.5 + 1 + 0.25) / 3)
 
 
-def test_icepop_masks_tokens_outside_the_band():
-    # Band [0.5, 2]: rho = 2 kept (boundary), 1 kept, 0.25 dropped.
+def test_icepop_weighs_by_rho_inside_the_band_and_masks_outside():
+    # Band [0.5, 2]: rho = 2 kept with weight 2 (boundary), 1 kept with weight 1, 0.25 dropped.
+    # (A 0/1 mask, the old icepop, gave [1, 1, 0].)
     w, diag = weights("icepop")
-    assert w.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0]]
+    torch.testing.assert_close(w, torch.tensor([[0.0, 2.0, 1.0, 0.0, 0.0]]))
     assert diag["rollout_correction/masked_frac"].item() == pytest.approx(1 / 3)
+    assert diag["rollout_correction/weight_mean"].item() == pytest.approx((2 + 1 + 0) / 3)
     # A narrower band [0.9, 1.1] keeps only rho = 1.
     w, _ = weights("icepop", low=0.9, high=1.1)
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]))
+
+
+def test_icepop_keeps_rho_1_5_as_its_weight():
+    # One token, log rho = ln 1.5 inside [0.5, 2]: weight 1.5 (IcePop, verl, TRL), not 1.
+    learner, sampler = torch.tensor([[-1.0 + math.log(1.5)]]), torch.tensor([[-1.0]])
+    w, _ = correction_weights("icepop", learner, sampler, torch.ones(1, 1), cap=2.0, low=0.5, high=2.0)
+    assert w.item() == pytest.approx(1.5, rel=1e-6)
+
+
+def test_token_reject_is_the_band_mask_without_the_weight():
+    # Band [0.5, 2] on rho = 2, 1, 0.25: weights 1, 1, 0 (icepop gives 2, 1, 0).
+    w, diag = weights("token_reject")
+    assert w.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0]]
+    assert diag["rollout_correction/masked_frac"].item() == pytest.approx(1 / 3)
+    w, _ = weights("token_reject", low=0.9, high=1.1)
     assert w.tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0]]
 
 
@@ -75,11 +93,21 @@ def test_seq_mask_drops_whole_sequences_by_the_geometric_mean_ratio():
     sampler = torch.cat([SAMPLER, torch.tensor([[0.0, -1.0, 0.0, 0.0, 0.0]])])
     mask = torch.cat([MASK, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]])])
     w, diag = correction_weights("seq_mask", learner, sampler, mask, cap=2.0, low=0.5, high=2.0)
+    # Row 0 kept with weight 1 on each token, not its geometric mean 0.794 (see seq_mask's docstring).
     assert w.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
     assert diag["rollout_correction/masked_frac"].item() == pytest.approx(1 / 4)  # 1 of 4 tokens
     # [0.8, 1.25] also drops row 0 (0.794 < 0.8).
     w, _ = correction_weights("seq_mask", learner, sampler, mask, cap=2.0, low=0.8, high=1.25)
     assert w.sum().item() == 0.0
+
+
+@pytest.mark.parametrize("name, expected", [("tis", 2.0), ("icepop", 0.0), ("token_reject", 0.0)])
+def test_an_overflowing_ratio_gives_a_finite_weight(name, expected):
+    # log rho = 100: rho = exp(100) = inf in fp32. tis truncates it to the cap 2; it lies outside
+    # the band [0.5, 2], so icepop and token_reject drop it (0, not inf * 0 = NaN).
+    learner, sampler = torch.tensor([[0.0, 0.0]]), torch.tensor([[-100.0, 0.0]])
+    w, _ = correction_weights(name, learner, sampler, torch.ones(1, 2), cap=2.0, low=0.5, high=2.0)
+    assert w.tolist() == [[expected, 1.0]]
 
 
 def test_weights_carry_no_gradient():
@@ -89,7 +117,7 @@ def test_weights_carry_no_gradient():
 
 
 def test_registry_names_and_unknown_name():
-    assert ROLLOUT_CORRECTIONS.names() == ["icepop", "none", "seq_mask", "tis"]
+    assert ROLLOUT_CORRECTIONS.names() == ["icepop", "none", "seq_mask", "tis", "token_reject"]
     with pytest.raises(UnknownNameError, match="unknown rollout correction 'is'"):
         weights("is")
 

@@ -1,11 +1,10 @@
 """KL estimators k1/k2/k3 by hand, k3's non-negativity, the clamp, bad inputs."""
 
-import math
-
 import pytest
 import torch
 
 from rlhf.algo import KL_ESTIMATORS
+from rlhf.algo.kl import K3_MAX
 
 
 def _kl(name, lp, ref, clamp=10.0):
@@ -33,9 +32,24 @@ def test_log_ratio_is_clamped():
     # logp - ref = 0 - (-50) = 50 -> clamped to 10: k1 = 10, k3 = exp(-10) + 10 - 1 = 9.0000454.
     assert _kl("k1", [0.0], [-50.0]).item() == pytest.approx(10.0)
     assert _kl("k3", [0.0], [-50.0]).item() == pytest.approx(9.0000454, abs=1e-5)
-    # logp - ref = -50 -> -10: k3 = exp(10) - 10 - 1 = 22015.465795 instead of exp(50) ~ 5e21.
-    assert _kl("k3", [-50.0], [0.0]).item() == pytest.approx(22015.465795, rel=1e-6)
-    assert math.isfinite(_kl("k3", [-500.0], [0.0]).item())
+    # logp - ref = -50 -> -10: k3 = exp(10) - 10 - 1 = 22015.47 within the input clamp (instead of
+    # exp(50) ~ 5e21), and K3_MAX = 10 after the output clamp.
+    assert _kl("k3", [-50.0], [0.0]).item() == 10.0
+    assert _kl("k3", [-500.0], [0.0]).item() == 10.0
+
+
+def test_k3_output_is_clamped_with_zero_gradient_beyond():
+    # logp - ref = -30, +30, -2, so d = ref - logp = 30, -30, 2; with the input clamp 10:
+    # d = 10:  e^10 - 11 = 22015.47 (and gradient -(e^10 - 1) = -22025 per unit logp, before
+    #          the output clamp) -> K3_MAX = 10, gradient 0.
+    # d = -10: e^-10 + 10 - 1 = 9.0000454 < 10, gradient 0 from the input clamp.
+    # d = 2:   e^2 - 3 = 4.389056 inside both clamps; dk3/dlogp = -(e^d - 1) = -6.389056.
+    assert K3_MAX == 10.0
+    lp = torch.tensor([[-30.0, 30.0, -2.0]], requires_grad=True)
+    k3 = KL_ESTIMATORS.get("k3")(lp, torch.zeros(1, 3), clamp=10.0)
+    k3.sum().backward()
+    torch.testing.assert_close(k3, torch.tensor([[10.0, 9.0000454, 4.389056]]))
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, -6.389056]]))
 
 
 @pytest.mark.parametrize("name", ["k1", "k2", "k3"])

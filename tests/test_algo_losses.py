@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf.algo import POLICY_LOSSES, aggregate
+from rlhf.algo.losses import LOG_RATIO_CLAMP, SEQ_LOG_RATIO_CLAMP
 
 CLIP = dict(clip_low=0.2, clip_high=0.28)
 
@@ -115,6 +116,38 @@ def test_garbage_off_the_mask_cannot_poison_the_loss(name):
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(logprobs.grad).all()
     assert stats["ratio/max"].item() == 1.0
+
+
+def test_ppo_clip_log_ratio_is_clamped_before_exp():
+    # Log-ratio 100: exp(100) overflows fp32 (max ~3.4e38) to inf. Unclamped, A = -1 gave loss inf
+    # and gradient inf; A = +1 gave loss -1.28 but a NaN gradient (0 * inf through exp).
+    # Clamped at LOG_RATIO_CLAMP = 20: ratio e^20 = 4.8516520e8. A = -1: max(e^20, 1.28) = e^20;
+    # A = +1: max(-e^20, -1.28) = -1.28. Beyond the clamp the gradient is 0 for both.
+    assert LOG_RATIO_CLAMP == 20.0
+    logprobs, old, adv, mask = _ratio_batch([1.0, 1.0], [-1.0, 1.0])
+    old = old.clone()
+    old[:, 1] = -100.0
+    loss, stats = POLICY_LOSSES.get("ppo_clip")(logprobs, old, adv, mask, **CLIP)
+    loss.sum().backward()
+    assert loss[0, 1].item() == pytest.approx(math.exp(20), rel=1e-6)
+    assert loss[1, 1].item() == pytest.approx(-1.28, abs=1e-6)
+    assert torch.equal(logprobs.grad, torch.zeros(2, 2))
+    assert stats["ratio/max"].item() == pytest.approx(math.exp(20), rel=1e-6)
+
+
+def test_gspo_sequence_log_ratio_is_clamped_at_10():
+    # Two tokens with log-ratio 100: mean 100, s = exp(100) = inf unclamped (loss inf for A = -1).
+    # Clamped at SEQ_LOG_RATIO_CLAMP = 10: s = e^10 = 22026.466 on each token, loss -A s = e^10 and,
+    # as the clamp acts on the detached s, the gradient -A s = e^10 per token still flows.
+    assert SEQ_LOG_RATIO_CLAMP == 10.0
+    logprobs = torch.zeros(1, 3, requires_grad=True)
+    old = torch.tensor([[0.0, -100.0, -100.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    loss, _ = POLICY_LOSSES.get("gspo")(logprobs, old, torch.tensor([-1.0]), mask, **CLIP)
+    loss.sum().backward()
+    s = math.exp(10)
+    torch.testing.assert_close(loss, torch.tensor([[0.0, s, s]]))
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, s, s]]))
 
 
 def test_empty_mask_gives_zero_means_and_reduction_identities():

@@ -9,11 +9,14 @@ log-probs before this step's first update; π_sampler: vLLM's processed log-prob
   KL(π_sampler || π_learner) = E_sampler[ρ - 1 - log ρ], and the share of tokens with ρ outside
   [0.5, 2].
 - ``ROLLOUT_CORRECTIONS`` turn log ρ into a per-token weight on the policy loss (detached):
-    none      1 everywhere
-    tis       min(ρ, cap): truncated importance sampling (Yao et al. 2025, "off-policy RL")
-    icepop    1 inside [low, high], else 0: the token is masked (IcePop, Ling team 2025)
-    seq_mask  1 for every token of a sequence whose geometric-mean ratio exp(mean log ρ) lies in
-              [low, high], else 0 for the whole sequence
+    none          1 everywhere
+    tis           min(ρ, cap): truncated importance sampling (Yao et al. 2025, "off-policy RL")
+    icepop        ρ inside [low, high], else 0: importance-weighted, and the token is masked where
+                  the policies disagree (IcePop, Ling team 2025; verl's and TRL's token masking)
+    token_reject  1 inside [low, high], else 0: the mask alone, no importance weight (rejection
+                  sampling, verl's rollout_rs=token)
+    seq_mask      1 for every token of a sequence whose geometric-mean ratio exp(mean log ρ) lies
+                  in [low, high], else 0 for the whole sequence (verl's geometric rejection)
   A masked token contributes no loss but stays in the aggregation's normaliser, as a clipped
   token does: dropping tokens does not up-weight the rest of the batch.
 
@@ -70,12 +73,17 @@ def no_correction(log_rho: Tensor, mask: Tensor, *, cap: float, low: float, high
     return (mask > 0).to(log_rho.dtype), {}
 
 
+def _rho(log_rho: Tensor, on: Tensor) -> Tensor:
+    # Off the mask log ρ is zeroed first: prompt and padding hold arbitrary values.
+    return torch.where(on, log_rho, 0.0).exp()
+
+
 @ROLLOUT_CORRECTIONS.register("tis")
 def truncated_importance_sampling(log_rho: Tensor, mask: Tensor, *, cap: float, low: float, high: float):
     """Weight min(ρ, cap): unbiased below the cap, variance bounded above it."""
     _check(log_rho, mask)
     on = mask > 0
-    rho = torch.where(on, log_rho, 0.0).exp()
+    rho = _rho(log_rho, on)
     weight = torch.where(on, rho.clamp(max=cap), 0.0)
     return weight, {
         "rollout_correction/truncated_frac": _share((rho > cap).float(), mask),
@@ -83,19 +91,46 @@ def truncated_importance_sampling(log_rho: Tensor, mask: Tensor, *, cap: float, 
     }
 
 
+def _in_band(log_rho: Tensor, on: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """(ρ, the masked tokens with low <= ρ <= high)."""
+    rho = _rho(log_rho, on)
+    return rho, on & (rho >= low) & (rho <= high)
+
+
 @ROLLOUT_CORRECTIONS.register("icepop")
 def icepop(log_rho: Tensor, mask: Tensor, *, cap: float, low: float, high: float):
-    """Weight 1 where low <= ρ <= high, else 0: tokens the two policies disagree on are dropped."""
+    """Weight ρ where low <= ρ <= high, else 0 (IcePop): the importance weight corrects the tokens
+    the two policies roughly agree on, and the ones they disagree on are dropped, not truncated."""
     _check(log_rho, mask)
     on = mask > 0
-    rho = torch.where(on, log_rho, 0.0).exp()
-    keep = on & (rho >= low) & (rho <= high)
+    rho, keep = _in_band(log_rho, on, low, high)
+    weight = torch.where(keep, rho, 0.0)
+    return weight, {
+        "rollout_correction/masked_frac": _share((on & ~keep).float(), mask),
+        "rollout_correction/weight_mean": _share(weight, mask),
+    }
+
+
+@ROLLOUT_CORRECTIONS.register("token_reject")
+def token_reject(log_rho: Tensor, mask: Tensor, *, cap: float, low: float, high: float):
+    """Weight 1 where low <= ρ <= high, else 0: icepop's mask without its importance weight, for
+    a gap treated as noise to filter rather than as a ratio to correct (verl's rollout_rs=token)."""
+    _check(log_rho, mask)
+    on = mask > 0
+    _, keep = _in_band(log_rho, on, low, high)
     return keep.to(log_rho.dtype), {"rollout_correction/masked_frac": _share((on & ~keep).float(), mask)}
 
 
 @ROLLOUT_CORRECTIONS.register("seq_mask")
 def seq_mask(log_rho: Tensor, mask: Tensor, *, cap: float, low: float, high: float):
-    """Weight 1 for every token of a sequence whose exp(mean log ρ) is in [low, high], else 0."""
+    """Weight 1 for every token of a sequence whose exp(mean log ρ) is in [low, high], else 0.
+
+    Kept sequences carry weight 1, not their geometric-mean ratio: the geometric mean is a
+    length-normalised measure of how far the sequence drifted, not an importance weight (the
+    sequence's weight would be the product of its ρ, whose variance grows with length), so it
+    filters, as verl's geometric rejection sampling does. For an importance weight, choose tis or
+    icepop.
+    """
     _check(log_rho, mask)
     on = mask > 0
     m = on.to(log_rho.dtype)

@@ -2,7 +2,9 @@
 
 Each is ``fn(logprobs [B,L], ref_logprobs [B,L], *, clamp) -> [B,L]``. The log-ratio
 logp - logp_ref is clamped to [-clamp, clamp] first: a token the reference finds near-impossible
-would otherwise make k3's exp overflow. Callers mask the result (aggregation does).
+would otherwise make k3's exp overflow. k3's output is clamped too, at K3_MAX (verl's low_var_kl
+does the same): within the input clamp it still reaches e^10 - 11 = 22015 per token, enough for one
+token to outweigh the batch's penalty. Callers mask the result (aggregation does).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from rlhf.algo.registry import Registry
 from rlhf.algo.shapes import expect_dim, expect_shape
 
 KL_ESTIMATORS: Registry = Registry("KL estimator")
+
+# k3 per token is at most this (reached at ref - logp = 2.61; beyond it the token's gradient is 0).
+K3_MAX = 10.0
 
 
 def _log_ratio(logprobs: Tensor, ref_logprobs: Tensor, clamp: float) -> Tensor:
@@ -37,6 +42,6 @@ def k2(logprobs: Tensor, ref_logprobs: Tensor, *, clamp: float) -> Tensor:
 
 @KL_ESTIMATORS.register("k3")
 def k3(logprobs: Tensor, ref_logprobs: Tensor, *, clamp: float) -> Tensor:
-    """exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0 (DeepSeekMath's GRPO penalty)."""
+    """exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0 (DeepSeekMath's GRPO penalty), at most K3_MAX."""
     d = -_log_ratio(logprobs, ref_logprobs, clamp)  # ref - logp
-    return d.exp() - d - 1.0
+    return (d.exp() - d - 1.0).clamp(max=K3_MAX)

@@ -9,6 +9,11 @@ distillation, rlhf/algo/distill.py).
 Diagnostics are detached means/extremes over the masked tokens of this call. With no masked
 tokens the means are 0 and ratio/max, ratio/min are -inf/+inf (the identities of max/min, so
 combining over micro-batches stays right).
+
+Log-ratios are clamped before ``exp``, as verl does: in fp32 exp overflows above ~88.7, and an
+infinite ratio with a negative advantage makes the loss, then every gradient, inf/NaN. A token's
+log-ratio is clamped to +-LOG_RATIO_CLAMP (ratio at most e^20 = 4.85e8; beyond it the token's
+gradient is 0), GSPO's sequence log-ratio to at most SEQ_LOG_RATIO_CLAMP (e^10 = 22026).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from rlhf.algo.registry import Registry
 from rlhf.algo.shapes import expect_dim, expect_shape
 
 POLICY_LOSSES: Registry = Registry("policy loss")
+
+# verl's bounds (core_algos.py): a token's log-ratio in [-20, 20], GSPO's sequence log-ratio <= 10.
+LOG_RATIO_CLAMP = 20.0
+SEQ_LOG_RATIO_CLAMP = 10.0
 
 
 def _check(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> None:
@@ -86,7 +95,7 @@ def ppo_clip(
     _check(logprobs, old_logprobs, advantages, response_mask)
     # Zero the log-ratio off the mask: prompt/padding positions may hold arbitrary values and an
     # overflowing exp there would turn into NaN when multiplied by the mask.
-    log_ratio = (logprobs - old_logprobs) * response_mask
+    log_ratio = ((logprobs - old_logprobs) * response_mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return clipped_surrogate(
         log_ratio.exp(), advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -110,10 +119,13 @@ def gspo(
     s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]) has value s_i and gradient s_i * grad(logp_t), so
     each token's gradient is weighted by its sequence's ratio (paper eq. for GSPO-token).
     Pair with loss_agg=seq_mean_token_mean to get the paper's 1/|y_i| sum over tokens.
+    log s_i is clamped at SEQ_LOG_RATIO_CLAMP; being detached, the clamp bounds the value and the
+    weight s_i of the gradient, and the gradient still flows (as in verl).
     """
     _check(logprobs, old_logprobs, advantages, response_mask)
     log_ratio = (logprobs - old_logprobs) * response_mask
     seq_log_ratio = log_ratio.sum(dim=1) / response_mask.sum(dim=1).clamp(min=1)  # [B]
+    seq_log_ratio = seq_log_ratio.clamp(max=SEQ_LOG_RATIO_CLAMP)
     token_log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()
     ratio = (token_log_ratio * response_mask).exp()
     return clipped_surrogate(

@@ -228,9 +228,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     dynamic_sampling_max_draws: int = 3
     # Sampler/learner gap, rho = pi_learner_old / pi_sampler per token (rlhf/algo/correction.py):
-    # "none", "tis" (weight min(rho, correction_cap)), "icepop" (token dropped outside
-    # [correction_low, correction_high]), "seq_mask" (sequence dropped when its geometric-mean rho
-    # leaves that range). conf/rollout_correction/*.yaml sets each with its parameters.
+    # "none", "tis" (weight min(rho, correction_cap)), "icepop" (weight rho inside
+    # [correction_low, correction_high], 0 outside), "token_reject" (weight 1 inside, 0 outside),
+    # "seq_mask" (sequence dropped when its geometric-mean rho leaves that range, else weight 1).
+    # conf/rollout_correction/*.yaml sets each with its parameters.
     rollout_correction: str = "none"
     correction_cap: float = 2.0
     correction_low: float = 0.5
