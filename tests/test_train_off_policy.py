@@ -2,6 +2,7 @@
 is no longer 1), asynchronous rollouts one step ahead, and a sampler/learner mismatch refused.
 
 In-process runs on the session's Ray, with the tests' learnable reward so weights really move.
+What each rollout correction does to the loss is pinned first, cheaply, on a fixed batch.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import json
 import math
 
 import pytest
+import torch
 
+from rlhf.algo import grpo_objective, normalisers
+from rlhf.config import AlgoConfig
 from rlhf.metrics import read_metrics
 from rlhf.timeline import read_timeline
 from rlhf.train import MismatchError, train
+from rlhf.types import TrainBatch
 from support.runs import axis_reward, compose, steps_logged
 
 LR = 1e-2
@@ -22,6 +27,57 @@ LR = 1e-2
 def tiny(run_dir, model_path, *extra):
     return compose("+experiment=tiny_smoke", f"trainer.output_dir={run_dir}", "trainer.tensorboard=false",
                    "rollout.top_k=8", f"learner.lr={LR}", axis_reward(model_path), *extra)
+
+
+# Each correction against rollout_correction=none on one fixed batch, at the objective (no engine).
+# Positions 0 prompt, then completion tokens; row 0 has 2, row 1 has 3 (its position 3).
+# Learner log-probs -1 everywhere and on-policy (ratio 1), so a token's loss is -A * w and the
+# default seq_mean_token_mean gives loss = 1/B sum_i (-A_i / n_i) sum_t w_t.
+# none (w = 1): (-1 + 0.5) / 2 = -0.25. A correction differs from it by
+#   delta = 1/2 [(-1/2) sum_row0 (w - 1) + (0.5/3) sum_row1 (w - 1)].
+OFF_MASK = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+OFF_ADV = torch.tensor([1.0, -0.5])
+RHO = torch.tensor([[1.0, 1.5, 4.0, 1.0], [1.0, 0.25, 1.0, 1.0]])  # rho of the completion tokens
+CORRECTED = {
+    # tis, cap 2: w = [1.5, 2], [0.25, 1, 1]: delta = 1/2 [-1/2 (0.5 + 1) + 0.5/3 (-0.75)]
+    #   = 1/2 (-0.75 - 0.125) = -0.4375.
+    "tis": ([[0, 1.5, 2, 0], [0, 0.25, 1, 1]], -0.4375),
+    # icepop, band [0.5, 2]: rho 4 and 0.25 dropped, 1.5 weighs 1.5: w = [1.5, 0], [0, 1, 1]:
+    #   delta = 1/2 [-1/2 (-0.5) + 0.5/3 (-1)] = 1/2 (1/4 - 1/6) = 1/24. (A 0/1 mask gave 1/6.)
+    "icepop": ([[0, 1.5, 0, 0], [0, 0, 1, 1]], 1 / 24),
+    # token_reject: w = [1, 0], [0, 1, 1]: delta = 1/2 [-1/2 (-1) + 0.5/3 (-1)] = 1/2 (1/2 - 1/6) = 1/6.
+    "token_reject": ([[0, 1, 0, 0], [0, 0, 1, 1]], 1 / 6),
+    # seq_mask: row 0's geometric mean sqrt(1.5 * 4) = 2.449 > 2, dropped; row 1's
+    #   (0.25 * 1 * 1)^(1/3) = 0.630 kept with weight 1: delta = 1/2 [-1/2 (-2) + 0] = 0.5.
+    "seq_mask": ([[0, 0, 0, 0], [0, 1, 1, 1]], 0.5),
+}
+
+
+def _objective(correction: str):
+    logprobs = torch.full(OFF_MASK.shape, -1.0, requires_grad=True)
+    batch = TrainBatch(
+        input_ids=torch.zeros(OFF_MASK.shape, dtype=torch.long),
+        attention_mask=torch.ones(OFF_MASK.shape, dtype=torch.long),
+        response_mask=OFF_MASK,
+        advantages=OFF_ADV,
+        sampler_logprobs=(-1.0 - RHO.log()) * OFF_MASK,  # log rho = learner - sampler
+    )
+    cfg = AlgoConfig(rollout_correction=correction, correction_cap=2.0, correction_low=0.5, correction_high=2.0)
+    tokens, seqs = normalisers(OFF_MASK)
+    loss, _ = grpo_objective(logprobs, batch, cfg, total_tokens=tokens, total_seqs=seqs)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    return loss.item(), grad
+
+
+@pytest.mark.parametrize("correction", sorted(CORRECTED))
+def test_a_correction_changes_the_loss_of_a_fixed_batch_by_the_derived_amount(correction):
+    base_loss, base_grad = _objective("none")
+    assert base_loss == pytest.approx(-0.25, abs=1e-6)
+    weights, delta = CORRECTED[correction]
+    loss, grad = _objective(correction)
+    assert loss - base_loss == pytest.approx(delta, abs=1e-6)
+    # The weight reaches the gradient token by token: d loss / d logp_t = w_t x none's.
+    torch.testing.assert_close(grad, torch.tensor(weights) * base_grad)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 advantages.py   rewards [G, n] -> advantages (grpo, dr_grpo, rloo, reinforce_pp), has_signal
 losses.py       clipped per-token policy losses (ppo_clip, gspo)
 kl.py           per-token KL estimators (k1, k2, k3)
-correction.py   sampler/learner mismatch metrics and rollout corrections (none, tis, icepop, seq_mask)
+correction.py   sampler/learner mismatch metrics and rollout corrections (none, tis, icepop, token_reject,
+                seq_mask)
 aggregation.py  per-token loss -> scalar, micro-batch safe (token_mean, seq_mean_token_mean, ...)
 logprobs.py     token log-probs / entropies from logits in bounded memory
 objective.py    the composed loss for one micro-batch
