@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _session_ray_token() -> None:
+    """Ray's authentication token in a folder of this test session's own, never ~/.ray.
+
+    Ray 2.60 reads the token from $RAY_AUTH_TOKEN_PATH (else ~/.ray/auth_token) and writes one only
+    to ~/.ray when it starts a head and finds none; `ray start --head` with RAY_AUTH_MODE=token
+    refuses instead. Tests that relied on a token some earlier run left in the home failed on a
+    machine that never ran Ray. Every Ray process a test starts (ray.init, the simulated
+    clusters, `ray start`, `ray job submit`) inherits this variable. The token is generated as Ray
+    generates its own (256 random bits, hex) and kept to its owner (0600)."""
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="rlhf-tests-ray-"))
+    token = folder / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_session_ray_token()
 
 
 @pytest.fixture(scope="session")

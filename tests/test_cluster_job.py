@@ -60,7 +60,10 @@ def stop_head(temp_dir: str) -> None:
 
 def test_ray_job_submit_trains_and_exports(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # Token authentication on for the head, the CLI and the job's driver alike (~/.ray/auth_token).
+    # Token authentication on for the head, the CLI and the job's driver alike, with the test
+    # session's own token ($RAY_AUTH_TOKEN_PATH, set by conftest.py): a machine that never ran Ray
+    # has no ~/.ray/auth_token, and `ray start --head` refuses token mode without one.
+    assert os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
