@@ -74,7 +74,7 @@ from rlhf.storage import absolute_paths, check_shared_storage, group_actors, loc
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch, SamplingSettings
-from rlhf.validation import eval_reward, teacher_engines, validate
+from rlhf.validation import check_model, eval_reward, teacher_engines, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
@@ -270,8 +270,10 @@ def train(cfg: Config) -> Path:
     # Data and rewards first: a bad column or reward spec fails before any engine starts.
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
     model_path = local_model_dir(model_path) or model_path
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_model(cfg, AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
+                model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)

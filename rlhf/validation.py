@@ -16,6 +16,7 @@ from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
 from rlhf.episodes import ENV_REWARD
 from rlhf.learner.lora import check_lora
+from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_settings
 from rlhf.placement import plan_placement
 from rewards.api import check_specs, default_name
@@ -89,6 +90,25 @@ def validate(cfg: Config) -> BatchPlan:
     check_settings(cfg.learner, cfg.algo, cfg.model.dtype, total_updates(cfg))
     check_lora(cfg.model.lora)
     return plan
+
+
+def check_model(cfg: Config, hf_config, model: str) -> None:
+    """Rules that need the model's HF config, checked once its path is known and before any engine
+    or learner rank starts (train.py).
+
+    Shared prompts and sliding-window attention: the prompt cache of a sliding layer keeps only
+    the last window of the padded prompt block, so rows with shorter prompts are scored wrongly
+    (rlhf/learner/packing.py). Refused unless the smallest window covers every sequence
+    (rollout.max_model_len, which bounds prompt + completion), where the window never applies.
+    """
+    windows = sliding_windows(hf_config)
+    if cfg.learner.share_prompt and windows and min(windows) < cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"learner.share_prompt=true: {model} ({getattr(hf_config, 'model_type', '?')}) has sliding-window "
+            f"attention with a {min(windows)}-token window, shorter than rollout.max_model_len="
+            f"{cfg.rollout.max_model_len}; the shared-prompt cache would drop the keys of rows with shorter "
+            "prompts (silently wrong log-probs). Set learner.share_prompt=false"
+        )
 
 
 def check_off_policy(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from test_learner import off_policy, plain_torch_updates
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner import LearnerGroup
 from rlhf.learner.packing import PassPlan, layout, micro_batches, plan_micro_batches, plan_passes, prompt_groups
-from rlhf.learner.packing import split_to
+from rlhf.learner.packing import sliding_windows, split_to, startup_probe
 from rlhf.learner.settings import check_settings
 from rlhf.types import TrainBatch
 
@@ -243,3 +243,103 @@ def test_shared_logprobs_equal_a_transformers_forward(shared_group, shared_train
     valid = batch.response_mask.bool()
     torch.testing.assert_close(got.double()[valid], want[valid], atol=LOGPROB_ATOL, rtol=0)
     assert got[~valid].abs().max() == 0  # prompt and padding positions hold 0
+
+
+# --- sliding-window attention --------------------------------------------------------------------
+
+WINDOW = 4
+
+
+def tiny_mistral(window: int | None = WINDOW):
+    """A tiny random Mistral (the shape of tests/support/families.py) whose every layer slides a
+    ``window``-token window; fp32, eager and sdpa agree, sdpa is transformers' default."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=VOCAB,
+                                  sliding_window=window, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _float64_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros(ids.shape[0], 1, dtype=lp.dtype), lp], dim=1)
+
+
+@torch.no_grad()
+def _shared_logprobs(model, batch: TrainBatch) -> torch.Tensor:
+    """The learner's two passes (rank.py ``_logits``), in plain transformers: [B, L] at the rows'
+    own positions, completion tokens only."""
+    mb = layout(batch, torch.arange(batch.size), share=True)
+    cache = model(input_ids=mb.prefix_ids, attention_mask=mb.prefix_mask, use_cache=True).past_key_values
+    cache.reorder_cache(mb.prefix_of)
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                   past_key_values=cache, use_cache=True).logits
+    lp = _float64_logprobs(logits, mb.view.input_ids)
+    out, real = torch.zeros(batch.input_ids.shape, dtype=lp.dtype), mb.view.response_mask > 0
+    out[mb.rows[:, None].expand_as(mb.cols)[real], mb.cols[real]] = lp[real]
+    return out
+
+
+def test_sliding_windows_are_read_from_the_config():
+    from transformers import AutoConfig
+
+    assert sliding_windows(tiny_mistral().config) == [4, 4]  # no layer_types: every layer slides
+    assert sliding_windows(tiny_mistral(None).config) == []
+    # Gemma 2 alternates sliding and full layers; Qwen2 slides none unless use_sliding_window.
+    assert sliding_windows(AutoConfig.for_model("gemma2", num_hidden_layers=2, sliding_window=16)) == [16]
+    assert sliding_windows(AutoConfig.for_model("qwen2", num_hidden_layers=2)) == []
+
+
+def test_the_shared_layout_drops_shorter_prompts_keys_on_a_sliding_window_model():
+    # The proof behind refusing share_prompt for such models. The start-up probe: rows 0 and 1
+    # share a 12-token prompt, row 2 has a 7-token one; every prompt is longer than the window.
+    batch = startup_probe(VOCAB)
+    model, unwindowed = tiny_mistral(), tiny_mistral(None)
+    unwindowed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        whole = _float64_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                  batch.input_ids)
+        full = _float64_logprobs(unwindowed(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                 batch.input_ids)
+    got = _shared_logprobs(model, batch)
+    real = batch.response_mask.bool()
+    gap = [(got[i] - whole[i])[real[i]].abs().max().item() for i in range(3)]
+    # transformers' whole-row forward does apply the window: without it the scores move (~0.2).
+    assert (whole - full)[real].abs().max() > 0.05
+    # The prefix block is 11 wide (12 - 1); a sliding layer caches its last 3 (window - 1)
+    # slots. For the 12-token prompt those are its own last keys: exact up to summation order.
+    assert max(gap[:2]) < 1e-5
+    # Row 2's prompt fills slots 0-5; the cache keeps slots 8-10, padding: its keys are gone.
+    assert gap[2] > 0.05
+
+
+def test_sharing_on_a_window_shorter_than_the_longest_sequence_is_refused_by_name():
+    from rlhf.config import Config
+    from rlhf.validation import check_model
+
+    cfg = Config()
+    short = replace(cfg, rollout=replace(cfg.rollout, max_model_len=WINDOW))
+    mistral = tiny_mistral().config
+    with pytest.raises(ConfigError, match=r"learner.share_prompt=true: /m/tiny \(mistral\) has sliding-window "
+                                          rf"attention with a 4-token window, shorter than rollout.max_model_len="
+                                          rf"{cfg.rollout.max_model_len}.*learner.share_prompt=false"):
+        check_model(cfg, mistral, "/m/tiny")
+    check_model(short, mistral, "/m/tiny")  # every sequence fits the window: it never applies
+    check_model(replace(cfg, learner=replace(cfg.learner, share_prompt=False)), mistral, "/m/tiny")
+    check_model(cfg, tiny_mistral(None).config, "/m/tiny")
+
+
+def test_the_learner_start_up_check_catches_a_sliding_window(ray_session, tmp_path):
+    # The second line of defence, for a window no config key declares (remote code): the start-up
+    # probe's ragged prompts (12 and 7 tokens) are longer than the 4-token window, so the shared
+    # layout's gap on row 2 (~0.1, as above) is far over the fp32 tolerance of 1e-4.
+    from rlhf.learner import LearnerError
+
+    path = str(tmp_path / "mistral")
+    tiny_mistral().save_pretrained(path)
+    cfg = learner_cfg(2, num_ranks=1, share_prompt=True)
+    with pytest.raises(LearnerError, match=rf"learner rank 0 failed in start-up: .*learner.share_prompt=true: "
+                                           rf"{path} scores a prompt-cached completion differently"):
+        LearnerGroup(cfg, ALGO, path, "float32", False, TOTAL_STEPS).shutdown()

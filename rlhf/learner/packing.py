@@ -23,6 +23,13 @@ the cache). The last prompt token moves to the suffix because its logits predict
 completion token of each row. The index_select's backward sums the rows' gradients into the one
 prefix pass, so log-probs and gradients equal the unshared path's up to float summation order
 (tests/test_shared_prompt.py), as in Prefix Grouper (arXiv:2506.05433).
+
+Sliding-window attention breaks this layout, so it is refused (``sliding_windows``; rlhf/validation.py
+``check_model``). A sliding layer's cache keeps only the last window - 1 positions of the prefix
+block, which is right-padded to the longest prompt: rows with shorter prompts lose their own keys
+(and the mask measures the window in cache slots, not positions). Measured on a tiny Mistral with
+a 4-token window: the rows of the longest prompt match the whole-row forward to 5e-8, the others
+are off by ~0.2 in log-prob (tests/test_shared_prompt.py).
 """
 
 from __future__ import annotations
@@ -184,6 +191,43 @@ def shared(batch: TrainBatch, rows: Tensor) -> MicroBatch:
         torch.cat([prefix_mask[prefix_of], valid.long()], dim=1),
         prefix_ids=prefix_ids, prefix_mask=prefix_mask, prefix_of=prefix_of, position_ids=cols,
     )
+
+
+def sliding_windows(config) -> list[int]:
+    """The window of every sliding-window attention layer an HF config declares (empty: none).
+
+    Mistral-style configs slide every layer (``sliding_window``, no ``layer_types``); Gemma 2/3,
+    gpt-oss and Qwen2 name each layer in ``layer_types`` ("sliding_attention" slides).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return []
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [int(window)] * int(config.num_hidden_layers)
+    return [int(window) for t in types if t == "sliding_attention"]
+
+
+def startup_probe(vocab: int) -> TrainBatch:
+    """The learner's start-up check of the shared layout (rlhf/learner/rank.py): ragged prompts
+    (12 and 7 tokens) and ragged completions (3, 2 and 3 tokens), 15 tokens at most. A 12-token
+    prompt is longer than any window a short-context test model declares (4, 16), so a layout
+    that mishandles a window fails here; rows stay within 16 tokens, so a model whose window
+    covers every sequence (which ``check_model`` lets share) passes."""
+    g = torch.Generator().manual_seed(0)
+    long, short = torch.randint(0, vocab, (12,), generator=g), torch.randint(0, vocab, (7,), generator=g)
+    rows = [(long, 3), (long, 2), (short, 3)]
+    ids = torch.zeros(3, 15, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    response = torch.zeros(ids.shape)
+    for i, (prompt, n) in enumerate(rows):
+        p = len(prompt)
+        ids[i, :p] = prompt
+        ids[i, p : p + n] = torch.randint(0, vocab, (n,), generator=g)
+        mask[i, : p + n] = 1
+        response[i, p : p + n] = 1.0
+    return TrainBatch(input_ids=ids, attention_mask=mask, response_mask=response, advantages=torch.zeros(3))
 
 
 @dataclass(frozen=True)

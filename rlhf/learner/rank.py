@@ -156,25 +156,21 @@ class LearnerRank:
     @torch.no_grad()
     def _check_shared_prompt(self, model_path: str, dtype: str) -> None:
         """The two-pass layout must score what the plain pass scores on this model (a model whose
-        attention ignores position_ids or the cache would not): two rows of one 4-token prompt,
-        before any step. Collective under ZeRO-3 like every forward."""
+        attention ignores position_ids, the cache, or slides a window over it would not): ragged
+        prompts and completions (packing.startup_probe), before any step. Collective under
+        ZeRO-3 like every forward."""
         from rlhf.algo import token_logprobs
-        from rlhf.learner.packing import shared, unshared
+        from rlhf.learner.packing import layout, startup_probe
 
-        vocab = self.engine.module.config.vocab_size
-        ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
-        ids[1, :4] = ids[0, :4]
-        mask = torch.ones_like(ids)
-        mask[1, 6] = 0  # ragged completions
-        response = torch.zeros(ids.shape)
-        response[:, 4:] = 1.0
-        probe = TrainBatch(input_ids=ids, attention_mask=mask, response_mask=response * mask, advantages=torch.zeros(2))
+        probe = startup_probe(self.engine.module.config.vocab_size)
         self.engine.eval()
-        rows = torch.arange(2)
         got = []
-        for mb in (unshared(probe, rows), shared(probe, rows)):
+        for share in (False, True):  # one micro-batch each, whatever the budget: the probe is 3 rows
+            mb = layout(probe, torch.arange(probe.size), share)
             lp = token_logprobs(self._logits(self.engine, mb), mb.view.input_ids.to(self.device)).float().cpu()
-            got.append(lp[:, -3:] * mb.view.response_mask[:, -3:])  # the 3 completion positions, aligned
+            out, real = torch.zeros(probe.input_ids.shape), mb.view.response_mask > 0
+            out[mb.rows[:, None].expand_as(mb.cols)[real], mb.cols[real]] = lp[real]  # the rows' own positions
+            got.append(out)
         gap = float((got[0] - got[1]).abs().max())
         if not gap <= (1e-4 if dtype == "float32" else 5e-2):
             raise RuntimeError(
