@@ -172,6 +172,7 @@ class LearnerConfig:
     # Positions one forward computes at most, padding included (0: rows only); rlhf/learner/packing.py.
     max_tokens_per_micro_batch: int = 0
     # Rows with one prompt compute it once per micro-batch (a KV-cached prefix pass); same gradient.
+    # Refused with a sliding window shorter than rollout.max_model_len (validation.check_model).
     share_prompt: bool = True
     # Torch threads per rank (Ray sets OMP_NUM_THREADS=1 inside actors unless told).
     num_threads: int = 2
