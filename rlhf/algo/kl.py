@@ -3,8 +3,9 @@
 Each is ``fn(logprobs [B,L], ref_logprobs [B,L], *, clamp) -> [B,L]``. The log-ratio
 logp - logp_ref is clamped to [-clamp, clamp] first: a token the reference finds near-impossible
 would otherwise make k3's exp overflow. k3's output is clamped too, at K3_MAX (verl's low_var_kl
-does the same): within the input clamp it still reaches e^10 - 11 = 22015 per token, enough for one
-token to outweigh the batch's penalty. Callers mask the result (aggregation does).
+does the same): within the default input clamp (algo.kl_clamp=10) it still reached e^10 - 11 =
+22015 per token, with a gradient, enough for one token to outweigh the batch's penalty. Callers
+mask the result (aggregation does).
 """
 
 from __future__ import annotations
