@@ -8,7 +8,10 @@ first k steps): every batch is trained on at most k updates after the policy tha
 With k = 0 each batch is asked for and taken in the same step: the synchronous loop.
 
 In-flight batches at a checkpoint are finished and saved with it (``pending`` / ``restore``), as
-JSON: the weights that sampled them are gone, so they could not be regenerated.
+JSON: the weights that sampled them are gone, so a resumed run trains on them as saved. A resume
+whose trainer.max_staleness no longer admits a saved batch (lowered, e.g. to 0) regenerates it
+instead, on its saved prompts, once asked for, with the weights the engines hold then
+(``stale_batches``): the batch's policy version is checked against the new config, not trusted.
 """
 
 from __future__ import annotations
@@ -50,30 +53,63 @@ class Collected:
         )
 
 
+def stale_batches(batches: list[Collected], max_staleness: int) -> list[Collected]:
+    """The saved batches that ``max_staleness`` no longer admits: the batch of step t meets the
+    weights after t - 1 updates, so it is t - 1 - policy_version updates stale when trained."""
+    return [b for b in batches if b.step - 1 - b.policy_version > max_staleness]
+
+
+def regenerate_note(stale: list[Collected], max_staleness: int) -> str:
+    """The line a resume prints when it regenerates saved batches."""
+    each = ", ".join(f"step {b.step} (sampled after update {b.policy_version}, "
+                     f"{b.step - 1 - b.policy_version} update(s) stale)" for b in stale)
+    return (f"resume: trainer.max_staleness={max_staleness} does not admit {len(stale)} batch(es) saved in the "
+            f"checkpoint: {each}; each is regenerated on its saved prompts by the weights the engines hold when "
+            "it is asked for, seeded from (rollout.seed, step, draw) as before (async/regenerated=1 on its step)")
+
+
 class RolloutProducer:
     """Batches of steps ``first_step`` .. ``last_step``, produced by ``produce(step,
-    policy_version)`` in one background thread, in the order they are asked for."""
+    policy_version)`` in one background thread, in the order they are asked for; a batch
+    regenerated on resume by ``produce(step, policy_version, prompts)``, its saved prompts."""
 
-    def __init__(self, produce: Callable[[int, int], Collected], first_step: int, last_step: int) -> None:
+    def __init__(self, produce: Callable[..., Collected], first_step: int, last_step: int) -> None:
         self._produce = produce
         self._last_step = last_step
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
         self._batches: dict[int, Future] = {}
+        self._prompts: dict[int, list[PromptItem]] = {}  # step -> saved prompts to regenerate on
         self._next = first_step  # the first step not asked for yet
 
-    def restore(self, batches: list[Collected]) -> None:
-        """Batches saved in a checkpoint, already produced: steps after the checkpoint's."""
+    def restore(self, batches: list[Collected], max_staleness: int) -> list[Collected]:
+        """Batches saved in a checkpoint, already produced: steps after the checkpoint's. Those
+        ``max_staleness`` does not admit are dropped and regenerated on their prompts when asked
+        for; returns them."""
+        stale = stale_batches(batches, max_staleness)
+        stale_steps = {b.step for b in stale}
         for b in sorted(batches, key=lambda b: b.step):
+            if b.step in stale_steps:
+                self._prompts[b.step] = b.items
+                continue
             done: Future = Future()
             done.set_result(b)
             self._batches[b.step] = done
             self._next = max(self._next, b.step + 1)
+        # Staleness never decreases with the step (versions trail steps by at most one each), so
+        # the stale ones follow the kept ones: asking resumes at the first of them.
+        self._next = min([self._next, *self._prompts])
+        return stale
 
     def ask(self, upto_step: int, policy_version: int) -> None:
         """Queue the batches up to ``upto_step`` (the last step at most) not asked for yet; the
         engines hold the weights after ``policy_version`` updates."""
         while self._next <= min(upto_step, self._last_step):
-            self._batches[self._next] = self._pool.submit(self._produce, self._next, policy_version)
+            step = self._next
+            if step not in self._batches:
+                prompts = self._prompts.pop(step, None)
+                # Only a regenerated batch gets its prompts: a plain produce(step, version) draws its own.
+                job = (step, policy_version) if prompts is None else (step, policy_version, prompts)
+                self._batches[step] = self._pool.submit(self._produce, *job)
             self._next += 1
 
     def take(self, step: int) -> Collected:

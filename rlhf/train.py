@@ -18,8 +18,9 @@ that is the whole signal.
 Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
 trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
 learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
-step, how far the sampler's log-probs are from its own (mismatch/*, a named error above
-algo.max_mismatch_kl) and corrects for the gap with algo.rollout_correction.
+step, how far the sampler's log-probs are from its own (mismatch/*: a warning above
+algo.max_mismatch_kl, a named error after algo.max_mismatch_kl_steps such steps in a row;
+rlhf/mismatch.py) and corrects for the gap with algo.rollout_correction.
 
 How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config choice:
 1. One optimizer update per generated batch by default (algo.mini_batches_per_step=1,
@@ -58,18 +59,19 @@ from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.data import PromptDataset, reward_column_names
+from rlhf.data import PromptDataset, PromptItem, reward_column_names
 from rlhf.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
 from rlhf.heldout import evaluate
 from rlhf.learner import LearnerGroup
 from rlhf.learner.transport import choose_transport
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
+from rlhf.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
 from rlhf.models import peek_model_path, resolve_model_path
 from rlhf.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run, plot_timeline
-from rlhf.producer import Collected, RolloutProducer
+from rlhf.producer import Collected, RolloutProducer, regenerate_note
 from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.rng import rng_state, seed_everything, set_rng_state
 from rlhf.timeline import Timeline, read_timeline
@@ -110,10 +112,12 @@ _COUNTED = ("/failures", "/timeouts", "/none")
 
 
 def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
-            sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None) -> Collected:
+            sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None,
+            prompts: list[PromptItem] | None = None) -> Collected:
     """Draw prompts, roll out (one turn, or several with an environment: rlhf/episodes.py) and
     score; with dynamic sampling, refill zero-variance groups; with a ``teacher``, have it score the
-    kept completions' tokens (distill/teacher_tokens, timing/teacher).
+    kept completions' tokens (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's,
+    regenerated on resume (RolloutProducer.restore): the first draw takes them instead of new ones.
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
     an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
@@ -125,7 +129,7 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
     draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
     dropped = generated = 0
     for draw in range(draws):
-        items = data.next_batch(want - len(kept_items))
+        items = prompts if draw == 0 and prompts is not None else data.next_batch(want - len(kept_items))
         with timeline.span("generate", step, metrics):
             episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env,
                                     seed=derive_seed(cfg.rollout.seed, step, draw))
@@ -150,37 +154,13 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
             break
     metrics["dynamic_sampling/dropped_groups"] = dropped
     metrics["dynamic_sampling/draws"] = draw + 1
+    metrics["async/regenerated"] = float(prompts is not None)
     if teacher is not None:
         with timeline.span("teacher", step, metrics):
             metrics["distill/teacher_tokens"] = float(teacher.score(kept_rollouts).tokens)
     for c in kept_rollouts:
         c.policy_version = policy_version
     return Collected(step, policy_version, kept_items, kept_rollouts, kept_scores, generated, metrics)
-
-
-class MismatchError(RuntimeError):
-    """The engines' sampler and the learner disagree on the policy beyond algo.max_mismatch_kl."""
-
-
-def check_mismatch(step: int, metrics: dict[str, float], max_kl: float | None, ckpt_dir: Path) -> None:
-    """Raise MismatchError when the step's mismatch/kl_k3 exceeds ``max_kl`` (None: no check)."""
-    kl = metrics.get("mismatch/kl_k3")
-    if max_kl is None or kl is None or kl <= max_kl:
-        return
-    stale = metrics.get("async/staleness", 0.0)
-    cause = ("The engines do not sample the policy the learner trains: a broken weight sync, or a dtype, "
-             "temperature, top-k/top-p or rollout.logprobs_mode mismatch between rollout.* and learner.*")
-    if stale > 0:
-        cause = (f"The batch is {stale:g} update(s) old: either the policy moved further in that many updates "
-                 "than a correction can bridge (lower learner.lr or trainer.max_staleness, or raise "
-                 f"algo.max_mismatch_kl), or {cause[0].lower()}{cause[1:]}")
-    raise MismatchError(
-        f"step {step}: mismatch/kl_k3={kl:.3g} (sampler vs learner, per token) exceeds "
-        f"algo.max_mismatch_kl={max_kl:g}; |log ratio| mean {metrics['mismatch/abs_logprob_diff_mean']:.3g}, "
-        f"max {metrics['mismatch/abs_logprob_diff_max']:.3g}, "
-        f"{metrics['mismatch/ratio_out_of_range_frac']:.1%} of tokens with a ratio outside [0.5, 2]. "
-        f"{cause}. The last good checkpoint is in {ckpt_dir}"
-    )
 
 
 def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> dict[str, float]:
@@ -307,13 +287,14 @@ def train(cfg: Config) -> Path:
         record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport,
                          teacher.nodes() if teacher is not None else [])
 
-        start_step, pending = 0, []
+        start_step, pending, mismatch = 0, [], MismatchWatch()
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
             state = learner.load(last)
             start_step = state["step"]
             data.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             pending = [Collected.from_json(b) for b in state.get("pending", [])]
+            mismatch = MismatchWatch.from_json(state.get("mismatch"))
             learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
             print(f"resumed from {last} at step {start_step}")
 
@@ -335,7 +316,7 @@ def train(cfg: Config) -> Path:
             logger.log(step, {**result.metrics(), **m})
             print(f"eval @ step {step}: {result.describe()}", flush=True)
 
-        def save(step: int) -> None:
+        def save(step: int, mismatch: MismatchWatch) -> None:
             # Batches generated ahead (max_staleness > 0), finished first: the data position below
             # is past them, and the weights that sampled them are gone.
             ahead_batches = [b.to_json() for b in producer.pending()]
@@ -345,6 +326,7 @@ def train(cfg: Config) -> Path:
                 "rng": rng_state(),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
                 "pending": ahead_batches,
+                "mismatch": mismatch.to_json(),  # a resumed run continues the streak of steps above the limit
             }
             with timeline.span("save", step):
                 learner.save(ckpt_dir, step, state, keep_last=cfg.trainer.keep_last)
@@ -354,12 +336,14 @@ def train(cfg: Config) -> Path:
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
         producer = RolloutProducer(
-            lambda step, version: collect(cfg, step, version, data, engines, rewards, env, sampling, timeline,
-                                          teacher),
+            lambda step, version, prompts=None: collect(cfg, step, version, data, engines, rewards, env, sampling,
+                                                        timeline, teacher, prompts),
             first_step=start_step + 1, last_step=cfg.trainer.steps,
         )
         stack.callback(producer.close)
-        producer.restore(pending)
+        # A saved batch more stale than this run's max_staleness admits is regenerated, not trained on.
+        if regenerated := producer.restore(pending, max_staleness=ahead):
+            print(regenerate_note(regenerated, ahead), flush=True)
         started, nonfinite = time.time(), 0
         for step in range(start_step + 1, cfg.trainer.steps + 1):
             step_start = time.perf_counter()
@@ -405,7 +389,7 @@ def train(cfg: Config) -> Path:
                     f"last good checkpoint in {ckpt_dir}"
                 )
             try:
-                check_mismatch(step, metrics, cfg.algo.max_mismatch_kl, ckpt_dir)
+                mismatch = check_mismatch(step, metrics, mismatch, cfg.algo, ckpt_dir)
             except MismatchError:
                 logger.log(step, metrics)
                 raise
@@ -434,10 +418,10 @@ def train(cfg: Config) -> Path:
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.steps:
                 run_eval(step)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
-                save(step)
+                save(step, mismatch)
 
         run_eval(cfg.trainer.steps)
-        save(cfg.trainer.steps)
+        save(cfg.trainer.steps, mismatch)
         if cfg.trainer.export_at_end:
             learner.export(run_dir / "export", tokenizer_path=model_path)
         print(ledger.close())

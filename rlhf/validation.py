@@ -150,6 +150,9 @@ def check_off_policy(cfg: Config) -> None:
         )
     if algo.max_mismatch_kl is not None and not algo.max_mismatch_kl > 0:
         raise ConfigError(f"algo.max_mismatch_kl={algo.max_mismatch_kl} must be > 0 (or null: never checked)")
+    if algo.max_mismatch_kl_steps < 1:
+        raise ConfigError(f"algo.max_mismatch_kl_steps={algo.max_mismatch_kl_steps} must be >= 1 (consecutive "
+                          "steps above algo.max_mismatch_kl that stop the run)")
     k = cfg.trainer.max_staleness
     if k < 0:
         raise ConfigError(f"trainer.max_staleness={k} must be >= 0")

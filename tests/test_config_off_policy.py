@@ -32,6 +32,7 @@ from support.runs import compose
         (["rollout_correction=tis", "algo.correction_cap=0.5"], "algo.correction_cap=0.5 must be >= 1"),
         (["rollout_correction=icepop", "algo.correction_low=1.5"], "algo.correction_low=1.5"),
         (["algo.max_mismatch_kl=0"], "algo.max_mismatch_kl=0.0 must be > 0"),
+        (["algo.max_mismatch_kl_steps=0"], "algo.max_mismatch_kl_steps=0 must be >= 1"),
         # Raw log-probs are not the sampling distribution at temperature 0.7: rho would be wrong.
         (["rollout_correction=tis", "rollout.logprobs_mode=raw_logprobs", "rollout.temperature=0.7"],
          "rollout.logprobs_mode=raw_logprobs"),

@@ -25,7 +25,7 @@ def drive(ahead: int, steps: int, first: int = 1, restored=()):
     """The loop's calls, with the engines' version = steps trained so far; returns what each step
     trained on: (step, policy_version)."""
     producer = RolloutProducer(batch, first_step=first, last_step=steps)
-    producer.restore(list(restored))
+    producer.restore(list(restored), max_staleness=ahead)
     trained = []
     for step in range(first, steps + 1):
         producer.ask(upto_step=step + ahead, policy_version=step - 1)

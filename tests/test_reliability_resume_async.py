@@ -10,11 +10,14 @@ Three runs of the tiny model for 6 steps, a checkpoint every step, keep_last=1:
 - crashed: RLHF_FAULT=save_crash@4, the driver SIGKILLs itself while checkpoint 4 is half written,
   then the test SIGKILLs the rest of its process tree;
 - resumed: the same command with trainer.resume=true, from step-3 and its pending batch of step 4.
+A fourth, in-process, resumes a copy of the straight run's step-3 with trainer.max_staleness=0: its
+pending batch is then too stale and is regenerated.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -115,3 +118,28 @@ def test_the_last_checkpoint_has_nothing_pending(runs):
     # Nothing is generated past the last step, and both runs drew the same 6 x 4 prompts.
     assert a["pending"] == b["pending"] == []
     assert a["data"] == b["data"] and a["data"]["position"] == 6 * 4
+
+
+def test_a_resume_with_max_staleness_0_regenerates_the_batch_saved_one_ahead(runs, tiny_model_path, tmp_path,
+                                                                             capsys):
+    # The uninterrupted run's step-3 checkpoint holds batch 4, sampled after update 2. Resumed with
+    # trainer.max_staleness=0 and no correction, step 4 meets the weights after update 3: that batch
+    # would be 4 - 1 - 2 = 1 update stale, so it is regenerated on its saved prompts instead.
+    straight, _, _, _ = runs
+    lowered = tmp_path / "lowered"
+    (lowered / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-3", lowered / "checkpoints" / "step-3")
+    train(compose(*overrides(lowered, tiny_model_path, f"learner.lr={LR}", "trainer.max_staleness=0",
+                             "rollout_correction=none", "trainer.resume=true", "trainer.steps=4")))
+    assert ("resume: trainer.max_staleness=0 does not admit 1 batch(es) saved in the checkpoint: step 4 "
+            "(sampled after update 2, 1 update(s) stale)") in capsys.readouterr().out
+    step4 = steps_logged(lowered)[4]
+    # Sampled by the weights it trains (staleness 0, counted as regenerated): in step, fp32 sampler
+    # and learner agree to kernel numerics (measured 1e-11 to 7e-11), not the straight run's 1-stale
+    # gap at step 4.
+    assert step4["async/staleness"] == 0.0 and step4["async/regenerated"] == 1.0
+    assert step4["mismatch/kl_k3"] < 1e-6 < steps_logged(straight)[4]["mismatch/kl_k3"]
+    # The saved prompts were reused, none drawn: the data position stays at 4 steps x 4 prompts.
+    assert client_state(lowered, 4)["data"] == client_state(straight, 3)["data"]
+    assert client_state(straight, 3)["data"]["position"] == 4 * 4
+    assert client_state(lowered, 4)["pending"] == []

@@ -153,14 +153,16 @@ def test_async_timeline_shows_generation_overlapping_training(async_run):
 
 def test_a_sampler_learner_mismatch_is_a_named_error(ray_session, tiny_model_path, tmp_path):
     # raw_logprobs reports log-probs at temperature 1 while the engines sample, and the learner
-    # scores, at 0.5: the k3 KL is ~1 per token on this near-uniform model, far above 0.05.
+    # scores, at 0.5: the k3 KL is ~1 per token on this near-uniform model, far above 0.05. With
+    # algo.max_mismatch_kl_steps=2, step 1 only warns and step 2, the second in a row, stops the run.
     run_dir = tmp_path / "run"
-    cfg = tiny(run_dir, tiny_model_path, "trainer.steps=2", "trainer.eval_prompts=0",
+    cfg = tiny(run_dir, tiny_model_path, "trainer.steps=3", "trainer.eval_prompts=0", "algo.max_mismatch_kl_steps=2",
                "rollout.logprobs_mode=raw_logprobs", "rollout.temperature=0.5")
-    with pytest.raises(MismatchError, match=r"step 1: mismatch/kl_k3=\S+ \(sampler vs learner, per token\) "
-                                            r"exceeds algo.max_mismatch_kl=0.05"):
+    with pytest.raises(MismatchError, match=r"step 2: mismatch/kl_k3=\S+ \(sampler vs learner, per token\) "
+                                            r"exceeds algo.max_mismatch_kl=0.05.*for 2 consecutive steps"):
         train(cfg)
-    # The failing step's figures are logged before the error.
+    # The failing step's figures are logged before the error, with the streak's counts.
     logged = steps_logged(run_dir)
-    assert list(logged) == [1] and logged[1]["mismatch/kl_k3"] > 0.05
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    assert list(logged) == [1, 2] and all(logged[s]["mismatch/kl_k3"] > 0.05 for s in (1, 2))
+    assert [logged[s]["mismatch/kl_streak"] for s in (1, 2)] == [1, 2]
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

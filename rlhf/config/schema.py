@@ -237,11 +237,16 @@ class AlgoConfig:
     correction_cap: float = 2.0
     correction_low: float = 0.5
     correction_high: float = 2.0
-    # A step whose mismatch/kl_k3 (sampler vs learner, per token) exceeds this fails: the engines
-    # are not running the policy the learner trains. Measured on SmolLM2, fp32 CPU, demo settings:
+    # A step whose mismatch/kl_k3 (sampler vs learner, per token) exceeds this logs a warning; the
+    # run stops when max_mismatch_kl_steps steps in a row do (rlhf/mismatch.py): the engines are
+    # not running the policy the learner trains. Measured on SmolLM2, fp32 CPU, demo settings:
     # 1e-11 to 7e-11 in step; 0.007 to 0.035 one update stale (max_staleness=1); 0.067 when the
-    # engines report log-probs at temperature 1 and sample at 0.7. null: never checked.
+    # engines report log-probs at temperature 1 and sample at 0.7. bf16 engines or more staleness
+    # can sit higher: measure a healthy run and raise it. null: never checked.
     max_mismatch_kl: Optional[float] = 0.05
+    # Consecutive steps above max_mismatch_kl that stop the run (1: the first one does). The count
+    # is saved in checkpoints, so a resumed run stops where an uninterrupted one would.
+    max_mismatch_kl_steps: int = 3
     # On-policy distillation (rlhf/algo/distill.py): > 0 starts the teacher engines (teacher.*,
     # source=engines), which score every sampled token, and adds distill_coef x the per-token
     # objective to the task advantage. 0: no teacher. With no task reward (every reward weight 0,
