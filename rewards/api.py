@@ -177,7 +177,7 @@ def column_problems(target: Any, kwargs: dict[str, Any], columns: Sequence[str])
 def missing_columns_message(where: str, name: str, spec: str, missing: list[str], columns: Sequence[str]) -> str:
     return (f"{where} {name!r} ({spec}): parameter(s) {missing} have no default and are neither a "
             f"column nor a kwarg; the columns passed are {sorted(columns)} (data.answer_column as "
-            "'answer', data.reward_columns, completion_length, completion_ids)")
+            "'answer', data.reward_columns, completion_length, completion_ids, transcript)")
 
 
 def _call_parameters(target: Any) -> dict[str, bool]:

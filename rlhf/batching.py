@@ -10,7 +10,9 @@ import torch
 from rlhf.types import RolloutBatch, TrainBatch
 
 # Added per completion by expand_for_rewards, beside the dataset's reward columns.
-ROLLOUT_COLUMNS = ("completion_length", "completion_ids")
+# ``transcript``: the whole trajectory's text (model turns and observations) where ``completions``
+# are the model's last turn (rlhf/episodes.py score_episodes); the completion itself when single-turn.
+ROLLOUT_COLUMNS = ("completion_length", "completion_ids", "transcript")
 
 
 def rewards_matrix(total: list[float | None], n: int) -> torch.Tensor:
@@ -110,7 +112,8 @@ def mini_batches(batch: TrainBatch, count: int, seed: int) -> list[TrainBatch]:
 def expand_for_rewards(items, rollouts) -> tuple[list[str], list[str], dict[str, list]]:
     """Per-completion prompts, completions and dataset columns (each prompt's row repeated n times).
 
-    ``completion_ids`` and ``completion_length`` (tokens) are added for token-level rewards.
+    ``completion_ids`` and ``completion_length`` (tokens) are added for token-level rewards, and
+    ``transcript`` (each completion's whole text) for rewards that read a multi-turn trajectory.
     """
     prompts, completions = [], []
     columns: dict[str, list] = {key: [] for key in (items[0].columns if items else {})}
@@ -124,4 +127,5 @@ def expand_for_rewards(items, rollouts) -> tuple[list[str], list[str], dict[str,
             columns[key].append(item.columns[key])
         columns["completion_length"].append(len(c.completion_ids))
         columns["completion_ids"].append(list(c.completion_ids))
+        columns["transcript"].append(c.text)
     return prompts, completions, columns

@@ -7,6 +7,18 @@ once on a thread pool with a timeout per call. A step that raises or overruns be
 observation the model sees next turn (counted in env/step_errors, env/step_timeouts); a step that
 breaks the API (wrong return types) is an EnvError naming the environment.
 
+An episode that ends with no reward from its environment and without its say (``max_turns`` ran
+out, the token budget left no room, every step failed) is *unfinished*: its env reward is
+``env.unfinished_reward`` (default 0.0), counted by cause in env/unfinished/{max_turns,budget,errors}.
+It is a wrong answer, not a failed reward: left as None it would drop out of its group, and an
+environment that rewards only success (every valid reward 1.0) would never get an advantage. An
+environment that says done with reward None declined to score: that stays None (env/reward_none).
+
+Reward functions score the model's last turn (``completions``), not the whole trajectory: earlier
+turns are tool calls and observations are the environment's text (a calculator result is a number
+``math_answer`` would otherwise read as the answer). The whole trajectory's text is the
+``transcript`` column.
+
 Why batched turns rather than vLLM's async engine: the engines are driven through one blocking
 ``generate`` per call (rollouts/group.py), which keeps the per-step reseed that makes a resumed run
 repeat an uninterrupted one; a turn costs one call however many trajectories are live, so 16
@@ -38,8 +50,10 @@ from rollouts.env.trajectory import Trajectory
 
 ENV_REWARD = "env"  # the env reward's name among the reward functions' (metrics, eval_reward)
 # Env metrics that count events: summed over dynamic-sampling draws.
+UNFINISHED = ("max_turns", "budget", "errors")  # why an episode ended unrewarded (Trajectory.unfinished)
 ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/step_busy", "env/obs_truncated", "env/budget_stops", "env/budget_cuts",
-               "env/max_turns_stops", "env/tool_calls", "env/tool_errors", "env/reward_none")
+               "env/max_turns_stops", "env/tool_calls", "env/tool_errors", "env/reward_none",
+               *(f"env/unfinished/{cause}" for cause in UNFINISHED))
 
 
 class EnvRuntime:
@@ -108,8 +122,13 @@ class Episodes:
     """One batch of trajectories as completions (grouped), their env rewards and metrics."""
 
     rollouts: RolloutBatch
-    env_rewards: list[float | None]  # per completion; all None without an environment
+    # Per completion; all None without an environment. An unfinished episode's is env.unfinished_reward.
+    env_rewards: list[float | None]
     metrics: dict[str, float] = field(default_factory=dict)
+    # Per completion: the model's last turn, what reward functions score (the whole text when single-turn).
+    last_turns: list[str] = field(default_factory=list)
+    # Per completion: why it ended unrewarded (Trajectory.unfinished), None when it did not.
+    unfinished: list[str | None] = field(default_factory=list)
 
 
 def run_episodes(engines, prompt_ids: list[list[int]], items: list[dict[str, Any]], sampling: SamplingSettings,
@@ -151,11 +170,15 @@ def run_episodes(engines, prompt_ids: list[list[int]], items: list[dict[str, Any
         live = [i for i in live if not trajs[i].done]
         if not live:
             break
-    metrics = _metrics(trajs, counts) if factory is not None else {}
+    unfinished = [t.unfinished for t in trajs]
+    env_rewards = [cfg.unfinished_reward if why else t.env_reward for t, why in zip(trajs, unfinished)]
+    metrics = _metrics(trajs, env_rewards, counts) if factory is not None else {}
     return Episodes(
         rollouts=RolloutBatch([t.to_completion() for t in trajs], n=n, generate_s=generate_s, per_engine_s=per_engine),
-        env_rewards=[t.env_reward for t in trajs],
+        env_rewards=env_rewards,
         metrics=metrics,
+        last_turns=[t.last_turn for t in trajs],
+        unfinished=unfinished,
     )
 
 
@@ -213,24 +236,27 @@ def _step(runtime: EnvRuntime, trajs: list[Trajectory], counts: dict, last_turn:
         outcome = outcomes.get(id(t), busy)
         if outcome is busy:
             counts["env/step_busy"] += 1
+            t.step_errors += 1
             obs, done = "Error: the environment is still running its previous step", False
         elif isinstance(outcome, TimeoutError):
             counts["env/step_timeouts"] += 1
+            t.step_errors += 1
             obs, done = f"Error: the environment did not answer within {runtime.cfg.timeout_s}s", False
         elif isinstance(outcome, BaseException):
             counts["env/step_errors"] += 1
+            t.step_errors += 1
             obs, done = f"Error: {type(outcome).__name__}: {outcome}", False
         else:
             obs, reward, done = check_step(name, outcome)
             t.add_reward(reward)
         if done or last_turn:
             counts["env/max_turns_stops"] += not done
-            t.done = True
+            t.finish("done" if done else "max_turns")
             continue
         turn = codec.after_action(t.ids, obs or "")
         if len(turn.ids) >= _room(t, budget, runtime.max_model_len):  # no room left for a model turn
             counts["env/budget_stops"] += 1
-            t.done = True
+            t.finish("budget")
             continue
         counts["env/obs_truncated"] += turn.truncated
         t.add_observation(turn.ids, codec.tokenizer.decode(turn.ids))
@@ -244,11 +270,13 @@ def _signalling(t: Trajectory):
         t.running.set()
 
 
-def _metrics(trajs: list[Trajectory], counts: dict[str, float]) -> dict[str, float]:
+def _metrics(trajs: list[Trajectory], env_rewards: list[float | None], counts: dict[str, float]) -> dict[str, float]:
     for t in trajs:
         for key, value in (t.env.metrics() if callable(getattr(t.env, "metrics", None)) else {}).items():
             counts[f"env/{key}"] = counts.get(f"env/{key}", 0.0) + float(value)
-    counts["env/reward_none"] = float(sum(t.env_reward is None for t in trajs))
+        if t.unfinished:
+            counts[f"env/unfinished/{t.unfinished}"] += 1
+    counts["env/reward_none"] = float(sum(r is None for r in env_rewards))
     calls = counts["env/tool_calls"]
     k = len(trajs)
     return {
@@ -263,11 +291,12 @@ def _metrics(trajs: list[Trajectory], counts: dict[str, float]) -> dict[str, flo
 
 
 def score_episodes(reward_runner, items, episodes: Episodes, env_weight: float, with_env: bool):
-    """The reward functions on whole trajectories, plus the env reward as a function named "env"
-    weighted by ``env_weight`` (with ``with_env``); a None env reward under a non-zero weight
-    makes the total None, as any function's None does."""
-    prompts, completions, columns = expand_for_rewards(items, episodes.rollouts)
-    scored = reward_runner.score(prompts, completions, columns)
+    """The reward functions on each trajectory's last model turn (the whole trajectory's text is
+    their ``transcript`` column), plus the env reward as a function named "env" weighted by
+    ``env_weight`` (with ``with_env``); a None env reward under a non-zero weight makes the total
+    None, as any function's None does."""
+    prompts, _, columns = expand_for_rewards(items, episodes.rollouts)
+    scored = reward_runner.score(prompts, list(episodes.last_turns), columns)
     if not with_env:
         return scored
     env = episodes.env_rewards

@@ -7,7 +7,10 @@ count as correct. A sample whose reward failed (None) is neither right nor wrong
 of the accuracy and counted in ``failures``, next to the reward runner's own failure counts.
 
 Rollouts go through the same loop as training's (rlhf/episodes.py): multi-turn with an
-environment, whose own reward can be the accuracy reward (``trainer.eval_reward=env``).
+environment, whose own reward can be the accuracy reward (``trainer.eval_reward=env``). An
+unfinished episode (max_turns or the token budget ran out, or every step failed, before any reward)
+gave no answer: it is wrong whatever the reward says or ``env.unfinished_reward`` is, never a
+failure (counted in ``unfinished``).
 
 The standard error treats prompts as the unit (samples of one prompt are correlated): the std of
 per-prompt accuracies over sqrt(number of prompts scored).
@@ -32,6 +35,7 @@ class EvalResult:
     num_prompts: int  # prompts with at least one scored sample
     response_length: float
     failures: int = 0  # samples whose accuracy reward failed (None): not counted right or wrong
+    unfinished: int = 0  # episodes that ended unrewarded (rlhf/episodes.py): counted wrong
     reward: str = ""  # the reward accuracy was read from
     reward_metrics: dict[str, float] = field(default_factory=dict)  # the runner's, all functions
 
@@ -39,6 +43,7 @@ class EvalResult:
         """One line for the console: accuracy, pass@k, and failures when there were any."""
         text = (f"accuracy {self.accuracy:.3f} ± {self.accuracy_stderr:.3f} ({self.reward}, "
                 f"{self.num_prompts} prompts x {self.k} samples), pass@{self.k} {self.pass_at_k:.3f}")
+        text += f", {self.unfinished} episodes unfinished (wrong)" if self.unfinished else ""
         return text + (f", {self.failures} samples not scored (reward failed)" if self.failures else "")
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
@@ -49,6 +54,7 @@ class EvalResult:
             f"{prefix}/reward_mean": self.reward_mean,
             f"{prefix}/response_length": self.response_length,
             f"{prefix}/failures": float(self.failures),
+            f"{prefix}/unfinished": float(self.unfinished),
             **{f"{prefix}/{k}": v for k, v in self.reward_metrics.items()},
         }
 
@@ -88,10 +94,10 @@ def evaluate(engines, items, reward_runner, samples: int, temperature: float, ma
     if reward not in scored.per_fn:
         raise KeyError(f"trainer.eval_reward={reward!r} is not a configured reward ({sorted(scored.per_fn)})")
     values = scored.per_fn[reward]
-    correct = [
-        [None if r is None else r >= threshold for r in values[i * samples : (i + 1) * samples]]
-        for i in range(len(items))
-    ]
+    verdicts = [False if why else None if r is None else r >= threshold
+                for r, why in zip(values, episodes.unfinished, strict=True)]
+    correct = [verdicts[i * samples : (i + 1) * samples] for i in range(len(items))]
     lengths = [len(c.completion_ids) for c in rollouts.completions]
     result = summarise(correct, values, lengths)
-    return replace(result, reward=reward, reward_metrics={**scored.metrics, **episodes.metrics})
+    return replace(result, reward=reward, unfinished=sum(map(bool, episodes.unfinished)),
+                   reward_metrics={**scored.metrics, **episodes.metrics})

@@ -8,6 +8,8 @@ plan that prints is a run that starts.
 
 from __future__ import annotations
 
+import math
+
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from rlhf.algo.distill import DISTILL_OBJECTIVES
 from rlhf.config import Config, ConfigError, RolloutConfig
@@ -249,6 +251,8 @@ def check_env(cfg: Config) -> None:
             raise ConfigError(f"env.{key}={getattr(env, key)} must be >= 1")
     if not env.timeout_s > 0:
         raise ConfigError(f"env.timeout_s={env.timeout_s} must be > 0")
+    if env.unfinished_reward is not None and not math.isfinite(env.unfinished_reward):
+        raise ConfigError(f"env.unfinished_reward={env.unfinished_reward} must be a finite number or null")
     if env.max_total_tokens is not None:
         if env.max_total_tokens < cfg.rollout.max_new_tokens:
             raise ConfigError(f"env.max_total_tokens={env.max_total_tokens} is less than one turn "

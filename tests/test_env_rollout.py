@@ -114,14 +114,17 @@ def test_raising_and_hanging_steps_become_counted_error_observations(group, toke
     episodes = run_episodes(group, prompts, items(2), SAMPLING, env, seed=1)
     env.close()
     # Step after turn 1 raises for each of 4 trajectories (the model sees the error), and after
-    # turn 2 again: 8 errors; max_turns=2 then ends all 4 without a reward.
+    # turn 2 again: 8 errors; max_turns=2 then ends all 4 without a reward, every step an error:
+    # unfinished ("errors"), scored env.unfinished_reward 0.0.
     m = episodes.metrics
-    assert m["env/step_errors"] == 8 and m["env/max_turns_stops"] == 4 and m["env/reward_none"] == 4
+    assert m["env/step_errors"] == 8 and m["env/max_turns_stops"] == 4 and m["env/unfinished/errors"] == 4
+    assert m["env/reward_none"] == 0 and episodes.env_rewards == [0.0] * 4
     assert all("Error: ValueError: the tool broke" in c.text for c in episodes.rollouts.completions)
     hang = runtime(tokenizer, "StepHangs", max_turns=1, timeout_s=0.5)
     episodes = run_episodes(group, prompts[:1], items(1), SAMPLING, hang, seed=1)
     hang.close()
-    assert episodes.metrics["env/step_timeouts"] == 2 and episodes.env_rewards == [None, None]
+    assert episodes.metrics["env/step_timeouts"] == 2 and episodes.metrics["env/unfinished/errors"] == 2
+    assert episodes.env_rewards == [0.0, 0.0]
 
 
 def test_an_overrunning_environment_is_not_stepped_again_until_it_returns(group, tokenizer, prompts):
@@ -134,10 +137,10 @@ def test_an_overrunning_environment_is_not_stepped_again_until_it_returns(group,
         env.close()
     # 2 trajectories: turn 1's steps overrun (2 timeouts, the model sees the error); turn 2 finds
     # both environments still inside that step, so they get no second call (2 busy, calls stay 2)
-    # and max_turns ends both without a reward.
+    # and max_turns ends both without a reward (unfinished, every step an error: 0.0).
     m = episodes.metrics
     assert (m["env/step_timeouts"], m["env/step_busy"], blocks.calls) == (2, 2, 2)
-    assert m["env/max_turns_stops"] == 2 and episodes.env_rewards == [None, None]
+    assert m["env/max_turns_stops"] == 2 and m["env/unfinished/errors"] == 2 and episodes.env_rewards == [0.0, 0.0]
     assert all("did not answer within 0.5s" in c.text for c in episodes.rollouts.completions)
 
 
@@ -180,7 +183,11 @@ def test_budgets_cut_observations_and_trajectories(group, tokenizer, prompts):
     assert episodes.metrics["env/obs_truncated"] >= 4
     for c in episodes.rollouts.completions:
         assert len(c.completion_ids) <= 24 and c.token_mask[0] == 1
-    assert episodes.metrics["env/budget_stops"] + episodes.metrics["env/max_turns_stops"] == 4
+    m = episodes.metrics
+    assert m["env/budget_stops"] + m["env/max_turns_stops"] == 4
+    # LongObservation never rewards: each of the 4 ended unfinished, by the cause that stopped it.
+    assert (m["env/unfinished/budget"], m["env/unfinished/max_turns"]) == (m["env/budget_stops"], m["env/max_turns_stops"])
+    assert episodes.env_rewards == [0.0] * 4
 
 
 def test_async_environment_runs_like_a_sync_one(group, tokenizer, prompts):

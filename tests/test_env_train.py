@@ -3,6 +3,7 @@ sharing the session's Ray), and the calculator environment on SmolLM2 (slow)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -38,6 +39,36 @@ def test_two_turn_environment_trains_with_observation_tokens_masked(ray_session,
         assert 0 < m["throughput/generated_tokens"] <= 4 * 4 * 2 * 16
     evals = [m for m in lines if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 2] and all(m["eval/env/turns_mean"] == 2.0 for m in evals)
+
+
+def test_guess_rewarding_only_success_trains_on_nonzero_advantages(ray_session, tiny_model_path, tmp_path):
+    """The README's Guess rewards only success. Its misses end at max_turns unrewarded: they score
+    env.unfinished_reward (0.0) instead of leaving their group, so a group with hits and misses has
+    advantages, and no step stops for want of a rewarded row. The answers are letters the random
+    tiny model writes in about half its trajectories ("x" is in 2.1% of the vocabulary's tokens:
+    1 - 0.979^32 = 0.49 for 2 turns of 16 tokens, were it sampling uniformly)."""
+    rows = "".join(json.dumps({"prompt": f"Write the letter {a}.", "answer": a}) + "\n" for a in "xzxzxzxz")
+    (tmp_path / "letters.jsonl").write_text(rows)
+    cfg = compose("+experiment=tiny_smoke", f"trainer.output_dir={tmp_path / 'run'}", f"env.name={ENVS}:Guess",
+                  "env.max_turns=2", "env.max_total_tokens=64", "trainer.eval_reward=env",
+                  "reward.functions=[{fn: math_answer, weight: 0.0}]",
+                  "data=files", f"data.path={tmp_path / 'letters.jsonl'}", f"data.eval_path={tmp_path / 'letters.jsonl'}")
+    run_dir = train(cfg)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        # 4 prompts x 4 samples: each is a hit (1.0) or unfinished at max_turns (0.0); none is None.
+        missed = m["env/unfinished/max_turns"]
+        assert m["reward/env/mean"] == pytest.approx((16 - missed) / 16, abs=1e-9)
+        assert m["env/reward_none"] == 0 and m["reward/none_frac"] == 0 and math.isfinite(m["loss"])
+    # At least one group of the 8 mixed hits and misses: it got nonzero advantages.
+    assert min(m["frac_reward_zero_std"] for m in steps) < 1.0, [m["frac_reward_zero_std"] for m in steps]
+    assert 0 < sum(m["env/unfinished/max_turns"] for m in steps) < 32
+    # Evaluation (4 prompts x 2 samples): an unfinished episode is wrong, not a failure, so the
+    # accuracy is (8 - unfinished) / 8.
+    for m in [m for m in lines if "eval/accuracy" in m]:
+        assert m["eval/failures"] == 0 and m["eval/accuracy"] == pytest.approx((8 - m["eval/unfinished"]) / 8)
 
 
 def test_eval_cli_runs_the_environment_and_reads_its_reward(ray_session, tiny_model_path, tmp_path):

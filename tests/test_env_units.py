@@ -236,6 +236,7 @@ def test_train_batch_refuses_a_mask_of_the_wrong_length_or_starting_on_an_observ
     (["env=calculator", "+env.kwargs.colum=x"], "env.kwargs .*unexpected keyword argument 'colum'"),
     (["env.max_turns=3"], "env.max_turns=3 needs an environment"),
     (["env=calculator", "env.max_turns=0"], "env.max_turns=0 must be >= 1"),
+    (["env=calculator", "env.unfinished_reward=inf"], "env.unfinished_reward=inf must be a finite number or null"),
     (["env=calculator", "env.max_total_tokens=8"], "env.max_total_tokens=8 is less than one turn"),
     (["env=calculator", "env.max_total_tokens=1000"], "data.max_prompt_tokens \\+ env.max_total_tokens"),
     (["env=calculator", "reward.functions=[{fn: math_answer, name: env}]"], "a reward function is named 'env'"),
@@ -276,3 +277,111 @@ def test_tools_go_into_the_template_or_the_system_message(tokenizer):
                          "<|im_start|>assistant\n{% endif %}")
     assert with_tools(own, hi, tools) == "TOOLS 1\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert with_tools(own, hi, None) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --- unfinished episodes and what reward functions read (a scripted engine, the real loop) -------
+
+def scripted(tokenizer, name: str, turns: list[list[str]], n: int, **env_kw):
+    """The episode loop on one prompt ("What is 12 * 7 + 5?", answer "89") with ``n`` samples
+    whose model turns are ``turns`` (tests/support/envs.py ScriptedEngines)."""
+    from rlhf.config import EnvConfig
+    from rlhf.episodes import EnvRuntime, run_episodes
+    from rlhf.types import SamplingSettings
+    from tests.support.envs import ScriptedEngines
+
+    from rollouts.env.api import BUILTINS
+
+    spec = name if name in BUILTINS else f"{ENVS}:{name}"
+    runtime = EnvRuntime(EnvConfig(name=spec, **env_kw), tokenizer, 256)
+    prompt = tokenizer("What is 12 * 7 + 5?", add_special_tokens=False)["input_ids"]
+    item = {"prompt": "What is 12 * 7 + 5?", "prompt_text": "What is 12 * 7 + 5?", "answer": "89"}
+    try:
+        return run_episodes(ScriptedEngines(tokenizer, turns), [prompt], [item], SamplingSettings(n=n), runtime)
+    finally:
+        runtime.close()
+
+
+def score(episodes, functions, env_weight: float = 1.0):
+    from rewards.runner import RewardRunner
+    from rlhf.config import RewardConfig, RewardFnConfig
+    from rlhf.data import PromptItem
+    from rlhf.episodes import score_episodes
+
+    item = PromptItem([1], "What is 12 * 7 + 5?", "What is 12 * 7 + 5?", {"answer": "89"})
+    with RewardRunner(RewardConfig(functions=[RewardFnConfig(**f) for f in functions])) as runner:
+        return score_episodes(runner, [item], episodes, env_weight, with_env=True)
+
+
+GUESS_TURNS = [["It is 89.", "89", "I think 3.", "No idea."], ["Maybe 4?", "Still no idea."]]
+
+
+def test_guess_half_answering_gets_nonzero_advantages(tokenizer):
+    from rlhf.algo.advantages import compute_advantages
+    from rlhf.batching import rewards_matrix
+
+    # The README's Guess rewards only success. 4 samples, max_turns=2: samples 0 and 1 name the
+    # answer in turn 1 (reward 1.0, done); 2 and 3 get "try again", miss again in turn 2, and run
+    # out of turns unrewarded: env.unfinished_reward = 0.0 each, counted as max_turns.
+    episodes = scripted(tokenizer, "Guess", GUESS_TURNS, n=4, max_turns=2)
+    assert episodes.env_rewards == [1.0, 1.0, 0.0, 0.0]
+    assert episodes.unfinished == [None, None, "max_turns", "max_turns"]
+    m = episodes.metrics
+    assert (m["env/unfinished/max_turns"], m["env/unfinished/budget"], m["env/unfinished/errors"]) == (2, 0, 0)
+    assert m["env/reward_none"] == 0 and m["env/max_turns_stops"] == 2
+    scored = score(episodes, [])
+    assert scored.total == [1.0, 1.0, 0.0, 0.0] and scored.metrics["reward/total/none"] == 0
+    # GRPO: mean 0.5, deviations +-0.5, sample std sqrt((4 x 0.25) / 3) = 0.57735;
+    # advantage +-0.5 / (0.57735 + 1e-6) = +-0.866024.
+    adv = compute_advantages(rewards_matrix(scored.total, 4), "grpo")
+    assert adv.tolist()[0] == pytest.approx([0.866024, 0.866024, -0.866024, -0.866024], abs=1e-6)
+
+
+def test_unfinished_reward_null_drops_unrewarded_episodes_as_before(tokenizer):
+    from rlhf.algo.advantages import compute_advantages
+    from rlhf.batching import rewards_matrix
+
+    episodes = scripted(tokenizer, "Guess", GUESS_TURNS, n=4, max_turns=2, unfinished_reward=None)
+    assert episodes.env_rewards == [1.0, 1.0, None, None]
+    assert episodes.metrics["env/reward_none"] == 2 and episodes.metrics["env/unfinished/max_turns"] == 2
+    scored = score(episodes, [])
+    # The valid rewards [1.0, 1.0] are all equal: no signal, every advantage exactly 0.
+    assert compute_advantages(rewards_matrix(scored.total, 4), "grpo").tolist() == [[0.0] * 4]
+
+
+def test_unfinished_causes_errors_and_budget(tokenizer):
+    # Every step raises: the model never got an answer from the environment ("errors", 2 turns each).
+    raised = scripted(tokenizer, "StepRaises", [["a", "b"], ["c", "d"]], n=2, max_turns=2)
+    assert raised.unfinished == ["errors", "errors"] and raised.env_rewards == [0.0, 0.0]
+    assert raised.metrics["env/unfinished/errors"] == 2 and raised.metrics["env/step_errors"] == 4
+    # "Hello there" + <|im_end|> is 3 tokens; what follows it (newline, the observation cut to 3
+    # tokens, the tool and assistant turn tokens) is 13, not under the 12 - 3 = 9 left of
+    # max_total_tokens: no room for a second turn ("budget").
+    cut = scripted(tokenizer, "LongObservation", [["Hello there"]], n=1, max_turns=3, max_tool_tokens=3,
+                   max_total_tokens=12, unfinished_reward=-0.5)
+    assert cut.unfinished == ["budget"] and cut.env_rewards == [-0.5]
+    assert cut.metrics["env/unfinished/budget"] == 1 and cut.metrics["env/budget_stops"] == 1
+
+
+def test_a_done_without_reward_stays_a_failed_reward(tokenizer):
+    # The calculator reads its reference from the prompt column, which is no number: it declines to
+    # score (None). That is not an unfinished episode (the environment ended it); it stays None.
+    episodes = scripted(tokenizer, "calculator", [["It is 89."]], n=1, max_turns=2,
+                        kwargs={"answer_column": "prompt"})
+    assert episodes.unfinished == [None] and episodes.env_rewards == [None]
+    assert episodes.metrics["env/reward_none"] == 1
+
+
+def test_reward_functions_score_the_model_turn_and_see_the_transcript(tokenizer):
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "12*7+5"}}</tool_call>'
+    # Two samples call the calculator (observation "89"), then sample 0 answers without a number
+    # and sample 1 answers 89. Scored on the whole text, sample 0's last number would be the
+    # tool's 89, a right answer it never gave.
+    episodes = scripted(tokenizer, "calculator", [[call, call], ["I am done.", "So it is 89."]], n=2, max_turns=3)
+    assert episodes.last_turns == ["I am done.", "So it is 89."]
+    assert "89" in episodes.rollouts.completions[0].text  # the tool's result is in the transcript
+    scored = score(episodes, [{"fn": "math_answer"},
+                              {"fn": f"{ENVS}:transcript_has_answer", "weight": 0.0, "name": "seen"}],
+                   env_weight=0.0)
+    assert scored.per_fn["math_answer"] == [0.0, 1.0]
+    assert scored.per_fn["env"] == [0.0, 1.0]  # the calculator scores the last turn as well
+    assert scored.per_fn["seen"] == [1.0, 1.0]  # the transcript column holds the observation

@@ -118,7 +118,7 @@ def test_the_columns_named_are_the_columns_scored(tmp_path, tiny_model_path):
     rollouts = RolloutBatch(completions=[Completion(0, items[0].prompt_ids, [5, 6], [0.0, 0.0], "stop", "2")], n=1)
     _, _, columns = expand_for_rewards(items, rollouts)
     assert sorted(columns) == sorted(reward_column_names(cfg)) == [
-        "answer", "completion_ids", "completion_length", "level"]
+        "answer", "completion_ids", "completion_length", "level", "transcript"]
 
 
 # --- check_specs --------------------------------------------------------------------------------

@@ -302,6 +302,11 @@ class EnvConfig:
     # Weight of the environment's reward (the sum of the rewards its steps return) in the total
     # reward, as a reward named "env" beside reward.functions; 0 logs it without optimising it.
     reward_weight: float = 1.0
+    # The env reward of an unfinished episode: one no step rewarded and the environment did not end
+    # (max_turns ran out, no token budget left, every step failed), counted in env/unfinished/<cause>.
+    # A wrong answer, so 0.0 by default; None: no reward (the row leaves its group's statistics,
+    # counted in env/reward_none), the behaviour before this key.
+    unfinished_reward: Optional[float] = 0.0
     # Seconds one reset or step may take; an overrun becomes an error observation (counted).
     timeout_s: float = 10.0
     # Threads running resets and steps concurrently.

@@ -4,6 +4,10 @@
 returned them, then the observation ids appended after it (rollouts/env/chat.py). ``mask`` is 1 on
 model tokens and 0 on observation tokens; ``logprobs`` is the sampler's log-prob on model tokens
 and 0.0 on observation tokens. A one-turn trajectory is a plain completion (mask all 1).
+
+How it ended (``end``): the environment said done, ``max_turns`` ran out, or the token budget left
+no room for another turn. One that ended without the environment's say and without a reward is
+*unfinished* (``unfinished``): rlhf/episodes.py scores it ``env.unfinished_reward``, by cause.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ class Trajectory:
     finish_reason: str = "stop"  # of the last model turn; "length" when a budget cut it
     done: bool = False
     env_reward: float | None = None  # the sum of the rewards the environment's steps returned
+    end: str = "running"  # "done" (the environment said so), "max_turns" or "budget"
+    step_errors: int = 0  # steps that raised, overran or found the environment busy
+    last_turn: str = ""  # the text of the model's latest turn
     env: object = None  # the environment instance of this trajectory (None: single turn)
     running: threading.Event | None = None  # set when its latest step returned (rlhf/episodes.py)
 
@@ -36,6 +43,7 @@ class Trajectory:
         self.mask += [1] * len(ids)
         self.logprobs += logprobs
         self.pieces.append(text)
+        self.last_turn = text
         self.turns += 1
         self.finish_reason = finish_reason
 
@@ -48,6 +56,19 @@ class Trajectory:
     def add_reward(self, reward: float | None) -> None:
         if reward is not None:
             self.env_reward = reward if self.env_reward is None else self.env_reward + reward
+
+    def finish(self, end: str) -> None:
+        self.done, self.end = True, end
+
+    @property
+    def unfinished(self) -> str | None:
+        """Why it ended without a reward and without the environment saying done: "errors" when
+        every step failed (the model never got a real answer), else "max_turns" or "budget".
+        None when it was rewarded or the environment ended it (a done without a reward is the
+        environment declining to score: a None reward, not an unfinished episode)."""
+        if self.env_reward is not None or self.end in ("done", "running"):
+            return None
+        return "errors" if self.step_errors == self.turns else self.end
 
     @property
     def context(self) -> list[int]:
