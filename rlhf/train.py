@@ -117,7 +117,8 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
     """Draw prompts, roll out (one turn, or several with an environment: rlhf/episodes.py) and
     score; with dynamic sampling, refill zero-variance groups; with a ``teacher``, have it score the
     kept completions' tokens (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's,
-    regenerated on resume (RolloutProducer.restore): the first draw takes them instead of new ones.
+    regenerated on resume (RolloutProducer.restore): the first draw takes them instead of new ones
+    (dynamic sampling's refills still draw new ones).
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
     an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the

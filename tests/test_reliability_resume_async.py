@@ -31,9 +31,12 @@ from test_reliability_resume import (  # noqa: F401
 
 LR = 1e-2  # overrides the synchronous test's 5e-3 (the later override wins): measured figures below
 # One update stale at lr 1e-2, the sampler/learner gap is the policy's own change, not numerics:
-# measured mismatch/kl_k3 0.068, 0.121, 0.056, 0.064, 0.027 at steps 2-6, above the default
-# algo.max_mismatch_kl=0.05 (meant for a broken sync); 0.5 keeps the check on with room.
-ASYNC = ("trainer.max_staleness=1", "rollout_correction=tis", "algo.max_mismatch_kl=0.5", f"learner.lr={LR}")
+# measured mismatch/kl_k3 0.068, 0.121, 0.056, 0.064, 0.027 at steps 2-6, so steps 2-5 exceed the
+# default algo.max_mismatch_kl=0.05 (meant for a broken sync) and warn. The streak spans the
+# crash (steps 2-3 before it), so the resumed run must carry it on; 6 in a row cannot happen in
+# 6 steps (step 1 is in step, kl_k3 ~1e-11), so the check stays on without stopping the run.
+ASYNC = ("trainer.max_staleness=1", "rollout_correction=tis", "algo.max_mismatch_kl=0.05",
+         "algo.max_mismatch_kl_steps=6", f"learner.lr={LR}")
 
 
 def client_state(run_dir, step: int) -> dict:
@@ -82,6 +85,8 @@ def test_the_checkpoint_holds_the_batch_generated_ahead(runs):
     # The data position is past that batch's prompts (4 steps x 4 prompts), so the resumed run
     # draws step 5's prompts next instead of drawing step 4's again.
     assert saved["data"]["position"] == 4 * 4 and saved["data"] == client_state(straight, 3)["data"]
+    # Steps 2 and 3 (kl_k3 0.068 and 0.121 measured) exceeded algo.max_mismatch_kl=0.05: a streak of 2.
+    assert [step for step, _ in saved["mismatch"]["streak"]] == [2, 3] and saved["mismatch"]["violations"] == 2
     # The crashed run generated the same batch as the uninterrupted one (steps 1-3 are equal, and
     # generation is seeded from (seed, step)): prompts, token ids, sampler log-probs, rewards. Its
     # metrics are wall times (timing/generate, timing/score) and are not compared.
@@ -105,7 +110,9 @@ def test_resumed_steps_match_the_uninterrupted_run_exactly(runs):
     # mismatch/kl_k3 compares the sampler's log-probs (step 4: restored from JSON) with the
     # learner's, so it is equal only when the same batch meets the same weights; staleness equal
     # means step 4 was trained on the version-2 batch, not one sampled after the resume.
-    assert_resumed_steps_equal(straight, broken, LR, EXACT + ("async/staleness", "mismatch/kl_k3"))
+    # The mismatch counts equal too: the step-3 checkpoint carried the streak of steps 2-3.
+    assert_resumed_steps_equal(straight, broken, LR, EXACT + ("async/staleness", "mismatch/kl_k3",
+                                                              "mismatch/kl_violations", "mismatch/kl_streak"))
     a = steps_logged(straight)
     # Real updates were compared: measured grad norms 0.295 and 0.333 at steps 4 and 5 (step 6's
     # groups all scored 1.0 and carried no signal).
@@ -139,6 +146,8 @@ def test_a_resume_with_max_staleness_0_regenerates_the_batch_saved_one_ahead(run
     # gap at step 4.
     assert step4["async/staleness"] == 0.0 and step4["async/regenerated"] == 1.0
     assert step4["mismatch/kl_k3"] < 1e-6 < steps_logged(straight)[4]["mismatch/kl_k3"]
+    # That ends the streak of steps 2-3 carried in the checkpoint; the run's 2 violations stay counted.
+    assert (step4["mismatch/kl_streak"], step4["mismatch/kl_violations"]) == (0, 2)
     # The saved prompts were reused, none drawn: the data position stays at 4 steps x 4 prompts.
     assert client_state(lowered, 4)["data"] == client_state(straight, 3)["data"]
     assert client_state(straight, 3)["data"]["position"] == 4 * 4
