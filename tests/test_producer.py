@@ -21,10 +21,10 @@ def batch(step: int, version: int) -> Collected:
                      {"timing/generate": 0.1})
 
 
-def drive(ahead: int, steps: int, first: int = 1, restored=()):
+def drive(ahead: int, steps: int, first: int = 1, restored=(), produce=batch):
     """The loop's calls, with the engines' version = steps trained so far; returns what each step
     trained on: (step, policy_version)."""
-    producer = RolloutProducer(batch, first_step=first, last_step=steps)
+    producer = RolloutProducer(produce, first_step=first, last_step=steps)
     producer.restore(list(restored), max_staleness=ahead)
     trained = []
     for step in range(first, steps + 1):

@@ -8,7 +8,7 @@ import json
 
 from rlhf.data import PromptItem
 from rlhf.producer import Collected, RolloutProducer, regenerate_note, stale_batches
-from test_producer import batch
+from test_producer import batch, drive
 
 
 def saved(step: int, version: int) -> Collected:
@@ -20,23 +20,22 @@ def saved(step: int, version: int) -> Collected:
 
 def resume(restored: list[Collected], ahead: int, first: int, steps: int):
     """The loop's calls after a resume at ``first``; returns what each step trained on, (step,
-    version), the calls produce() got, (step, version, prompt ids or None), and restore's answer."""
+    version), the calls produce() got, (step, version, prompt ids or None), and the stale batches."""
     calls = []
 
     def produce(step, version, prompts=None):
         calls.append((step, version, None if prompts is None else [p.prompt_ids for p in prompts]))
         return batch(step, version)
 
-    producer = RolloutProducer(produce, first_step=first, last_step=steps)
-    stale = producer.restore(restored, max_staleness=ahead)
-    trained = []
-    for step in range(first, steps + 1):
-        producer.ask(upto_step=step + ahead, policy_version=step - 1)
-        got = producer.take(step)
-        trained.append((got.step, got.policy_version))
-        producer.wait()
+    trained = drive(ahead, steps, first, restored, produce=produce)
+    return trained, calls, stale_batches(restored, ahead)
+
+
+def test_restore_returns_the_batches_it_will_regenerate():
+    producer = RolloutProducer(batch, first_step=2, last_step=5)
+    stale = producer.restore([saved(2, 0), saved(3, 0)], max_staleness=1)
     producer.close()
-    return trained, calls, stale
+    assert [b.step for b in stale] == [3]  # 3 - 1 - 0 = 2 > 1; batch 2 is 2 - 1 - 0 = 1 stale
 
 
 def test_staleness_is_measured_against_the_step_that_trains_the_batch():
