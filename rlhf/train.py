@@ -296,7 +296,7 @@ def train(cfg: Config) -> Path:
             set_rng_state(state["rng"])
             pending = [Collected.from_json(b) for b in state.get("pending", [])]
             mismatch = MismatchWatch.from_json(state.get("mismatch"))
-            learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+            learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance_for(cfg.model.dtype))
             print(f"resumed from {last} at step {start_step}")
 
         logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
@@ -398,10 +398,13 @@ def train(cfg: Config) -> Path:
             with timed(metrics, "wait_rollouts"):
                 producer.wait()  # the batch in flight was sampled by these weights: finish it first
             with timeline.span("sync", step, metrics):
-                report = learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance)
+                report = learner.sync_weights(engines, probe_ids,
+                                              cfg.rollout.probe_tolerance_for(cfg.model.dtype))
             metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s,
                             "sync/seconds": report.seconds,
                             "sync/broadcast": float(report.transport == "broadcast")})  # 0: files
+            if report.lora_delta_lost is not None:  # LoRA, once the adapters have moved
+                metrics["sync/lora_delta_lost"] = report.lora_delta_lost
             # Wall time: with max_staleness > 0, the batch's generate/score overlapped earlier steps.
             step_s = time.perf_counter() - step_start
             trained = int(batch.attention_mask.sum())

@@ -147,6 +147,9 @@ class SyncReport:
     gather_s: float = 0.0  # files: gather + write; broadcast: gather + send + load (they overlap)
     load_s: float = 0.0  # files: the engines' reload; broadcast: the slowest engine's receive + reload
     transport: str = "files"  # "files" or "broadcast" (learner.sync_transport, auto resolved)
+    # LoRA: share of the adapters' changed elements that the merged weights round back to the base
+    # weight (rlhf/learner/lora.py MergeRounding); None without LoRA or before the adapters move.
+    lora_delta_lost: float | None = None
 
     @property
     def gb_per_s(self) -> float:

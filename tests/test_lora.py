@@ -16,7 +16,7 @@ import torch
 
 from rlhf.algo import grpo_objective, normalisers, token_entropy, token_logprobs
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LoraConfig
-from rlhf.learner.lora import check_lora, wrap
+from rlhf.learner.lora import MergeRounding, check_lora, merge_rounding, rounding_warning, wrap
 from rlhf.learner.optim import build_adamw
 from rlhf.learner.rank import load_hf_model
 from rlhf.types import TrainBatch
@@ -116,6 +116,35 @@ def test_merged_buckets_have_the_base_names_and_base_plus_scaled_adapter(tiny_mo
     assert {s.name: tuple(s.shape) for s in slots} == {n: tuple(w.shape) for n, w in base.items()}
 
 
+def test_merge_rounding_counts_the_delta_that_bf16_rounds_back_to_the_base():
+    # W = 1 everywhere. bf16 keeps 8 significant bits: its ulp at 1.0 is 2**-7 = 0.0078125, so a
+    # merged value within half of that (0.00390625) of 1.0 rounds back to 1.0.
+    # Rank 1, scaling 4: delta = 4 * B @ A with A = [[1, 0, 1]] (column 1 gets no delta) and
+    # B = [[2.5e-4], [2.5e-3]]: row 0's delta 1e-3 < 0.0039 is lost, row 1's 1e-2 rounds to 1 + 2**-7.
+    w = torch.ones(2, 3, dtype=torch.bfloat16)
+    a, b = torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[2.5e-4], [2.5e-3]])
+    got = merge_rounding(w, a, b, 4.0)
+    assert got == MergeRounding(changed=4, lost=2) and got.lost_share == 0.5  # 2 rows x columns 0, 2
+    # fp32 (ulp 2**-23 at 1.0) keeps both deltas.
+    assert merge_rounding(w.float(), a, b, 4.0) == MergeRounding(changed=4, lost=0)
+    # A fresh adapter (B = 0) changes nothing: the share is None, not 0.
+    assert merge_rounding(w, a, torch.zeros(2, 1), 4.0).lost_share is None
+
+
+def test_rounding_warning_names_the_settings_and_the_metric():
+    text = rounding_warning(0.974, "bfloat16")
+    assert "model.lora with model.dtype=bfloat16" in text and "97.4%" in text and "sync/lora_delta_lost" in text
+
+
+def test_lora_dropout_makes_the_training_forward_noisy(tiny_model_path):
+    from rlhf.learner.rank import has_dropout
+
+    assert not has_dropout(load_hf_model(tiny_model_path, "float32", False))
+    assert not has_dropout(wrap(load_hf_model(tiny_model_path, "float32", False), LORA))
+    noisy = dataclasses.replace(LORA, dropout=0.5)
+    assert has_dropout(wrap(load_hf_model(tiny_model_path, "float32", False), noisy))
+
+
 # --- the learner -----------------------------------------------------------------------------
 
 
@@ -181,6 +210,30 @@ def reference_updates(model_path: str, cfg: LearnerConfig, batches: list[TrainBa
         opt.step()
     return {"model": model.eval(), "grad_norm": norms, "loss": losses,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def test_lora_dropout_stays_out_of_the_pre_update_log_probs(ray_session, tiny_model_path):
+    """model.lora.dropout=0.5. Scoring is deterministic (no dropout), and an update on a batch whose
+    sampler log-probs are those very scores measures no mismatch: its pre-update log-probs come from a
+    pass without dropout, not from the update's own noisy forward."""
+    from rlhf.learner import LearnerGroup
+
+    group = LearnerGroup(learner_cfg(1, 2), ALGO, tiny_model_path, "float32", False, total_updates=10,
+                         lora=dataclasses.replace(LORA, dropout=0.5))
+    try:
+        # B starts at 0, which silences the adapter path and its dropout: move B first.
+        group.train_step(make_batch(seed=1))
+        batch = make_batch(seed=0)
+        scored = group.compute_logprobs(batch)
+        assert torch.equal(group.compute_logprobs(batch), scored)
+        batch.sampler_logprobs = scored
+        m = group.train_step(batch)
+    finally:
+        group.shutdown()
+    # The same pass on the same weights: exactly 0 (dropout's noise measured 0.05-0.3 here).
+    assert m["mismatch/abs_logprob_diff_max"] == 0.0 and m["mismatch/kl_k3"] == 0.0
+    # Dropout still acts in the update's own forward: the ratio to the clean log-probs is not 1.
+    assert max(m["ratio/max"] - 1.0, 1.0 - m["ratio/min"]) > 1e-3
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (2, 3)], ids=["zero2-1rank", "zero3-2ranks"])
@@ -331,6 +384,8 @@ def test_merged_weights_synced_to_vllm_pass_the_probe(trained, engines, probe_id
 
     report = group.sync_weights(engines, probe_ids, TOLERANCE)
     assert report.probe_gap <= TOLERANCE
+    # fp32 keeps 24 significant bits: a delta of ~1e-3 on weights of ~0.02 is never rounded away.
+    assert report.lora_delta_lost == 0.0
     # Full merged weights: every base parameter (3,219,776, tied embedding once) + a copy of the
     # 49,152 x 64 tied head, fp32; no adapter tensor is sent.
     n_base = sum(p.numel() for p in base.parameters())

@@ -77,6 +77,8 @@ class LearnerGroup:
         if placement is not None and len(placement) != cfg.num_ranks:
             raise ValueError(f"placement has {len(placement)} slots for learner.num_ranks={cfg.num_ranks}")
         self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
+        self.lora = lora if lora is not None and lora.rank > 0 else None
+        self._warned_rounding = False
         self.trust_remote_code = trust_remote_code
         # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
         # share one machine and take turns; each rank sets its own thread count.
@@ -244,8 +246,22 @@ class LearnerGroup:
         learner_probe = self._probe_start(probe_ids)
         sent = self._transport.send(engines)
         gap = self.check_probe(engines, probe_ids, tolerance, learner_probe)
+        lost = self._merge_lost() if self.lora is not None else None
         return SyncReport(seconds=time.perf_counter() - start, num_bytes=sent.num_bytes, probe_gap=gap,
-                          gather_s=sent.gather_s, load_s=sent.load_s, transport=self._transport.name)
+                          gather_s=sent.gather_s, load_s=sent.load_s, transport=self._transport.name,
+                          lora_delta_lost=lost)
+
+    def _merge_lost(self) -> float | None:
+        """LoRA: the share of the adapters' delta the merged sync rounds away (rlhf/learner/lora.py);
+        the probe cannot see it (the adapters move the probe by less than a bf16 tolerance), so the
+        first sync that loses more than ``LOST_WARNING`` of it says so, by name."""
+        from rlhf.learner.lora import LOST_WARNING, rounding_warning
+
+        lost = self._call("merge_rounding", "merge_rounding")[0].lost_share
+        if lost is not None and lost > LOST_WARNING and not self._warned_rounding:
+            self._warned_rounding = True
+            print(f"warning: {rounding_warning(lost, self.dtype)}", flush=True)
+        return lost
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, ckpt_root: str | Path, step: int, client_state: dict, keep_last: int = 2) -> Path:

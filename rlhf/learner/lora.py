@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,6 +128,65 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalin
     """
     delta = b.detach().float() @ a.detach().float()
     return (weight.detach().float() + scaling * delta).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class MergeRounding:
+    """What rounding the merged weights to the base weights' dtype does to the adapters' delta.
+
+    ``changed``: elements whose delta ``scaling * B @ A`` (fp32) is nonzero; ``lost``: those of them
+    whose merged value, rounded, equals the base weight: the engines sample the base model there. In
+    bf16 a delta below half an ulp of W is lost (8 significant bits: |delta| < |W| * 2**-9 or so).
+    """
+
+    changed: int
+    lost: int
+
+    @property
+    def lost_share(self) -> float | None:
+        """lost / changed; None before the adapters move anything (B starts at zero)."""
+        return self.lost / self.changed if self.changed else None
+
+    def __add__(self, other: MergeRounding) -> MergeRounding:
+        return MergeRounding(self.changed + other.changed, self.lost + other.lost)
+
+
+# More than half of the adapters' changed elements rounded away: the engines sample a policy that
+# is mostly the base model while the learner trains the adapted one.
+LOST_WARNING = 0.5
+
+
+def rounding_warning(lost_share: float, dtype: str) -> str:
+    return (
+        f"model.lora with model.dtype={dtype}: the merged weight sync rounds {lost_share:.1%} of the adapters' "
+        f"changed elements back to the base weights (sync/lora_delta_lost), so the engines sample mostly the "
+        f"base model while the learner trains the adapted one; use model.dtype=float32 for LoRA, or expect "
+        f"the share to fall only once the adapters have grown"
+    )
+
+
+def merge_rounding(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> MergeRounding:
+    """``MergeRounding`` of one layer: its merge (``merged_weight``) against its base weight."""
+    delta = scaling * (b.detach().float() @ a.detach().float())
+    changed = delta != 0
+    same = merged_weight(weight, a, b, scaling) == weight.detach()
+    return MergeRounding(int(changed.sum()), int((changed & same).sum()))
+
+
+def model_merge_rounding(model: torch.nn.Module, rank: int) -> MergeRounding | None:
+    """``MergeRounding`` summed over every adapted layer of ``model`` (rank 0; None elsewhere).
+    Collective under ZeRO-3: each layer's W, A and B are gathered, one layer at a time."""
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    total = MergeRounding(0, 0)
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        w, a, b = layer.get_base_layer().weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        zero3 = hasattr(w, "ds_id")
+        with deepspeed.zero.GatheredParameters([w, a, b], modifier_rank=None, enabled=zero3):
+            if rank == 0:
+                total = total + merge_rounding(w.data, a.data, b.data, float(layer.scaling[ADAPTER]))
+    return total if rank == 0 else None
 
 
 def merged_entries(model: torch.nn.Module) -> list[WeightEntry]:

@@ -14,6 +14,7 @@ against a plain single-process torch step in tests/test_learner.py.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import time
@@ -253,6 +254,9 @@ class LearnerRank:
         on any rank, or a non-finite gradient, skips the update on every rank (metric ``skipped`` =
         1): the last backward is multiplied by NaN everywhere so that DeepSpeed's own overflow check
         drops the gradients and the step identically on all ranks.
+        With dropout in the model (``model.lora.dropout`` > 0) and no ``old_logprobs``, the
+        pre-update log-probs come from a scoring pass without dropout (``has_dropout``), not from
+        this update's noisy forward.
         Returns this rank's metrics; ``LearnerGroup`` combines the ranks' (``reduce_metrics``).
         """
         import torch.distributed as dist
@@ -265,6 +269,11 @@ class LearnerRank:
         faults.stall("learner_stall")  # tests only: a rank that never answers
         step_start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
+        if objective == "grpo" and batch.old_logprobs is None and has_dropout(self.engine.module):
+            # The objective would take this update's own forward, with dropout noise, as the
+            # pre-update log-probs: the mismatch metrics, correction weights and distillation
+            # advantage must see the policy the engines sample (no dropout), so score it first.
+            batch = dataclasses.replace(batch, old_logprobs=self._score(self.engine, batch, self._sampling(), plan))
         self.engine.train()
         micros = self._micro_batches(batch, plan)
         if not micros:
@@ -325,6 +334,13 @@ class LearnerRank:
         )
         paths, nbytes = write_buckets(buckets, Path(out_dir))
         return paths, nbytes, time.perf_counter() - start
+
+    def merge_rounding(self):
+        """LoRA: how much of the adapters' delta the merged weights round away (a MergeRounding of
+        rlhf/learner/lora.py; None on ranks other than 0). Collective under ZeRO-3."""
+        from rlhf.learner.lora import model_merge_rounding
+
+        return model_merge_rounding(self.engine.module, self.rank)
 
     def export_hf(self, out_dir: str) -> int:
         """Write HF weight shards of the current policy into ``out_dir`` (rank 0); returns bytes.
@@ -474,6 +490,14 @@ class LearnerRank:
         self.leave_weight_group()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training forward of ``model`` is noisy: a dropout layer with p > 0 (peft's LoRA
+    dropout is one), or attention dropout in the model's config."""
+    layers = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    config = getattr(model, "config", None)
+    return layers or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0
 
 
 def _kept_tokens(mb: TrainBatch) -> torch.Tensor:
