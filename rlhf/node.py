@@ -12,14 +12,17 @@ class NodeInfo:
     node_id: str  # Ray's node id (hex)
     ip: str  # the address Ray registered the node under (127.0.0.1 on a loopback cluster)
     hostname: str
+    gpu_ids: tuple[str, ...] = ()  # the GPUs Ray gave the calling actor (its node's ids); () on CPU
 
 
 def this_node() -> NodeInfo:
     """The node of the calling process (inside a Ray worker or the driver)."""
     import ray
 
-    return NodeInfo(node_id=ray.get_runtime_context().get_node_id(),
-                    ip=ray.util.get_node_ip_address(), hostname=socket.gethostname())
+    context = ray.get_runtime_context()
+    gpus = tuple(str(g) for g in context.get_accelerator_ids().get("GPU", []))
+    return NodeInfo(node_id=context.get_node_id(), ip=ray.util.get_node_ip_address(),
+                    hostname=socket.gethostname(), gpu_ids=gpus)
 
 
 def listen_on(addr: str, port: int, purpose: str) -> socket.socket:

@@ -189,6 +189,14 @@ class BroadcastGroup:
     addr: str  # learner rank 0's node address
     port: int
     world_size: int  # 1 + every engine worker
+    workers_per_engine: int = 1  # names group ranks in errors (member)
+
+    def member(self, rank: int) -> str:
+        """Who group rank ``rank`` is, for errors."""
+        if rank == 0:
+            return "learner rank 0"
+        e, w = divmod(rank - 1, self.workers_per_engine)
+        return f"rollout engine {e} (worker {w}, group rank {rank})"
 
 
 @dataclass(frozen=True)

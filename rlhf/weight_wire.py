@@ -81,18 +81,31 @@ def open_listener(ip: str) -> tuple[int, int]:
     return sock.detach(), port
 
 
+class GroupFormationError(RuntimeError):
+    """The weight group did not form: names the members that never joined or answered wrongly."""
+
+
 def join_group(group: BroadcastGroup, rank: int, own_ip: str, timeout_s: float,
                listen_fd: int | None = None) -> "Member":
-    """This process's member of the broadcast group; returns once all ``world_size`` have joined.
+    """This process's member of the broadcast group; returns once all ``world_size`` have joined
+    and one small broadcast has gone through (``Member.prove``).
 
     Rank 0 hosts the store on ``listen_fd`` (``open_listener``). gloo's own connections are bound
-    to ``own_ip`` (this node's address), not to whatever the host name resolves to.
+    to ``own_ip`` (this node's address), not to whatever the host name resolves to. Every member
+    signs in at the store first, so rank 0 can name whoever never arrived (``_await_members``).
     """
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(group.addr, group.port, group.world_size, is_master=rank == 0, timeout=timeout,
-                          wait_for_workers=False, master_listen_fd=listen_fd)
+    try:
+        store = dist.TCPStore(group.addr, group.port, group.world_size, is_master=rank == 0, timeout=timeout,
+                              wait_for_workers=False, master_listen_fd=listen_fd)
+    except (RuntimeError, OSError) as e:  # DistNetworkError is a RuntimeError
+        raise GroupFormationError(f"weight group: {group.member(rank)} cannot reach learner rank 0's store at "
+                                  f"{group.addr}:{group.port} within {timeout_s:g}s: {e}") from e
+    store.set(f"joined/{rank}", own_ip)
+    if rank == 0:
+        _await_members(store, group, timeout_s)
     if group.backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
@@ -104,7 +117,25 @@ def join_group(group: BroadcastGroup, rank: int, own_ip: str, timeout_s: float,
         pg = dist.ProcessGroupNCCL(store, rank, group.world_size, opts)
     else:
         raise ValueError(f"broadcast weight transport: backend {group.backend!r} is not gloo or nccl")
-    return Member(pg, store, timeout)
+    member = Member(pg, store, timeout)
+    member.prove(group, rank)
+    return member
+
+
+def _await_members(store, group: BroadcastGroup, timeout_s: float) -> None:
+    """Rank 0: wait until every member has signed in; past ``timeout_s``, name those who have not."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(1, group.world_size))
+    while missing:
+        missing = [r for r in missing if not store.check([f"joined/{r}"])]
+        if missing and time.monotonic() > deadline:
+            names = ", ".join(group.member(r) for r in missing)
+            raise GroupFormationError(
+                f"weight group at {group.addr}:{group.port}: {names} did not join within {timeout_s:g}s "
+                "(not started, stuck, or unable to reach this address)")
+        time.sleep(0.05)
 
 
 class Member:
@@ -113,6 +144,23 @@ class Member:
 
     def __init__(self, pg, store, timeout: timedelta) -> None:
         self.pg, self.store, self.timeout = pg, store, timeout
+
+    def prove(self, group: BroadcastGroup, rank: int) -> None:
+        """One small broadcast right after joining. nccl creates its communicator at the first
+        collective, so without it a bad interface or a same-device clash would first show in the
+        first weight sync, a whole step later; gloo has connected already, and this proves it.
+        Every member checks it heard rank 0 of its own group (same port and size)."""
+        want = torch.tensor([group.port, group.world_size], dtype=torch.int64, device=device_for(group.backend))
+        got = want.clone() if rank == 0 else torch.zeros_like(want)
+        try:
+            self.broadcast(got)
+        except Exception as e:
+            raise GroupFormationError(f"weight group at {group.addr}:{group.port}: {group.member(rank)} "
+                                      f"joined, but the first broadcast failed: {e}") from e
+        if not torch.equal(got, want):
+            raise GroupFormationError(
+                f"weight group at {group.addr}:{group.port}: {group.member(rank)} heard (port, size) "
+                f"{got.tolist()} from rank 0, expected {want.tolist()}")
 
     def broadcast(self, flat: torch.Tensor) -> None:
         """Broadcast ``flat`` from group rank 0, in place; raises after the group's timeout."""

@@ -193,7 +193,7 @@ class RolloutEngine:
         """Every worker of this engine joins learner rank 0's broadcast group (the broadcast weight
         transport, rollouts/worker_ext.py) as ranks first_rank, first_rank + 1, ...; ``layout``:
         the bucket layout as plain lists (rlhf/weight_wire.py). Returns the workers' group ranks."""
-        fields = [group.backend, group.addr, group.port, group.world_size]
+        fields = [group.backend, group.addr, group.port, group.world_size, group.workers_per_engine]
         args = (fields, first_rank, this_node().ip, layout, self.cfg.timeout_s)
         return self.llm.collective_rpc("join_weight_group", timeout=self.cfg.timeout_s, args=args)
 

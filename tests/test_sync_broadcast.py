@@ -8,6 +8,7 @@ to the sync dir, and that the group formed once serves later syncs.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -46,3 +47,66 @@ def test_broadcast_sync_makes_the_engine_follow_the_learner_without_writing_file
         assert report.seconds >= report.gather_s > 0 and report.load_s > 0
     assert os.listdir(sync_dir) == []
     assert my_sync_dirs() == []
+
+
+class _UnreachableEngines:
+    """The Engines protocol (rlhf/learner/transport.py) over one engine that cannot reach the group."""
+
+    num_engines, workers_per_engine, timeout_s = 1, 1, 60.0
+
+    def __init__(self) -> None:
+        import ray
+
+        @ray.remote(num_cpus=0)  # defined here: Ray ships it by value (test modules do not import in workers)
+        class UnreachableEngine:
+            """An engine's worker as the learner meets it at connect, joining through an address
+            where nothing listens (a wrong interface): it runs the real worker-side join_group."""
+
+            def node(self):
+                from rlhf.node import this_node
+
+                return this_node()
+
+            def join(self, group, timeout_s: float) -> int:
+                from dataclasses import replace
+
+                from rlhf.weight_wire import join_group
+
+                join_group(replace(group, addr="127.0.0.2"), 1, "127.0.0.1", timeout_s)
+                return 1
+
+        self.actor = UnreachableEngine.remote()
+
+    def nodes(self):
+        import ray
+
+        return [ray.get(self.actor.node.remote())]
+
+    def start_join_weight_group(self, group, layout):
+        return [self.actor.join.remote(group, 8.0)]
+
+    def leave_weight_group(self) -> None:
+        pass
+
+
+def test_an_engine_that_cannot_reach_the_group_fails_connect_naming_it(ray_session, tiny_model_path, tmp_path):
+    # The engine's join gives up after 8 s and is named; connect raises once rank 0 has also left
+    # (its wait is bounded by learner.timeout_s=30), so well under a minute, at start-up.
+    import ray
+
+    from rlhf.config import AlgoConfig, LearnerConfig
+    from rlhf.learner import LearnerGroup
+    from rlhf.learner.transport import WeightTransportError
+
+    cfg = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=1, timeout_s=30.0,
+                        sync_transport="broadcast", sync_dir=str(tmp_path))
+    learner = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "float32", False, total_updates=10)
+    engines = _UnreachableEngines()
+    start = time.monotonic()
+    try:
+        with pytest.raises(WeightTransportError, match=r"rollout engine 0 failed in weight group set-up"):
+            learner.connect(engines)
+        assert time.monotonic() - start < 30 + 15
+    finally:
+        learner.shutdown()
+        ray.kill(engines.actor)

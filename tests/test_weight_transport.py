@@ -4,15 +4,18 @@ layout, and a real gloo broadcast between two members over loopback (no Ray, vLL
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import replace
 
 import msgspec
 import pytest
 import torch
 
-from rlhf.learner.transport import WeightTransportError, choose_transport
+from rlhf.learner.transport import WeightTransportError, choose_transport, on_rank0_device
 from rlhf.node import NodeInfo
 from rlhf.types import BroadcastGroup
-from rlhf.weight_wire import from_wire, join_group, open_listener, pack, plan_buckets, to_wire, views
+from rlhf.weight_wire import GroupFormationError, from_wire, join_group, open_listener, pack, plan_buckets
+from rlhf.weight_wire import to_wire, views
 
 HEAD = NodeInfo(node_id="aaaa" * 14, ip="10.0.0.1", hostname="head")
 OTHER = NodeInfo(node_id="bbbb" * 14, ip="10.0.0.2", hostname="worker-1")
@@ -87,8 +90,92 @@ def test_gloo_broadcast_between_two_members_over_loopback():
     assert not errors and torch.equal(got, sent)
 
 
-def test_a_member_that_never_comes_fails_the_rendezvous_instead_of_hanging():
+def _join_in_threads(group: BroadcastGroup, joiners: dict[int, str],
+                     timeout_s: float) -> tuple[dict[int, BaseException], list[threading.Thread]]:
+    """Group ranks in ``joiners`` join from threads, each through the address given; returns what
+    each raised once its thread ends (nothing: it joined, and has left again), and the threads."""
+    errors: dict[int, BaseException] = {}
+
+    def join(rank: int, addr: str) -> None:
+        try:
+            join_group(replace(group, addr=addr), rank, "127.0.0.1", timeout_s).close()
+        except BaseException as e:  # returned to the test
+            errors[rank] = e
+
+    threads = [threading.Thread(target=join, args=item) for item in joiners.items()]
+    for t in threads:
+        t.start()
+    return errors, threads
+
+
+def test_a_member_that_never_comes_is_named_at_the_join_within_its_timeout():
+    # 1 learner rank + 2 engines of 1 worker: rollout engine 0 joins, engine 1 (group rank 2) never does.
+    fd, port = open_listener("127.0.0.1")
+    group = BroadcastGroup(backend="gloo", addr="127.0.0.1", port=port, world_size=3, workers_per_engine=1)
+    errors, threads = _join_in_threads(group, {1: "127.0.0.1"}, timeout_s=3)
+    start = time.monotonic()
+    with pytest.raises(GroupFormationError, match=r"rollout engine 1 \(worker 0, group rank 2\) did not join "
+                                                  r"within 3s"):
+        join_group(group, 0, "127.0.0.1", timeout_s=3, listen_fd=fd)
+    assert time.monotonic() - start < 3 + 5  # the timeout plus polling, not the transport's 600 s
+    for t in threads:
+        t.join(30)
+    assert 1 in errors  # the member that came fails too (its group never formed), not hangs
+
+
+def test_a_member_joining_through_a_wrong_address_is_named_at_the_join():
+    # 1 learner rank + 1 engine of 2 workers; worker 1 (group rank 2) is given 127.0.0.2, where
+    # nothing listens (the store is bound to 127.0.0.1 only): it cannot reach the store.
+    fd, port = open_listener("127.0.0.1")
+    group = BroadcastGroup(backend="gloo", addr="127.0.0.1", port=port, world_size=3, workers_per_engine=2)
+    errors, threads = _join_in_threads(group, {1: "127.0.0.1", 2: "127.0.0.2"}, timeout_s=3)
+    with pytest.raises(GroupFormationError, match=r"rollout engine 0 \(worker 1, group rank 2\) did not join"):
+        join_group(group, 0, "127.0.0.1", timeout_s=3, listen_fd=fd)
+    for t in threads:
+        t.join(30)
+    assert set(errors) == {1, 2}
+    # The member itself says why, naming itself (the driver adds "rollout engine 0 failed in ...").
+    assert isinstance(errors[2], GroupFormationError)
+    assert str(errors[2]).startswith(f"weight group: rollout engine 0 (worker 1, group rank 2) cannot reach "
+                                     f"learner rank 0's store at 127.0.0.2:{port} within 3s")
+
+
+def test_the_join_proves_the_group_with_one_broadcast():
+    # Both members return only after rank 0's (port, size) went through and matched: a third
+    # process is not needed to see it, the join itself returns a formed group.
     fd, port = open_listener("127.0.0.1")
     group = BroadcastGroup(backend="gloo", addr="127.0.0.1", port=port, world_size=2)
-    with pytest.raises(Exception, match="(?i)timeout|timed out"):
-        join_group(group, 0, "127.0.0.1", timeout_s=2, listen_fd=fd)
+    errors, threads = _join_in_threads(group, {1: "127.0.0.1"}, timeout_s=30)
+    join_group(group, 0, "127.0.0.1", timeout_s=30, listen_fd=fd).close()
+    for t in threads:
+        t.join(30)
+    assert errors == {}
+
+
+# --- NCCL and shared devices ---------------------------------------------------------------------
+
+GPU0 = replace(HEAD, gpu_ids=("0",))
+
+
+def test_engines_on_rank0s_gpu_are_found_by_node_and_gpu_id():
+    engines = [replace(HEAD, gpu_ids=("0",)), replace(HEAD, gpu_ids=("1",)),
+               replace(OTHER, gpu_ids=("0",)),  # GPU 0 of another node: another device
+               replace(HEAD, gpu_ids=("1", "0")), HEAD]  # a 2-GPU engine holding GPU 0; a CPU engine
+    assert on_rank0_device(GPU0, engines) == [(0, ["0"]), (3, ["0"])]
+    assert on_rank0_device(HEAD, engines) == []  # rank 0 on CPU shares no device
+
+
+def test_nccl_broadcast_onto_rank0s_gpu_is_refused_naming_the_engine():
+    same = [replace(HEAD, gpu_ids=("1",)), replace(HEAD, gpu_ids=("0",))]
+    with pytest.raises(WeightTransportError, match=r"learner.sync_transport=broadcast with learner.backend=nccl: "
+                                                   r"rollout engine 1 shares GPU 0 with learner rank 0 on node "
+                                                   r"head .*learner.sync_transport=files \(or auto\)"):
+        choose_transport("broadcast", GPU0, same, "nccl")
+    # auto sends them files (every engine is on rank 0's node); gloo has no such limit.
+    assert choose_transport("auto", GPU0, same, "nccl") == "files"
+    assert choose_transport("broadcast", GPU0, same, "gloo") == "broadcast"
+    # An engine elsewhere needs broadcast, so auto cannot route the clashing one to files.
+    mixed = [replace(OTHER, gpu_ids=("0",)), replace(HEAD, gpu_ids=("0",))]
+    with pytest.raises(WeightTransportError, match=r"rollout engine 1 shares GPU 0 .*engines \[0\] run on "
+                                                   r"other nodes and need broadcast, so give engine 1 a GPU"):
+        choose_transport("auto", GPU0, mixed, "nccl")

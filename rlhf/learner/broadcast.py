@@ -42,7 +42,8 @@ class WeightSender:
         self.listen_fd, self.port = open_listener(ip) if rank == 0 else (None, 0)
 
     def join(self, group: BroadcastGroup) -> None:
-        """Rank 0 joins (and serves) the group; returns when every engine worker has joined too."""
+        """Rank 0 joins (and serves) the group; returns when every engine worker has joined too and
+        one small broadcast has reached them all (weight_wire.join_group), naming who never came."""
         if self.rank == 0:
             fd, self.listen_fd = self.listen_fd, None  # the store owns the socket from here on
             self.member = join_group(group, 0, self.ip, self.timeout_s, listen_fd=fd)

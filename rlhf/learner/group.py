@@ -232,7 +232,7 @@ class LearnerGroup:
 
         if getattr(self, "_transport", None) is None:  # set here, so the constructor need not know
             rank0 = self._call("node", "node")[0]
-            name = choose_transport(self.cfg.sync_transport, rank0, engines.nodes())
+            name = choose_transport(self.cfg.sync_transport, rank0, engines.nodes(), self.cfg.backend)
             self._transport = (FileTransport(self.ranks, self.cfg) if name == "files"
                                else BroadcastTransport(self.ranks, self.cfg, engines))
         return self._transport.name

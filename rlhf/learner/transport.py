@@ -9,7 +9,9 @@ torch.distributed group (gloo on CPU, nccl on GPU: ``learner.backend``), meeting
 address on a free port there. Rank 0 gathers bucket by bucket and broadcasts each as one flat
 tensor; the workers rebuild the tensors from a layout sent once as plain data and feed vLLM's
 ``reload_weights`` exactly as the file path does. The group is formed once (first sync, or
-``LearnerGroup.connect`` at start-up) and left at shutdown.
+``LearnerGroup.connect`` at start-up) and left at shutdown; forming it includes one small broadcast
+(``weight_wire.Member.prove``), so under nccl, whose communicator is otherwise built lazily at the
+first collective, a broken member fails here, named, and not inside the first sync.
 
 Why our own group in the worker extension rather than vLLM 0.32's weight-transfer API
 (``vllm/distributed/weight_transfer``, with an engine factory one could register a gloo engine
@@ -67,25 +69,46 @@ class Engines(Protocol):
     def probe(self, token_ids: list[int]) -> list[list[float]]: ...
 
 
-def choose_transport(choice: str, rank0: NodeInfo, engines: list[NodeInfo]) -> str:
+def choose_transport(choice: str, rank0: NodeInfo, engines: list[NodeInfo], backend: str = "gloo") -> str:
     """``learner.sync_transport`` resolved against where rank 0 and the engines run.
 
     auto: files when every engine is on rank 0's node, broadcast otherwise. files with an engine on
-    another node is refused: that engine could never read rank 0's /dev/shm.
+    another node is refused: that engine could never read rank 0's /dev/shm. broadcast over nccl
+    with an engine on one of rank 0's GPUs (colocated, fractional GPUs) is refused too: NCCL does
+    not take two ranks of one communicator on one device. auto already sends such an engine files
+    when every engine is on rank 0's node; when some are not, one transport cannot serve both.
     """
     if choice not in TRANSPORTS:
         raise WeightTransportError(f"learner.sync_transport={choice!r} is not one of {list(TRANSPORTS)}")
     away = [(e, node) for e, node in enumerate(engines) if node.node_id != rank0.node_id]
-    if choice == "auto":
-        return "broadcast" if away else "files"
-    if choice == "files" and away:
+    resolved = ("broadcast" if away else "files") if choice == "auto" else choice
+    if resolved == "files" and away:
         e, node = away[0]
         raise WeightTransportError(
             f"learner.sync_transport=files, but rollout engine {e} runs on node {_where(node)} and "
             f"learner rank 0 on node {_where(rank0)}: the engine cannot read rank 0's weight files. "
             "Use learner.sync_transport=broadcast (or auto)."
         )
-    return choice
+    clash = on_rank0_device(rank0, engines) if resolved == "broadcast" and backend == "nccl" else []
+    if clash:
+        e, gpus = clash[0]
+        fix = ("use learner.sync_transport=files (or auto)" if not away else
+               f"engines {[i for i, _ in away]} run on other nodes and need broadcast, so give engine {e} "
+               "a GPU of its own (whole GPUs per rank and engine, or trainer.placement=separate)")
+        raise WeightTransportError(
+            f"learner.sync_transport={choice} with learner.backend=nccl: rollout engine {e} shares GPU "
+            f"{', '.join(gpus)} with learner rank 0 on node {_where(rank0)}, and NCCL refuses two ranks of "
+            f"one communicator on one device; {fix}."
+        )
+    return resolved
+
+
+def on_rank0_device(rank0: NodeInfo, engines: list[NodeInfo]) -> list[tuple[int, list[str]]]:
+    """(engine, shared GPU ids) for every engine on rank 0's node holding one of rank 0's GPUs
+    (Ray's ids of the node's physical devices, ``NodeInfo.gpu_ids``)."""
+    mine = set(rank0.gpu_ids)
+    return [(e, sorted(mine & set(node.gpu_ids))) for e, node in enumerate(engines)
+            if node.node_id == rank0.node_id and mine & set(node.gpu_ids)]
 
 
 def _where(node: NodeInfo) -> str:
@@ -151,7 +174,8 @@ class BroadcastTransport:
         opened = _wait("weight group set-up", _ranks(ranks, "open_weight_group", cfg.timeout_s))
         addr, port, layout = opened[0]
         world = 1 + engines.num_engines * engines.workers_per_engine
-        group = BroadcastGroup(backend=cfg.backend, addr=addr, port=port, world_size=world)
+        group = BroadcastGroup(backend=cfg.backend, addr=addr, port=port, world_size=world,
+                               workers_per_engine=engines.workers_per_engine)
         try:
             # Rank 0's join and the workers' are one rendezvous: both must be in flight at once.
             _wait("weight group set-up",
