@@ -32,7 +32,8 @@ class LoraConfig:
     rank: int = 0
     # Adapter output is scaled by alpha / rank.
     alpha: float = 16.0
-    # Dropout on the adapter's input while training (the merged weights the engines get have none).
+    # Dropout on the adapter's input while training (the merged weights the engines get have none;
+    # the pre-update log-probs are scored without it, one extra forward pass per update).
     dropout: float = 0.0
     # Names (last dotted component, or full module paths) of the nn.Linear layers that get adapters.
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
@@ -46,7 +47,9 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     # Off unless the user asks: a hub repo's custom code runs with the trainer's privileges.
     trust_remote_code: bool = False
-    # Compute dtype for learner and engines: float32 on CPU (bf16 is emulated there, ~4x slower).
+    # Compute dtype for learner and engines: float32 on CPU (bf16 is emulated, ~4x slower, on CPUs
+    # without avx512_bf16/AMX). With LoRA, bf16 rounds most of a small update away at the merged
+    # sync (sync/lora_delta_lost).
     dtype: str = "float32"
     # Where converted built-in models are cached (None: $RLHF_MODEL_CACHE or ~/.cache/rlhf/models).
     cache_dir: Optional[str] = None
