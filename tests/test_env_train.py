@@ -62,8 +62,11 @@ def test_guess_rewarding_only_success_trains_on_nonzero_advantages(ray_session, 
         missed = m["env/unfinished/max_turns"]
         assert m["reward/env/mean"] == pytest.approx((16 - missed) / 16, abs=1e-9)
         assert m["env/reward_none"] == 0 and m["reward/none_frac"] == 0 and math.isfinite(m["loss"])
-    # At least one group of the 8 mixed hits and misses: it got nonzero advantages.
+    # At least one group of the 8 mixed hits and misses: it got nonzero advantages, and the update
+    # they make is not empty (with every advantage 0 the first step's gradient would be 0: the
+    # policy is the reference and the sampler then, ratio 1).
     assert min(m["frac_reward_zero_std"] for m in steps) < 1.0, [m["frac_reward_zero_std"] for m in steps]
+    assert all(m["grad_norm"] > 0 for m in steps if m["frac_reward_zero_std"] < 1.0)
     assert 0 < sum(m["env/unfinished/max_turns"] for m in steps) < 32
     # Evaluation (4 prompts x 2 samples): an unfinished episode is wrong, not a failure, so the
     # accuracy is (8 - unfinished) / 8.
