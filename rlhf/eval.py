@@ -5,8 +5,8 @@
 Uses the same config as training: the held-out split of ``data``, the ``env`` (multi-turn
 rollouts with an environment, as in training; ``env.name=null``: one turn), the ``reward`` functions (a
 sample is correct when the reward ``trainer.eval_reward``, by default the first, reaches 1.0; a
-failed reward is counted apart, not as wrong), ``trainer.eval_*`` for prompts, samples and
-temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/eval.json.
+failed reward is counted apart, not as wrong; an unfinished episode is wrong), ``trainer.eval_*``
+for prompts, samples and temperature. Prints the result and writes it as JSON to ``trainer.output_dir``/eval.json.
 """
 
 from __future__ import annotations
