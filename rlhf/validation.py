@@ -88,6 +88,7 @@ def validate(cfg: Config) -> BatchPlan:
     if cfg.trainer.eval_reward is not None and cfg.trainer.eval_reward not in names:
         raise ConfigError(f"trainer.eval_reward={cfg.trainer.eval_reward!r} is not one of the rewards {names}")
     check_off_policy(cfg)
+    check_weight_sync(cfg)
     plan = plan_batches(cfg)
     check_settings(cfg.learner, cfg.algo, cfg.model.dtype, total_updates(cfg))
     check_lora(cfg.model.lora)
@@ -111,6 +112,23 @@ def check_model(cfg: Config, hf_config, model: str) -> None:
             f"{cfg.rollout.max_model_len}; the shared-prompt cache would drop the keys of rows with shorter "
             "prompts (silently wrong log-probs). Set learner.share_prompt=false"
         )
+
+
+def check_weight_sync(cfg: Config) -> None:
+    """NCCL takes no two ranks of one communicator on one device. Colocated, bundle 0 holds learner
+    rank 0 and engine 0; when their GPU shares add up to one GPU at most, Ray gives both the same
+    one, so an nccl broadcast group cannot form. Refused here, before anything starts; connect
+    checks the GPU ids the actors actually got (transport.on_rank0_device) for every other case."""
+    lrn, r = cfg.learner, cfg.rollout
+    shares = 0 < lrn.num_gpus_per_rank and 0 < r.num_gpus_per_engine
+    if (lrn.backend == "nccl" and lrn.sync_transport == "broadcast" and cfg.trainer.placement == "colocated"
+            and shares and lrn.num_gpus_per_rank + r.num_gpus_per_engine <= 1):
+        raise ConfigError(
+            f"learner.sync_transport=broadcast with learner.backend=nccl: trainer.placement=colocated puts "
+            f"learner rank 0 (learner.num_gpus_per_rank={lrn.num_gpus_per_rank:g}) and rollout engine 0 "
+            f"(rollout.num_gpus_per_engine={r.num_gpus_per_engine:g}) on one GPU, and NCCL refuses two ranks "
+            "of one communicator on one device: use learner.sync_transport=auto or files (one node), or "
+            "whole GPUs, or trainer.placement=separate")
 
 
 def check_off_policy(cfg: Config) -> None:

@@ -179,3 +179,23 @@ def test_nccl_broadcast_onto_rank0s_gpu_is_refused_naming_the_engine():
     with pytest.raises(WeightTransportError, match=r"rollout engine 1 shares GPU 0 .*engines \[0\] run on "
                                                    r"other nodes and need broadcast, so give engine 1 a GPU"):
         choose_transport("auto", GPU0, mixed, "nccl")
+
+
+def test_colocated_fractional_gpus_with_nccl_broadcast_are_refused_before_start():
+    # Bundle 0 holds rank 0 (0.5 GPU) and engine 0 (0.5 GPU): 0.5 + 0.5 <= 1, one GPU for both.
+    from rlhf.config import Config, ConfigError
+    from rlhf.validation import check_weight_sync
+
+    cfg = Config()
+    gpu = replace(cfg, learner=replace(cfg.learner, backend="nccl", sync_transport="broadcast", num_gpus_per_rank=0.5),
+                  rollout=replace(cfg.rollout, num_gpus_per_engine=0.5))
+    assert gpu.trainer.placement == "colocated"
+    with pytest.raises(ConfigError, match=r"learner.sync_transport=broadcast with learner.backend=nccl: .*learner "
+                                          r"rank 0 \(learner.num_gpus_per_rank=0.5\) and rollout engine 0 "
+                                          r"\(rollout.num_gpus_per_engine=0.5\) on one GPU"):
+        check_weight_sync(gpu)
+    check_weight_sync(replace(gpu, learner=replace(gpu.learner, sync_transport="auto")))  # connect decides
+    whole = replace(gpu, learner=replace(gpu.learner, num_gpus_per_rank=1.0),
+                    rollout=replace(gpu.rollout, num_gpus_per_engine=1.0))
+    check_weight_sync(whole)  # 1 + 1: a GPU each
+    check_weight_sync(replace(gpu, trainer=replace(gpu.trainer, placement="separate")))
