@@ -12,7 +12,8 @@ out of the loss. Without one it is the same loop run for one turn.
 
 With a teacher (on-policy distillation, algo.distill_coef > 0) an open model on engines of its own
 (rollouts/teacher.py) scores every sampled token after the rewards, and each token's advantage
-gains distill_coef x -(log π_student - log π_teacher) (rlhf/algo/distill.py); with no task reward
+gains distill_coef x -(log π_student - log π_teacher), both raw (temperature 1, untruncated,
+whatever the sampling temperature and top-k/top-p) (rlhf/algo/distill.py); with no task reward
 that is the whole signal.
 
 Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
@@ -367,7 +368,10 @@ def train(cfg: Config) -> Path:
                     with timed(metrics, "reference"):
                         batch.ref_logprobs = learner.compute_ref_logprobs(batch)
                 if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
-                    batch.old_logprobs = learner.compute_logprobs(batch)
+                    if batch.teacher_logprobs is not None:  # the raw ones are distillation's
+                        batch.old_logprobs, batch.old_raw_logprobs = learner.compute_old_logprobs(batch)
+                    else:
+                        batch.old_logprobs = learner.compute_logprobs(batch)
 
                 if not ahead:  # colocated: hand the KV-cache memory to the learner where vLLM can
                     engines.sleep()

@@ -85,6 +85,9 @@ class TrainBatch:
     # [B, L] the teacher's log-probs of the completion tokens, 0 elsewhere (on-policy distillation,
     # rlhf/algo/distill.py); None: no teacher.
     teacher_logprobs: torch.Tensor | None = None
+    # [B, L] the pre-update policy's raw log-probs (temperature 1, untruncated, like the teacher's)
+    # from the old-logprob pass: the student's side of on-policy distillation; None: the update's own.
+    old_raw_logprobs: torch.Tensor | None = None
     # Per-sequence loss weight: 0 drops a sequence (e.g. its reward was None). [B] float.
     sample_weight: torch.Tensor | None = None
 
@@ -133,6 +136,7 @@ class TrainBatch:
             ref_logprobs=maybe(per_token, self.ref_logprobs),
             sampler_logprobs=maybe(per_token, self.sampler_logprobs),
             teacher_logprobs=maybe(per_token, self.teacher_logprobs),
+            old_raw_logprobs=maybe(per_token, self.old_raw_logprobs),
             sample_weight=maybe(per_seq, self.sample_weight),
         )
 

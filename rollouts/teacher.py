@@ -4,9 +4,14 @@ student's sampled tokens (rlhf/algo/distill.py turns the scores into per-token a
 Closed APIs do not return log-probs of arbitrary tokens, so the teacher is a model we serve: a
 second EngineGroup (its own model, dtype, tensor parallelism and placement, ``teacher.engines``)
 that returns each completion token's log-prob given everything before it, in one batched prefill per
-engine (vLLM's prompt log-probs, at temperature 1). Teacher and student log-probs are only
-comparable over one vocabulary, so ``check_same_tokenizer`` refuses a pair whose tokenizers map any
-id differently, before any engine starts.
+engine (vLLM's prompt log-probs: log_softmax of the raw logits, temperature 1 and untruncated
+whatever the sampling parameters or logprobs_mode, as vllm/v1/worker/gpu_model_runner.py
+``_get_prompt_logprobs_dict`` computes them; the student's side is taken the same way, see
+rlhf/algo/distill.py). A request with prompt log-probs does not read vLLM's prefix cache
+(``SamplingParams.skip_reading_prefix_cache`` defaults to true for it), so n samples of one prompt
+are each scored from the first token. Teacher and student log-probs are only comparable over one
+vocabulary, so ``check_same_tokenizer`` refuses a pair whose tokenizers map any id differently,
+before any engine starts.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def test_objective_adds_the_per_token_distill_advantage(task_adv, coef):
     # A_t = task_adv + coef * [0.5, -1] and log π_s detached inside A_t.
     logprobs = STUDENT.clone().requires_grad_(True)
     cfg = AlgoConfig(distill_coef=coef)
-    loss, metrics = grpo_objective(logprobs, _batch(task_adv), cfg, total_tokens=2.0, total_seqs=1.0)
+    loss, metrics = grpo_objective(logprobs, _batch(task_adv), cfg, total_tokens=2.0, total_seqs=1.0,
+                                   raw_logprobs=logprobs)
     adv = [task_adv + coef * 0.5, task_adv - coef * 1.0]
     assert loss.item() == pytest.approx(-(adv[0] + adv[1]) / 2, abs=1e-6)
     loss.backward()
@@ -76,6 +77,50 @@ def test_objective_adds_the_per_token_distill_advantage(task_adv, coef):
 def test_objective_refuses_teacher_logprobs_without_a_coefficient():
     with pytest.raises(ValueError, match="algo.distill_coef=0.0 is not > 0"):
         grpo_objective(STUDENT.clone(), _batch(0.0), AlgoConfig(), total_tokens=2.0, total_seqs=1.0)
+
+
+# One row over a 3-token vocabulary, the same logits [0, ln 2, ln 4] at every position: raw
+# (temperature 1) p = [1, 2, 4] / 7. Prompt token 0, then token 2 sampled twice.
+LOGITS = torch.log(torch.tensor([1.0, 2.0, 4.0])).expand(1, 3, 3)
+IDS = torch.tensor([[0, 2, 2]])
+IDS_MASK = torch.tensor([[0.0, 1.0, 1.0]])
+
+
+def test_a_teacher_equal_to_the_student_gets_zero_advantage_whatever_the_sampling_temperature_and_top_p():
+    # Sampled at T=0.5, top_p=0.8: p_0.5 ∝ [1, 4, 16] / 21; ascending cumulative [1/21, 5/21, 1], top_p
+    # drops what is <= 1 - 0.8 = 0.2 (token 0), so token 2 has log(16/20) = log 0.8 in the sampling
+    # distribution. The teacher (the same logits, vLLM's raw prompt log-probs) gives log(4/7).
+    from rlhf.algo import token_logprobs
+
+    sampled = token_logprobs(LOGITS, IDS, temperature=0.5, top_p=0.8)
+    raw = token_logprobs(LOGITS, IDS, temperature=1.0)
+    teacher = torch.log_softmax(LOGITS, -1)[0, 0, 2].expand(1, 3) * IDS_MASK  # log(4/7) on the completion
+    assert sampled[0, 1:].tolist() == pytest.approx([math.log(0.8)] * 2, abs=1e-6)
+    # Comparing the sampling distribution with the teacher's (the old code) gives an exact copy the
+    # advantage -(log 0.8 - log(4/7)) = -log 1.4 = -0.336472 on every token: trained flatter.
+    wrong = DISTILL_OBJECTIVES.get("reverse_kl")(sampled, teacher, IDS_MASK, clamp=10.0)
+    assert wrong[0, 1:].tolist() == pytest.approx([-math.log(1.4)] * 2, abs=1e-6)
+    # The objective compares raw with raw: advantage 0, so the pure-distillation loss -mean(A) is 0.
+    batch = TrainBatch(input_ids=IDS, attention_mask=torch.ones_like(IDS), response_mask=IDS_MASK,
+                       advantages=torch.zeros(1), teacher_logprobs=teacher)
+    loss, metrics = grpo_objective(sampled.clone().requires_grad_(True), batch, AlgoConfig(distill_coef=1.0),
+                                   total_tokens=2.0, total_seqs=1.0, raw_logprobs=raw)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics["distill/reverse_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics["distill/reverse_kl_k3"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_objective_takes_the_old_raw_logprobs_over_the_update_s_own_and_refuses_neither():
+    # old_raw_logprobs (the pre-update pass's) win over raw_logprobs: STUDENT against TEACHER gives
+    # the hand-derived k1 mean 0.25 (test_distill_stats_by_hand); the update's own raw log-probs,
+    # TEACHER itself, would give 0.
+    batch = _batch(0.0)
+    batch.old_raw_logprobs = STUDENT.clone()
+    _, metrics = grpo_objective(STUDENT.clone(), batch, AlgoConfig(distill_coef=1.0), total_tokens=2.0,
+                                total_seqs=1.0, raw_logprobs=TEACHER.clone())
+    assert metrics["distill/reverse_kl"].item() == pytest.approx(0.25, abs=1e-6)
+    with pytest.raises(ValueError, match="neither old_raw_logprobs nor raw_logprobs"):
+        grpo_objective(STUDENT.clone(), _batch(0.0), AlgoConfig(distill_coef=1.0), total_tokens=2.0, total_seqs=1.0)
 
 
 def _completion(i: int, prompt: list[int], ids: list[int], teacher: list[float] | None, mask=None) -> Completion:
@@ -272,3 +317,38 @@ def test_the_step_line_shows_the_reverse_kl_when_distilling():
     line = progress_line(1, 8, {"reward/mean": 0.0, "distill/reverse_kl": 0.12345}, started=0.0)
     assert "reward=0.000 reverse_kl=0.1235 " in line
     assert "reverse_kl" not in progress_line(1, 8, {"reward/mean": 0.5}, started=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("updates", [
+    pytest.param([], id="one_update"),  # the student's log-probs come from the update's own forward
+    # From the old-logprob pass. The entropy bonus at a high rate moves the policy in the first
+    # update (the distillation advantage is ~0 here), so the second mini-batch sees the old pass's
+    # log-probs differ from its own forward's (ratio != 1).
+    pytest.param(["algo.mini_batches_per_step=2", "algo.entropy_coef=0.1", "learner.lr=2e-3"], id="two_mini_batches"),
+])
+def test_a_teacher_that_is_the_student_gives_zero_reverse_kl_at_temperature_and_top_p(
+        ray_session, tiny_model_path, tmp_path, updates):
+    """Teacher = the student's own folder, rollouts at temperature 0.7 and top_p 0.9: the student's
+    log-probs that the advantage compares with the teacher's must be of the same distribution
+    (temperature 1, untruncated, as vLLM's prompt log-probs are), so the reverse KL is ~0.
+
+    Tolerances: per token the two sides differ only by fp32 kernel numerics, vLLM against torch,
+    < 1e-4 (tests/test_rollout.py TOL; measured ~1e-6), so |mean k1| < 1e-4 and k3 ~ x^2 / 2 < 5e-9.
+    Measured (AMD EPYC fp32, seed 0): k1 -7.5e-9, k3 1.8e-13 on both paths. The old code, which compared
+    the learner's log-probs at T=0.7, top_p=0.9 with the teacher's raw ones: k1 0.1180, k3 0.0080.
+    With two mini-batches, the second one's own post-update log-probs instead of the old pass's:
+    k1 -0.0017, k3 0.0043."""
+    from rlhf.metrics import read_metrics
+    from rlhf.train import train
+
+    cfg = compose("+experiment=tiny_smoke", "+teacher=engines", f"teacher.model={tiny_model_path}",
+                  "algo.distill_coef=1.0", "reward.functions=[]", "trainer.eval_prompts=0", "trainer.steps=1",
+                  "rollout.temperature=0.7", "rollout.top_p=0.9", "teacher.engines.kv_cache_gb=0.25",
+                  *updates, f"trainer.output_dir={tmp_path / 'run'}")
+    run = train(cfg)
+    (m,) = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    assert abs(m["distill/reverse_kl"]) < 1e-4
+    assert 0 <= m["distill/reverse_kl_k3"] < 5e-9
+    if updates:  # the first update moved the policy: measured ratio/max 1.61, ratio/min 0.57
+        assert m["ratio/max"] > 1.1 and m["ratio/min"] < 0.9

@@ -5,15 +5,22 @@ completion token then carries the per-token advantage
 
     A_t = -(log π_s(y_t | y_<t) - log π_T(y_t | y_<t))
 
-the negative of the k1 estimate of the reverse KL(π_s || π_T) at that token. Pushed through the
-policy-gradient loss it lowers the student's probability where it is more confident than the teacher
-and raises it where it is less: mode-seeking, on the student's own distribution (Agarwal et al. 2024,
-GKD; verl ``distillation.*``, TRL ``DistillationTrainer``, prime-rl ``opd``, slime ``--use-opd``).
-Like the anchors, each token's advantage is its own term only (no sum over later tokens).
+the negative of the k1 estimate of the reverse KL(π_s || π_T) at that token. Both log-probs are raw:
+softmax(logits) at temperature 1, untruncated (vLLM's prompt log-probs are; the learner takes the
+student's beside its sampling-distribution ones). The sampling temperature and top-k/top-p decide
+which tokens are drawn, not what is compared: a student scored at T=0.7 against a teacher at T=1
+gives an exact copy of itself the advantage -(log p_0.7(y) - log p(y)), -KL(p_0.7 || p) on average,
+and top_p adds log(kept mass) < 0 to every token, so the student would be trained flatter than the
+teacher. Pushed through the policy-gradient loss it lowers the student's probability where it is
+more confident than the teacher and raises it where it is less: mode-seeking, on the student's own
+distribution (Agarwal et al. 2024, GKD; verl ``distillation.*``, TRL ``DistillationTrainer``,
+prime-rl ``opd``, slime ``--use-opd``). Like the anchors, each token's advantage is its own term
+only (no sum over later tokens).
 
-Every objective is ``fn(student [B,L], teacher [B,L], mask [B,L], *, clamp) -> advantages [B,L]``,
-0 off the mask, detached. The log-ratio is clamped to [-clamp, clamp] (algo.distill_clamp): a token
-the teacher finds near-impossible must not outweigh the rest of the batch.
+Every objective is ``fn(student [B,L], teacher [B,L], mask [B,L], *, clamp) -> advantages [B,L]``
+(raw log-probs in), 0 off the mask, detached. The log-ratio is clamped to [-clamp, clamp]
+(algo.distill_clamp): a token the teacher finds near-impossible must not outweigh the rest of the
+batch.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@
 With a teacher (on-policy distillation, ``TrainBatch.teacher_logprobs``), the policy loss takes a
 per-token advantage: the sequence's task advantage plus ``distill_coef`` times the distillation
 objective's (rlhf/algo/distill.py), A_t = A_seq + distill_coef * -(log π_s - log π_T). log π_s is
-the learner's pre-update log-prob of the token (``old_logprobs``, else this forward pass, detached).
+the learner's pre-update log-prob of the token at temperature 1, untruncated, as the teacher's is
+(``old_raw_logprobs``, else this forward pass's ``raw_logprobs``): the sampling temperature and
+top-k/top-p shape what is sampled, not what is compared, or a teacher equal to the student would
+give a nonzero advantage.
 With no task reward (every reward weight 0, or none) A_seq is 0: pure distillation.
 
 ``agg`` is the configured aggregation, normalised by whole-mini-batch counts (see
@@ -53,6 +56,7 @@ def grpo_objective(
     total_seqs: float,
     norm_length: float | None = None,
     entropy: Tensor | None = None,
+    raw_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar loss of this micro-batch and its metrics.
 
@@ -63,6 +67,8 @@ def grpo_objective(
         seq_mean_token_sum_norm (conf/algo/dr_grpo.yaml sets it to ${rollout.max_new_tokens};
         the learner's settings check refuses a null before any rank starts).
     entropy [B, L]: token_entropy(...), needed when cfg.entropy_coef > 0.
+    raw_logprobs [B, L]: this forward's log-probs at temperature 1, untruncated (detached), the
+        student's side of distillation when the batch has teacher but no old_raw_logprobs.
     """
     if cfg.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError(f"algo.kl_coef={cfg.kl_coef} > 0 but the batch has no ref_logprobs")
@@ -93,9 +99,10 @@ def grpo_objective(
 
     advantages, diag = batch.advantages, {}  # [B]
     if batch.teacher_logprobs is not None:
-        per_token_adv = DISTILL_OBJECTIVES.get(cfg.distill)(old, batch.teacher_logprobs, mask, clamp=cfg.distill_clamp)
+        student = _raw_student(batch, raw_logprobs)
+        per_token_adv = DISTILL_OBJECTIVES.get(cfg.distill)(student, batch.teacher_logprobs, mask, clamp=cfg.distill_clamp)
         advantages = advantages[:, None] * mask + cfg.distill_coef * per_token_adv  # [B, L]
-        diag.update(distill_stats(old, batch.teacher_logprobs, mask))
+        diag.update(distill_stats(student, batch.teacher_logprobs, mask))
     per_token, loss_diag = POLICY_LOSSES.get(cfg.policy_loss)(
         logprobs, old, advantages, mask,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
@@ -132,3 +139,16 @@ def grpo_objective(
         if cfg.entropy_coef != 0:
             loss = loss - cfg.entropy_coef * ent
     return loss, metrics
+
+
+def _raw_student(batch: TrainBatch, raw_logprobs: Tensor | None) -> Tensor:
+    """[B, L] the student's raw log-probs that distillation compares with the teacher's: the
+    pre-update pass's when the batch has them, else this forward's (detached)."""
+    if batch.old_raw_logprobs is not None:
+        return batch.old_raw_logprobs
+    if raw_logprobs is None:
+        raise ValueError(
+            "the batch has teacher_logprobs but neither old_raw_logprobs nor raw_logprobs: distillation "
+            "compares the teacher's raw log-probs (temperature 1, untruncated) with the student's raw ones"
+        )
+    return raw_logprobs.detach()

@@ -158,6 +158,12 @@ class LearnerGroup:
         of the distribution the engines sample from (learner.logprob_temperature/top_k/top_p)."""
         return self._score("compute_logprobs", batch, False)
 
+    def compute_old_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compute_logprobs``' [B, L] and, from the same forward pass, the raw ones (temperature 1,
+        untruncated) that on-policy distillation compares with the teacher's."""
+        both = self._score("compute_old_logprobs", batch, False)  # [B, 2, L]
+        return both[:, 0], both[:, 1]
+
     def compute_ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, L] reference-model log-probs of the completion tokens; needs algo.kl_coef > 0."""
         if self.algo.kl_coef <= 0:
@@ -175,7 +181,7 @@ class LearnerGroup:
         padded = math.ceil(B / world) * world
         index = torch.cat([torch.arange(B), torch.full((padded - B,), B - 1, dtype=torch.long)])
         shards, plan = self._shards(batch.select(index))
-        extra = () if method == "compute_ref_logprobs" else (raw,)
+        extra = (raw,) if method == "compute_logprobs" else ()
         return [getattr(a, method).remote(s, *extra, plan=plan) for a, s in zip(self.ranks, shards)]
 
     def _score_finish(self, stage: str, refs: list, rows: int) -> torch.Tensor:

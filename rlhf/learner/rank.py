@@ -213,17 +213,24 @@ class LearnerRank:
         cfg = self.cfg
         return {"temperature": cfg.logprob_temperature, "top_k": cfg.logprob_top_k, "top_p": cfg.logprob_top_p}
 
-    @torch.no_grad()
     def _score(self, engine, batch: TrainBatch, sampling: dict, plan: PassPlan | None) -> torch.Tensor:
+        return self._score_as(engine, batch, (sampling,), plan)[0]
+
+    @torch.no_grad()
+    def _score_as(self, engine, batch: TrainBatch, samplings: tuple[dict, ...],
+                  plan: PassPlan | None) -> list[torch.Tensor]:
+        """[B, L] log-probs under each of ``samplings``, all from one forward pass per micro-batch."""
         from rlhf.algo import token_logprobs
 
         engine.eval()
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        outs = [torch.zeros(batch.input_ids.shape, dtype=torch.float32) for _ in samplings]
         for mb in self._micro_batches(batch, plan):
-            lp = token_logprobs(self._logits(engine, mb), mb.view.input_ids.to(self.device), **sampling)
+            logits, ids = self._logits(engine, mb), mb.view.input_ids.to(self.device)
             real = mb.view.attention_mask > 0  # positions before the view's hold 0, as position 0 does
-            out[mb.rows[:, None].expand_as(mb.cols)[real], mb.cols[real]] = lp.float().cpu()[real]
-        return out
+            where = mb.rows[:, None].expand_as(mb.cols)[real], mb.cols[real]
+            for out, sampling in zip(outs, samplings):
+                out[where] = token_logprobs(logits, ids, **sampling).float().cpu()[real]
+        return outs
 
     def compute_logprobs(self, batch: TrainBatch, raw: bool = False, plan: PassPlan | None = None) -> torch.Tensor:
         """[B, L] log-probs of ``batch``'s completion tokens under the current policy (no grad), of
@@ -233,6 +240,12 @@ class LearnerRank:
         from LearnerGroup (rlhf/learner/packing.py); None: this batch's own.
         """
         return self._score(self.engine, batch, self._sampling(raw), plan)
+
+    def compute_old_logprobs(self, batch: TrainBatch, plan: PassPlan | None = None) -> torch.Tensor:
+        """[B, 2, L] from one forward pass: ``compute_logprobs``' (the importance ratio's) in [:, 0],
+        the raw ones (temperature 1, untruncated: what on-policy distillation compares with the
+        teacher's) in [:, 1]; rows first, so LearnerGroup concatenates the ranks' rows."""
+        return torch.stack(self._score_as(self.engine, batch, (self._sampling(), self._sampling(raw=True)), plan), dim=1)
 
     def compute_ref_logprobs(self, batch: TrainBatch, plan: PassPlan | None = None) -> torch.Tensor:
         """[B, L] completion-token log-probs under the frozen reference model (built only when
@@ -273,7 +286,11 @@ class LearnerRank:
             # The objective would take this update's own forward, with dropout noise, as the
             # pre-update log-probs: the mismatch metrics, correction weights and distillation
             # advantage must see the policy the engines sample (no dropout), so score it first.
-            batch = dataclasses.replace(batch, old_logprobs=self._score(self.engine, batch, self._sampling(), plan))
+            if batch.teacher_logprobs is None:
+                batch = dataclasses.replace(batch, old_logprobs=self._score(self.engine, batch, self._sampling(), plan))
+            else:  # distillation's raw log-probs from the same pass
+                old, raw = self._score_as(self.engine, batch, (self._sampling(), self._sampling(raw=True)), plan)
+                batch = dataclasses.replace(batch, old_logprobs=old, old_raw_logprobs=raw)
         self.engine.train()
         micros = self._micro_batches(batch, plan)
         if not micros:
@@ -295,8 +312,12 @@ class LearnerRank:
                 logprobs = token_logprobs(logits, mb.input_ids, **sampling)
                 with torch.set_grad_enabled(want_entropy_grad):
                     entropy = token_entropy(logits, **sampling)
+                # Distillation compares raw log-probs (the teacher's are): one more pass over these logits.
+                raw = (token_logprobs(logits.detach(), mb.input_ids, temperature=1.0)
+                       if mb.teacher_logprobs is not None and mb.old_raw_logprobs is None else None)
                 loss, metrics = grpo_objective(
-                    logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy
+                    logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy,
+                    raw_logprobs=raw,
                 )
             if faults.active("nonfinite_loss", self.engine.global_steps + 1):  # tests only
                 loss = loss * float("nan")
