@@ -179,7 +179,7 @@ def check_off_policy(cfg: Config) -> None:
     if k > 0 and algo.rollout_correction == "none":
         raise ConfigError(
             f"trainer.max_staleness={k} trains on batches sampled by an older policy, which "
-            "algo.rollout_correction=none leaves uncorrected: choose tis, icepop or seq_mask "
+            "algo.rollout_correction=none leaves uncorrected: choose tis, icepop, token_reject or seq_mask "
             "(e.g. rollout_correction=tis)"
         )
     if k > 0 and r.sleep_between_steps:
