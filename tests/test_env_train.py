@@ -101,3 +101,20 @@ def test_calculator_environment_on_smollm2(ray_session, smollm2_path, tmp_path):
     assert step["mismatch/abs_logprob_diff_max"] < 1e-2
     for key in ("env/tool_calls", "env/tool_errors", "env/step_errors", "env/step_timeouts", "env/budget_stops"):
         assert key in step
+
+
+@pytest.mark.slow
+def test_guess_learns_on_smollm2(ray_session, smollm2_path, tmp_path):
+    """The README's Guess on the demo's single-digit sums (SmolLM2, lr 2e-5): only a turn naming the
+    answer is rewarded, a second try follows a miss, and a miss on both ends unfinished at 0.0.
+    Held-out accuracy (the env's reward, 2 tries) rises in 2 steps, as the single-turn demo's does."""
+    cfg = compose(f"trainer.output_dir={tmp_path / 'run'}", f"env.name={ENVS}:Guess", "env.max_turns=2",
+                  "reward.functions=[{fn: math_answer, weight: 0.0}]", "trainer.eval_reward=env", "trainer.steps=2",
+                  "trainer.eval_prompts=32", "trainer.eval_samples=4", "trainer.export_at_end=false")
+    run_dir = train(cfg)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in lines if "loss" in m]
+    assert all(m["frac_reward_zero_std"] < 1.0 and m["env/reward_none"] == 0 for m in steps)
+    before, after = [m["eval/accuracy"] for m in lines if "eval/accuracy" in m]
+    print(f"Guess on SmolLM2: held-out accuracy {before:.3f} -> {after:.3f}")
+    assert after > before + 0.05, (before, after)
