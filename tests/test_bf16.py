@@ -26,6 +26,42 @@ def test_probe_tolerance_follows_the_model_dtype():
     assert (gpu.probe_tolerance_for("float32"), gpu.probe_tolerance_for("bfloat16")) == (1e-2, 5e-2)
 
 
+def first_update_rounding(model_path: str, lr: float):
+    """The tiny model in bf16 with LoRA rank 4, alpha 16, after one AdamW step (fp32 master copies,
+    as DeepSpeed's bf16 optimizer keeps them) on one random row: model_merge_rounding."""
+    from rlhf.config import LoraConfig
+    from rlhf.learner.lora import model_merge_rounding, wrap
+    from rlhf.learner.rank import load_hf_model
+
+    model = wrap(load_hf_model(model_path, "bfloat16", False), LoraConfig(rank=4, alpha=16.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float().clone() for p in params]
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids).logits.float()
+    torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean().backward()
+    for p, m in zip(params, masters):
+        m.grad = p.grad.float()
+    torch.optim.AdamW(masters, lr=lr, weight_decay=0.0).step()
+    with torch.no_grad():
+        for p, m in zip(params, masters):
+            p.copy_(m)
+    return model_merge_rounding(model, 0)
+
+
+def test_bf16_merge_rounds_away_most_of_a_small_first_update(tiny_model_path):
+    from rlhf.learner.lora import LOST_WARNING
+
+    # Adam's first step moves every B element with a gradient by exactly lr (A's gradient is 0 while
+    # B is 0), so delta = 4 * sum over 4 ranks of (+-lr) * A, A ~ U(-1/8, 1/8): std lr * 0.58.
+    # lr 1e-5: std 5.8e-6, under half an ulp (|W| * 2**-9) wherever |W| > 3e-3, i.e. for ~88% of
+    # the tiny model's weights (std 0.02): most of the update never reaches a bf16 engine (0.94
+    # measured), above the warning's 0.5.
+    assert first_update_rounding(tiny_model_path, 1e-5).lost_share > max(0.8, LOST_WARNING)
+    # lr 1e-2: std 5.8e-3, above half an ulp of every weight below ~3, so only deltas within one
+    # half-ulp of 0 are lost: P(|N(0, 5.8e-3)| < 2.4e-4) = 0.033 at worst.
+    assert first_update_rounding(tiny_model_path, 1e-2).lost_share < 0.05
+
+
 def test_bf16_lora_run_syncs_probes_measures_and_skips(ray_session, tiny_model_path, tmp_path, monkeypatch):
     """Three steps, learner and engine in bf16, LoRA rank 4 at lr 1e-2; RLHF_FAULT=nonfinite_loss@2
     makes the loss NaN from update 2 on, so steps 2 and 3 are skipped (trainer.max_nonfinite_steps=3
