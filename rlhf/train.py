@@ -101,6 +101,10 @@ def print_plan(cfg: Config) -> None:
     path = peek_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
     memory = None
     if path is not None:
+        from transformers import AutoConfig
+
+        # The model's own rules too, so that a plan that prints is a run that starts.
+        check_model(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code), path)
         memory = estimate_memory(cfg, count_params(path, cfg.model.trust_remote_code))
     # Placement per node only where a cluster is already up (RAY_ADDRESS): plan mode starts no Ray.
     print(describe(cfg, batches, memory, reachable_nodes(cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS"))))

@@ -343,3 +343,20 @@ def test_the_learner_start_up_check_catches_a_sliding_window(ray_session, tmp_pa
     with pytest.raises(LearnerError, match=rf"learner rank 0 failed in start-up: .*learner.share_prompt=true: "
                                            rf"{path} scores a prompt-cached completion differently"):
         LearnerGroup(cfg, ALGO, path, "float32", False, TOTAL_STEPS).shutdown()
+
+
+def test_plan_mode_refuses_sharing_on_a_sliding_window_model(tmp_path):
+    # plan=true reads the model's config too, so the refusal shows before a run would start.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "mistral"
+    tiny_mistral().config.save_pretrained(path)  # config.json is all a plan reads
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf.train", "plan=true", f"model.name_or_path={path}",
+         f"trainer.output_dir={tmp_path}/run"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"learner.share_prompt=true: {path} (mistral) has sliding-window attention with a 4-token window" in out.stderr
