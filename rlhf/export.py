@@ -2,7 +2,8 @@
 
 Contents: safetensors weights (``model.safetensors``, or shards plus an index), ``config.json``
 (the base model's architecture with the export dtype), ``generation_config.json`` and the
-tokenizer files. Tied output heads are left out, as ``save_pretrained`` does. A LoRA run's export
+tokenizer files. Tied output heads are left out, and weights that transformers fuses in memory (MoE
+experts) are written per expert, as ``save_pretrained`` does (``checkpoint_format``). A LoRA run's export
 holds the merged weights plus ``adapter/``, the PEFT adapter folder (rlhf/learner/lora.py).
 
 Two sources: a live ``LearnerGroup`` (``LearnerGroup.export``) or any saved checkpoint
@@ -25,7 +26,7 @@ import torch
 
 from rlhf.config import LoraConfig
 from rlhf.learner.lora import ADAPTER_DIR, is_lora_state, peft_config, save_adapter_folder, split_checkpoint_state
-from rlhf.learner.weights import write_hf_weights
+from rlhf.learner.weights import checkpoint_format, write_hf_weights
 from rlhf.tied_embeddings import LM_HEAD, ties_embeddings
 
 _BUCKET_BYTES = 2 << 30  # shard size of exports made from checkpoints
@@ -126,6 +127,7 @@ def export_checkpoint(
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust)
     if ties_embeddings(config):
         state.pop(LM_HEAD, None)
+    state = checkpoint_format(_meta_model(config, trust), state)  # DeepSpeed saved in-memory names
     buckets = _buckets(state, torch_dtype(dtype), _BUCKET_BYTES)
 
     def write(tmp: Path) -> None:
@@ -138,6 +140,14 @@ def export_checkpoint(
     return publish_hf_folder(
         Path(out_dir), write, base_model_path, tokenizer_path or base_model_path, dtype, trust_remote_code=trust,
     )
+
+
+def _meta_model(config, trust_remote_code: bool) -> torch.nn.Module:
+    """The model class of ``config`` without weights: what the checkpoint-format conversion asks of it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:

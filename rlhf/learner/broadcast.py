@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.learner.weights import _plan, full_parameter_buckets, is_zero3
+from rlhf.learner.weights import _plan, checkpoint_format, full_parameter_buckets, is_zero3
 from rlhf.types import BroadcastGroup, WeightBucket
 from rlhf.weight_wire import Member, device_for, join_group, open_listener, pack, plan_buckets
 
@@ -22,10 +22,12 @@ def bucket_layout(model: torch.nn.Module, bucket_bytes: int) -> list[WeightBucke
     The tied output head is left out: the workers copy the embedding into it, as they do for
     files, which saves sending the largest matrix twice.
     """
-    def shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-        return tuple(p.ds_shape) if is_zero3(p) else tuple(p.shape)
+    def meta(p: torch.nn.Parameter) -> torch.Tensor:
+        return torch.empty(tuple(p.ds_shape) if is_zero3(p) else tuple(p.shape), dtype=p.dtype, device="meta")
 
-    return plan_buckets([[(e.name, shape(e.params[0]), e.params[0].dtype) for e in bucket]
+    # Names and shapes as full_parameter_buckets sends them: in checkpoint format (MoE experts per expert).
+    return plan_buckets([[(name, t.shape, t.dtype)
+                          for name, t in checkpoint_format(model, {e.name: meta(e.params[0]) for e in bucket}).items()]
                          for bucket in _plan(model, bucket_bytes)])
 
 

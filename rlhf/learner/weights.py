@@ -2,6 +2,9 @@
 
 Used by the weight sync (buckets into /dev/shm for the engines) and by the HF export. With LoRA
 the tensors are the base model's, adapters merged in (rlhf/learner/lora.py), under the same names.
+Tensors leave in checkpoint format (``checkpoint_format``): transformers 5 fuses some weights in
+memory (a MoE layer's experts into one ``experts.gate_up_proj``), which vLLM and saved checkpoints
+hold per expert.
 Under ZeRO-3 every rank must walk the same buckets, because gathering a shard is a collective;
 only rank 0 keeps (copies to CPU and writes) what was gathered. Under ZeRO-0/1/2 parameters are whole on every
 rank and rank 0 alone reads them.
@@ -35,6 +38,27 @@ def weight_entries(model: torch.nn.Module) -> list[WeightEntry]:
     if is_lora(model):
         return merged_entries(model)
     return [WeightEntry(name, (p,)) for name, p in model.named_parameters()]
+
+
+def checkpoint_format(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (in-memory names) as a checkpoint of ``model``'s family names and shapes them.
+
+    transformers 5 converts some checkpoint weights at load (Qwen3-MoE, Mixtral, ...: the experts'
+    per-expert ``experts.N.gate_proj/up_proj/down_proj`` fused into ``experts.gate_up_proj`` and
+    ``experts.down_proj``); ``save_pretrained`` reverts that, and so must anything that hands our
+    weights to vLLM or writes them out. vLLM given the fused names loads them without an error, into
+    the wrong place: the probe gap was 0.03 after the first sync of a tiny Qwen3-MoE, 1e-6 with this.
+    The conversion is transformers' own (``revert_weight_conversion``), so a family it registers is
+    handled without a list here. Each converted tensor is a copy: safetensors refuses views of one
+    storage. Meta tensors give the names and shapes without data (the broadcast layout).
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    hf_model = model.get_base_model() if is_lora(model) else model
+    out = revert_weight_conversion(hf_model, tensors)
+    if out is tensors:  # nothing registered for this family
+        return tensors
+    return {name: t if tensors.get(name) is t else t.contiguous().clone() for name, t in out.items()}
 
 
 def _plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[WeightEntry]]:
@@ -89,7 +113,7 @@ def full_parameter_buckets(
                 continue
             out = {e.name: _host(e.params[0].data if e.compute is None else e.compute(), dtype, copy, device)
                    for e in bucket}
-            yield out
+            yield checkpoint_format(model, out)
             for e in bucket:
                 if embed is not None and e.compute is None and e.params[0] is embed:
                     yield {LM_HEAD: out[e.name]}
