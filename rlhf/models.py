@@ -148,6 +148,41 @@ def peek_model_path(name_or_path: str, cache: str | None = None) -> str | None:
     return name_or_path
 
 
+def check_model_family(model_path: str, trust_remote_code: bool = False) -> str:
+    """Refuse, by name and before any engine or learner starts, a model family that cannot train
+    here; returns the family (the config's ``model_type``).
+
+    Both halves must have the family: the learner loads it with transformers'
+    ``AutoModelForCausalLM``, the engines with a vLLM model class registered for one of the
+    config's ``architectures``, or with vLLM's Transformers backend where vLLM's own test lets
+    the transformers class in. Families tested end to end: tests/test_families.py.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from rlhf.config import ConfigError
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    family, archs = config.model_type, list(config.architectures or [])
+    where = f"model.name_or_path={model_path!r}: model family {family!r} (architectures {archs})"
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise ConfigError(f"{where} has no transformers causal-LM class, so the learner cannot load it")
+    from vllm import ModelRegistry
+
+    if not set(archs) & set(ModelRegistry.get_supported_archs()) and not any(map(_vllm_transformers_backend, archs)):
+        raise ConfigError(f"{where}: vLLM has no model class for these architectures, so no engine can run it")
+    return family
+
+
+def _vllm_transformers_backend(arch: str) -> bool:
+    """Whether vLLM would run ``arch`` through its Transformers backend: the test in vLLM 0.32's
+    ``ModelRegistry._try_resolve_transformers`` for a class transformers itself has."""
+    import transformers
+
+    cls = getattr(transformers, arch, None)
+    return cls is not None and (cls.is_backend_compatible() or cls._can_set_attn_implementation())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepare-default", action="store_true", help="convert SmolLM2 into the cache")
