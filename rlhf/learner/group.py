@@ -205,7 +205,8 @@ class LearnerGroup:
     def check_probe(self, engines: Engines, probe_ids: list[int], tolerance: float,
                     learner_probe: list | None = None) -> float:
         """Max |engine - learner| probe log-prob gap over engines and positions 1..L-1; raises
-        WeightSyncError above ``tolerance`` (rollout.probe_tolerance). ``learner_probe``: the
+        WeightSyncError above ``tolerance`` (rollout.probe_tolerance, or probe_tolerance_bf16 for a
+        bf16 model: RolloutConfig.probe_tolerance_for), naming that key. ``learner_probe``: the
         learner's half, already started (``_probe_start``)."""
         refs = learner_probe if learner_probe is not None else self._probe_start(probe_ids)
         theirs_all = engines.probe(probe_ids)
@@ -218,8 +219,9 @@ class LearnerGroup:
                 )
             g = max(abs(a - b) for a, b in zip(theirs[1:], mine[1:]))
             if not math.isfinite(g) or g > tolerance:
+                key = "rollout.probe_tolerance" + ("" if self.dtype == "float32" else "_bf16")
                 raise WeightSyncError(
-                    f"engine {e}: probe log-prob gap {g:.3g} exceeds rollout.probe_tolerance={tolerance:g} "
+                    f"engine {e}: probe log-prob gap {g:.3g} exceeds {key}={tolerance:g} "
                     "(the engine's weights differ from the learner's)"
                 )
             gap = max(gap, g)
