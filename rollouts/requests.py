@@ -86,4 +86,6 @@ def probe_params() -> "SamplingParams":
     """Score a sequence instead of sampling from it: prompt log-probs of the given tokens only."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    # Never from the prefix cache: vLLM's own note is that prompt log-probs may then cover fewer
+    # tokens than the prompt (its default for prompt log-probs in 0.32; pinned here).
+    return SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, skip_reading_prefix_cache=True)

