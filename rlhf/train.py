@@ -68,7 +68,7 @@ from rlhf.learner.transport import choose_transport
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
-from rlhf.models import peek_model_path, resolve_model_path
+from rlhf.models import check_model_family, peek_model_path, resolve_model_path
 from rlhf.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.plot import plot_run, plot_timeline
@@ -263,6 +263,7 @@ def train(cfg: Config) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)
+    check_model_family(model_path, cfg.model.trust_remote_code)  # a family vLLM or the learner lacks, by name
     env.check(env_items(data.eval_items(1))[0])  # a broken environment fails before any engine starts
     teacher_path = prepare_teacher(cfg, tokenizer, model_path,
                                    [tokenizer.decode(it.prompt_ids) for it in data.eval_items(4)])
