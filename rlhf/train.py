@@ -260,10 +260,10 @@ def train(cfg: Config) -> Path:
 
     check_model(cfg, AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
                 model_path)
+    check_model_family(model_path, cfg.model.trust_remote_code)  # a family vLLM or the learner lacks, by name
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)
-    check_model_family(model_path, cfg.model.trust_remote_code)  # a family vLLM or the learner lacks, by name
     env.check(env_items(data.eval_items(1))[0])  # a broken environment fails before any engine starts
     teacher_path = prepare_teacher(cfg, tokenizer, model_path,
                                    [tokenizer.decode(it.prompt_ids) for it in data.eval_items(4)])
