@@ -319,13 +319,13 @@ def test_the_step_line_shows_the_reverse_kl_when_distilling():
     assert "reverse_kl" not in progress_line(1, 8, {"reward/mean": 0.5}, started=0.0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("updates", [
     pytest.param([], id="one_update"),  # the student's log-probs come from the update's own forward
     # From the old-logprob pass. The entropy bonus at a high rate moves the policy in the first
     # update (the distillation advantage is ~0 here), so the second mini-batch sees the old pass's
     # log-probs differ from its own forward's (ratio != 1).
-    pytest.param(["algo.mini_batches_per_step=2", "algo.entropy_coef=0.1", "learner.lr=2e-3"], id="two_mini_batches"),
+    pytest.param(["algo.mini_batches_per_step=2", "algo.entropy_coef=0.1", "learner.lr=2e-3"], id="two_mini_batches",
+                 marks=pytest.mark.slow),
 ])
 def test_a_teacher_that_is_the_student_gives_zero_reverse_kl_at_temperature_and_top_p(
         ray_session, tiny_model_path, tmp_path, updates):
