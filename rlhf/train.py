@@ -64,6 +64,7 @@ from rlhf.data import PromptDataset, PromptItem, reward_column_names
 from rlhf.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
 from rlhf.heldout import evaluate
 from rlhf.learner import LearnerGroup
+from rlhf.learner.lora import serving_rank, sync_mode
 from rlhf.learner.transport import choose_transport
 from rlhf.ledger import CostLedger
 from rlhf.metrics import MetricsLogger, progress_line, read_metrics
@@ -213,11 +214,13 @@ def start_groups(cfg: Config, model_path: str, teacher_path: str | None,
     # Weights as files across nodes cannot work: refused here, before any actor starts (connect()
     # checks again once the actors run, on the nodes they actually report).
     rank_nodes, engine_nodes = placement.slot_nodes()
-    choose_transport(cfg.learner.sync_transport, rank_nodes[0], engine_nodes)
+    adapter = sync_mode(cfg.model.lora, cfg.model.dtype) == "adapter"
+    if not adapter:  # an adapter travels as a folder: sync_dir on one node, else the shared run folder
+        choose_transport(cfg.learner.sync_transport, rank_nodes[0], engine_nodes)
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = [
             pool.submit(EngineGroup, cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs,
-                        placement=placement.engines),
+                        placement=placement.engines, lora_rank=serving_rank(cfg.model.lora) if adapter else 0),
             pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
                         cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
                         placement=placement.learner, lora=cfg.model.lora),
@@ -290,7 +293,7 @@ def train(cfg: Config) -> Path:
             check_shared_storage(run_dir, teacher_path, group_actors(teacher=teacher))
             ledger.set_teacher_engines(teacher.num_engines)
         # Before the first step: files across nodes is refused here; broadcast forms its group.
-        transport = learner.connect(engines)
+        transport = learner.connect(engines, shared_dir=run_dir)
         record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport,
                          teacher.nodes() if teacher is not None else [])
 

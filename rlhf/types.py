@@ -150,9 +150,10 @@ class SyncReport:
     probe_gap: float  # max |engine probe log-prob - learner probe log-prob| over engines and tokens
     gather_s: float = 0.0  # files: gather + write; broadcast: gather + send + load (they overlap)
     load_s: float = 0.0  # files: the engines' reload; broadcast: the slowest engine's receive + reload
-    transport: str = "files"  # "files" or "broadcast" (learner.sync_transport, auto resolved)
+    transport: str = "files"  # "files", "broadcast" (learner.sync_transport, resolved) or "adapter" (LoRA)
     # LoRA: share of the adapters' changed elements that the merged weights round back to the base
-    # weight (rlhf/learner/lora.py MergeRounding); None without LoRA or before the adapters move.
+    # weight (rlhf/learner/lora.py MergeRounding); None without LoRA, before the adapters move, or
+    # with model.lora.sync=adapter (nothing is merged).
     lora_delta_lost: float | None = None
 
     @property

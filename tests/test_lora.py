@@ -16,7 +16,8 @@ import torch
 
 from rlhf.algo import grpo_objective, normalisers, token_entropy, token_logprobs
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LoraConfig
-from rlhf.learner.lora import MergeRounding, check_lora, merge_rounding, rounding_warning, wrap
+from rlhf.learner.lora import (MergeRounding, check_lora, merge_rounding, rounding_warning, serving_rank, sync_mode,
+                               wrap)
 from rlhf.learner.optim import build_adamw
 from rlhf.learner.rank import load_hf_model
 from rlhf.types import TrainBatch
@@ -49,6 +50,7 @@ LOGIT_ATOL = 1e-5
     ({"dropout": -0.1}, r"model.lora.dropout=-0.1 must be in \[0, 1\)"),
     ({"target_modules": []}, r"model.lora.target_modules is empty"),
     ({"target_modules": ["q_proj", ""]}, r"model.lora.target_modules=\['q_proj', ''\] holds an empty name"),
+    ({"sync": "adapters"}, r"model.lora.sync='adapters' is not one of \['auto', 'merged', 'adapter'\]"),
 ])
 def test_bad_lora_setting_is_named(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -66,6 +68,33 @@ def test_bad_lora_setting_fails_the_run_config_before_anything_loads():
     validate(compose("model=tiny", "model.lora.rank=4"))
     with pytest.raises(ConfigError, match="model.lora.alpha=-1.0 must be > 0"):
         validate(compose("model=tiny", "model.lora.rank=4", "model.lora.alpha=-1"))
+
+
+def test_lora_sync_auto_serves_the_adapter_in_16_bit_and_merges_in_float32():
+    # float32 keeps the merge (24 significant bits keep the update); bf16/fp16 round most of it away.
+    assert [sync_mode(LORA, d) for d in ("float32", "bfloat16", "float16")] == ["merged", "adapter", "adapter"]
+    assert sync_mode(dataclasses.replace(LORA, sync="adapter"), "float32") == "adapter"
+    assert sync_mode(dataclasses.replace(LORA, sync="merged"), "bfloat16") == "merged"
+    assert sync_mode(LoraConfig(rank=0), "bfloat16") is None and sync_mode(None, "bfloat16") is None
+    # vLLM takes max_lora_rank from {1, 8, 16, ..., 320, 512}: the smallest that holds the rank.
+    assert [serving_rank(dataclasses.replace(LORA, rank=r)) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ConfigError, match=r"model.lora.rank=513 with model.lora.sync=adapter: vLLM serves "
+                                          r"adapters of rank 512 at most"):
+        serving_rank(dataclasses.replace(LORA, rank=513))
+
+
+def test_adapter_sync_is_refused_before_start_up_for_a_rank_vllm_cannot_serve(tiny_model_path):
+    from rlhf.validation import check_model
+    from support.runs import compose
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(tiny_model_path)
+    # vLLM's LlamaForCausalLM serves LoRA.
+    check_model(compose("model=tiny", "model.lora.rank=4", "model.dtype=bfloat16"), hf, tiny_model_path)
+    with pytest.raises(ConfigError, match=r"model.lora.rank=600 with model.lora.sync=adapter"):
+        check_model(compose("model=tiny", "model.lora.rank=600", "model.dtype=bfloat16"), hf, tiny_model_path)
+    # float32 merges (auto), so no vLLM rank limit applies.
+    check_model(compose("model=tiny", "model.lora.rank=600"), hf, tiny_model_path)
 
 
 def test_target_module_the_model_lacks_is_named_with_what_it_has(tiny_model_path):

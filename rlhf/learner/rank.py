@@ -366,9 +366,10 @@ class LearnerRank:
     def export_hf(self, out_dir: str) -> int:
         """Write HF weight shards of the current policy into ``out_dir`` (rank 0); returns bytes.
         With LoRA they are the merged weights, and the PEFT adapter goes to ``<out_dir>/adapter``."""
+        from rlhf.learner.lora import ADAPTER_DIR
         from rlhf.learner.weights import full_parameter_buckets, write_hf_weights
 
-        nbytes = self._export_adapter(Path(out_dir)) if self.lora is not None else 0
+        nbytes = self._write_adapter(Path(out_dir) / ADAPTER_DIR) if self.lora is not None else 0
         buckets = full_parameter_buckets(
             self.engine.module, self.rank, self.cfg.sync_bucket_mb * 2**20, include_tied_head=False
         )
@@ -378,12 +379,22 @@ class LearnerRank:
             return 0
         return nbytes + write_hf_weights(buckets, Path(out_dir))
 
-    def _export_adapter(self, out_dir: Path) -> int:
-        from rlhf.learner.lora import ADAPTER_DIR, is_adapter, write_adapter
+    def write_adapter(self, out_dir: str) -> tuple[int, float]:
+        """LoRA, adapter sync: the PEFT adapter folder (the export's) written by rank 0 into ``out_dir``
+        for the engines' LoRA serving. Returns (bytes, seconds); other ranks (0, seconds). Collective
+        under ZeRO-3."""
+        start = time.perf_counter()
+        nbytes = self._write_adapter(Path(out_dir))
+        return nbytes, time.perf_counter() - start
+
+    def _write_adapter(self, out_dir: Path) -> int:
+        from rlhf.learner.lora import is_adapter, write_adapter
         from rlhf.learner.weights import gathered_parameters
 
+        if self.lora is None:
+            raise RuntimeError("write_adapter: this learner trains no LoRA adapter (model.lora.rank=0)")
         adapters = gathered_parameters(self.engine.module, self.rank, is_adapter)  # collective under ZeRO-3
-        return write_adapter(self.engine.module, adapters, out_dir / ADAPTER_DIR) if self.rank == 0 else 0
+        return write_adapter(self.engine.module, adapters, out_dir) if self.rank == 0 else 0
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> RankFiles:

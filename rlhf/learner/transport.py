@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,8 @@ class Engines(Protocol):
     def nodes(self) -> list[NodeInfo]: ...
 
     def load_weights(self, paths: list[str]) -> list[float]: ...
+
+    def load_adapter(self, path: str) -> list[float]: ...
 
     def start_join_weight_group(self, group: BroadcastGroup, layout: list) -> list: ...
 
@@ -136,6 +139,14 @@ def _engines(refs: list, timeout_s: float) -> list[tuple[str, Any, float]]:
     return [(f"rollout engine {e}", ref, timeout_s) for e, ref in enumerate(refs)]
 
 
+def _timed_load(load: Callable[[], Any]) -> float:
+    """Seconds the engines took to load what rank 0 wrote."""
+    start = time.perf_counter()
+    if not faults.active("skip_sync"):  # tests only: the probe check must catch a lost sync
+        load()
+    return time.perf_counter() - start
+
+
 class FileTransport:
     """Safetensors buckets in ``learner.sync_dir`` on rank 0's node; deleted after loading."""
 
@@ -152,10 +163,35 @@ class FileTransport:
             paths, nbytes, gather_s = written[0]
             if not paths:
                 raise WeightTransportError("learner rank 0 wrote no weight buckets during weight gather")
-            load_start = time.perf_counter()
-            if not faults.active("skip_sync"):  # tests only: the probe check must catch a lost sync
-                engines.load_weights(paths)
-            load_s = time.perf_counter() - load_start
+            load_s = _timed_load(lambda: engines.load_weights(paths))
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return Sent(nbytes, gather_s, load_s)
+
+    def close(self) -> None:
+        pass
+
+
+class AdapterTransport:
+    """LoRA with model.lora.sync=adapter: rank 0 writes the PEFT adapter (safetensors and
+    adapter_config.json, the export's folder) under ``root`` and every engine loads it into vLLM's
+    LoRA serving; the base weights are never sent. ``root`` must be a folder every engine sees:
+    ``learner.sync_dir`` when the engines share rank 0's node, else the run folder (checked to be
+    shared storage at start-up). Deleted once loaded: the engines load it at once."""
+
+    name = "adapter"
+
+    def __init__(self, ranks: list, cfg: LearnerConfig, root: Path) -> None:
+        self.ranks, self.cfg, self.root = ranks, cfg, root
+
+    def send(self, engines: Engines) -> Sent:
+        out_dir = self.root / f"rlhf-adapter-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            written = _wait("adapter write", _ranks(self.ranks, "write_adapter", self.cfg.timeout_s, str(out_dir)))
+            nbytes, gather_s = written[0]
+            if not nbytes:
+                raise WeightTransportError("learner rank 0 wrote an empty LoRA adapter during adapter write")
+            load_s = _timed_load(lambda: engines.load_adapter(str(out_dir)))
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         return Sent(nbytes, gather_s, load_s)
