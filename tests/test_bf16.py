@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -123,6 +124,9 @@ def test_bf16_adapter_sync_moves_the_engine_with_the_adapter_and_matches_the_lea
         report = learner.sync_weights(engines, probe_ids, 1e-2)
         adapted = torch.tensor(engines.probe(probe_ids)[0][1:])
         mine = torch.tensor(learner.probe_logprobs(probe_ids)[1:])
+        # An adapter vLLM refuses fails the sync naming the settings, not vLLM's internals alone.
+        with pytest.raises(ValueError, match=r"engine 0: vLLM refused the LoRA adapter .*model.lora.sync=adapter"):
+            engines.load_adapter(str(tmp_path / "missing"))
     finally:
         if learner is not None:
             learner.shutdown()
