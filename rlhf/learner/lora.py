@@ -202,8 +202,10 @@ class MergeRounding:
     """What rounding the merged weights to the base weights' dtype does to the adapters' delta.
 
     ``changed``: elements whose delta ``scaling * B @ A`` (fp32) is nonzero; ``lost``: those of them
-    whose merged value, rounded, equals the base weight: the engines sample the base model there. In
-    bf16 a delta below half an ulp of W is lost (8 significant bits: |delta| < |W| * 2**-9 or so).
+    whose merged value, rounded, equals the base weight: the engines do not get that element's
+    update. In bf16 a delta below half an ulp of W is lost (8 significant bits: |delta| < |W| * 2**-9
+    or so). Per element, not per output: rounding moves other elements a whole ulp, so a layer's
+    output keeps the delta on average (README, LoRA: SmolLM2 log-probs measured both ways).
     """
 
     changed: int
@@ -218,17 +220,17 @@ class MergeRounding:
         return MergeRounding(self.changed + other.changed, self.lost + other.lost)
 
 
-# More than half of the adapters' changed elements rounded away: the engines sample a policy that
-# is mostly the base model while the learner trains the adapted one.
+# More than half of the adapters' changed elements rounded away: the engines' policy may lag the
+# learner's (below bf16's forward noise on SmolLM2 at lr <= 1e-3, README), and nothing else shows it.
 LOST_WARNING = 0.5
 
 
 def rounding_warning(lost_share: float, dtype: str) -> str:
     return (
         f"model.lora with model.dtype={dtype}: the merged weight sync rounds {lost_share:.1%} of the adapters' "
-        f"changed elements back to the base weights (sync/lora_delta_lost), so the engines sample mostly the "
-        f"base model while the learner trains the adapted one; use model.lora.sync=adapter (or auto) to "
-        f"send the adapter itself, or model.dtype=float32"
+        f"changed elements back to the base weights (sync/lora_delta_lost), so the engines' policy may lag "
+        f"the learner's; use model.lora.sync=adapter (or auto) to send the adapter itself, or "
+        f"model.dtype=float32"
     )
 
 
