@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,17 +64,30 @@ def test_network_attempt_fails():
     assert expected in r.setup_error
 
 
+def folder_outside_private_mounts() -> Path:
+    """A root-owned folder of this test's own that the parent can write to, outside the mounts the
+    sandbox replaces with its own (/tmp, ...). Not the home: it may itself lie under /tmp (a fresh
+    machine's `HOME=$(mktemp -d)`), where the sandbox sees no such path at all, and a test has no
+    business writing there."""
+    for base in (Path("/var/cache"), Path("/opt"), Path("/srv"), Path.home()):
+        real = base.resolve()
+        hidden = any(real == Path(m) or Path(m) in real.parents for m in sandbox._PRIVATE_MOUNTS)
+        if real.is_dir() and not hidden and os.access(real, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix="sandbox-escape-", dir=real))
+    pytest.fail("no writable folder outside the sandbox's private mounts to test with")
+
+
 @needs_namespaces
 def test_write_outside_the_temp_dir_is_refused(tmp_path):
-    # A root-owned folder the parent can write to, outside /tmp (whose sandbox copy is private):
-    # the sandboxed code runs as `nobody`.
-    target = Path.home() / f"escaped-{os.getpid()}.txt"
+    # The sandboxed code runs as `nobody`: a root-owned folder the parent can write to is not its.
+    folder = folder_outside_private_mounts()
+    target = folder / "escaped.txt"
     try:
         r = run_tests(f"open({str(target)!r}, 'w').write('x')", ["assert True"])
-        assert r.setup_error.startswith("PermissionError")
+        assert r.setup_error.startswith("PermissionError"), r.setup_error
         assert not target.exists()
     finally:
-        target.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     # The host's /tmp is hidden behind the sandbox's own: the parent's temp folder is not there.
     hidden = tmp_path / "escaped.txt"
     r = run_tests(f"open({str(hidden)!r}, 'w').write('x')", ["assert True"])
