@@ -148,21 +148,20 @@ def peek_model_path(name_or_path: str, cache: str | None = None) -> str | None:
     return name_or_path
 
 
-def check_model_family(model_path: str, trust_remote_code: bool = False) -> str:
+def check_model_family(config, model_path: str) -> str:
     """Refuse, by name and before any engine or learner starts, a model family that cannot train
     here; returns the family (the config's ``model_type``).
 
     Both halves must have the family: the learner loads it with transformers'
     ``AutoModelForCausalLM``, the engines with a vLLM model class registered for one of the
     config's ``architectures``, or with vLLM's Transformers backend where vLLM's own test lets
-    the transformers class in. Families tested end to end: tests/test_families.py.
+    the transformers class in. ``config``: the model's HF config, as the caller loaded it once for
+    every start-up check. Families tested end to end: tests/test_families.py.
     """
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from rlhf.config import ConfigError
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     family, archs = config.model_type, list(config.architectures or [])
     where = f"model.name_or_path={model_path!r}: model family {family!r} (architectures {archs})"
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):

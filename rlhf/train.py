@@ -261,9 +261,9 @@ def train(cfg: Config) -> Path:
     model_path = local_model_dir(model_path) or model_path
     from transformers import AutoConfig, AutoTokenizer
 
-    check_model(cfg, AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
-                model_path)
-    check_model_family(model_path, cfg.model.trust_remote_code)  # a family vLLM or the learner lacks, by name
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_model_family(hf_config, model_path)  # a family vLLM or the learner lacks, by name
+    check_model(cfg, hf_config, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="train", tools=env.tools)

@@ -60,14 +60,14 @@ def _transformers_probe(folder: Path, ids: list[int]) -> list[float]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_family_trains_syncs_exports_and_reloads(ray_session, family_dir, family, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from rlhf.learner import LearnerGroup
     from rlhf.models import check_model_family
     from rollouts.group import EngineGroup
 
     path = family_dir(family)
-    check_model_family(str(path))  # the start-up check lets every family of the matrix through
+    check_model_family(AutoConfig.from_pretrained(path), str(path))  # the start-up check lets every family of the matrix through
     ids = AutoTokenizer.from_pretrained(path)(PROBE_TEXT)["input_ids"]
     # The MoE weights also go over the broadcast transport, whose bucket layout is computed ahead
     # from shapes alone and must be the per-expert one the sync sends.
@@ -156,9 +156,9 @@ def test_a_family_vllm_cannot_run_is_refused_by_name_before_any_engine(tmp_path)
     config.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"model.name_or_path=.*model family 'xlnet' \(architectures "
                                           r"\['XLNetLMHeadModel'\]\): vLLM has no model class"):
-        check_model_family(str(tmp_path))
+        check_model_family(AutoConfig.from_pretrained(tmp_path), str(tmp_path))
     # T5 (encoder-decoder): the learner has no causal-LM class to load it with.
     AutoConfig.for_model("t5", d_model=64, num_layers=1, num_heads=2, vocab_size=32,
                          architectures=["T5ForConditionalGeneration"]).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"model family 't5' .* no transformers causal-LM class"):
-        check_model_family(str(tmp_path))
+        check_model_family(AutoConfig.from_pretrained(tmp_path), str(tmp_path))
