@@ -71,7 +71,7 @@ class RayTasks:
         import ray
 
         if not ray.is_initialized():  # never let a task start an unconfigured local Ray
-            raise ValueError("reward.executor=ray needs Ray started first (rlhf.cluster.init_ray)")
+            raise ValueError("reward.executor=ray needs Ray started first (rlhf.cluster.connect.init_ray)")
         # One CPU per call: verifiers are CPU-bound. No retries: a crashed call is a failure, as in
         # the thread pool, not a silent second attempt.
         self._task = ray.remote(num_cpus=1, max_retries=0)(call_reward)

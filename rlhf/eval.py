@@ -17,15 +17,15 @@ from pathlib import Path
 
 
 from rlhf.cli import hydra_main
-from rlhf.cluster import init_ray
+from rlhf.cluster.connect import init_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.data import PromptDataset, reward_column_names
-from rlhf.episodes import EnvRuntime, env_items
-from rlhf.heldout import EvalResult, evaluate
+from rlhf.experience.prompts import PromptDataset, reward_column_names
+from rlhf.experience.episodes import EnvRuntime, env_items
+from rlhf.experience.heldout import EvalResult, evaluate
 from rlhf.models import resolve_model_path
-from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
+from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup

@@ -7,21 +7,21 @@ engines, checked with a probe -> metrics -> periodic evaluation and checkpoint. 
 evaluation, checkpoint, HF export and plots of the run (reward.png, timeline.png).
 
 With an environment (``env.name``, rollouts/env/) a rollout is several turns, the model's and the
-environment's, one batched generate per turn (rlhf/episodes.py); its observation tokens are masked
+environment's, one batched generate per turn (rlhf/experience/episodes.py); its observation tokens are masked
 out of the loss. Without one it is the same loop run for one turn.
 
 With a teacher (on-policy distillation, algo.distill_coef > 0) an open model on engines of its own
-(rollouts/teacher.py) scores every sampled token after the rewards, and each token's advantage
+(rollouts/opd_teacher.py) scores every sampled token after the rewards, and each token's advantage
 gains distill_coef x -(log π_student - log π_teacher), both raw (temperature 1, untruncated,
 whatever the sampling temperature and top-k/top-p) (rlhf/algo/distill.py); with no task reward
 that is the whole signal.
 
-Drawing, generating and scoring is the producer's job (rlhf/producer.py). With
+Drawing, generating and scoring is the producer's job (rlhf/experience/producer.py). With
 trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
 learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
 step, how far the sampler's log-probs are from its own (mismatch/*: a warning above
 algo.max_mismatch_kl, a named error after algo.max_mismatch_kl_steps such steps in a row;
-rlhf/mismatch.py) and corrects for the gap with algo.rollout_correction.
+rlhf/run/mismatch.py) and corrects for the gap with algo.rollout_correction.
 
 How this departs from paper GRPO (DeepSeekMath, Shao et al. 2024), each a config choice:
 1. One optimizer update per generated batch by default (algo.mini_batches_per_step=1,
@@ -52,38 +52,38 @@ from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages, group_has_signal
 from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
-from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
-from rlhf.checkpoint import latest_complete
+from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
+from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
-from rlhf.cluster import init_ray
+from rlhf.cluster.connect import init_ray
 from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.data import PromptDataset, PromptItem, reward_column_names
-from rlhf.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
-from rlhf.heldout import evaluate
+from rlhf.experience.prompts import PromptDataset, PromptItem, reward_column_names
+from rlhf.experience.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
+from rlhf.experience.heldout import evaluate
 from rlhf.learner import LearnerGroup
 from rlhf.learner.lora import serving_rank, sync_mode
-from rlhf.learner.transport import choose_transport
-from rlhf.ledger import CostLedger
-from rlhf.metrics import MetricsLogger, progress_line, read_metrics
-from rlhf.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
+from rlhf.learner.sync import choose_transport
+from rlhf.run.ledger import CostLedger
+from rlhf.run.metrics import MetricsLogger, progress_line, read_metrics
+from rlhf.run.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
 from rlhf.models import check_model_family, peek_model_path, resolve_model_path
-from rlhf.placement import plan_placement, reachable_nodes, record_placement, reserve
+from rlhf.cluster.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
-from rlhf.plot import plot_run, plot_timeline
-from rlhf.producer import Collected, RolloutProducer, regenerate_note
-from rlhf.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
-from rlhf.rng import rng_state, seed_everything, set_rng_state
-from rlhf.timeline import Timeline, read_timeline
+from rlhf.run.plot import plot_run, plot_timeline
+from rlhf.experience.producer import Collected, RolloutProducer, regenerate_note
+from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
+from rlhf.run.rng import rng_state, seed_everything, set_rng_state
+from rlhf.run.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch, SamplingSettings
 from rlhf.validation import check_model, eval_reward, teacher_engines, validate
 from rewards.runner import RewardRunner
 from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
 from rollouts.requests import sampling_from_config
-from rollouts.teacher import TeacherEngines, check_same_tokenizer
+from rollouts.opd_teacher import TeacherEngines, check_same_tokenizer
 
 register_configs()
 
@@ -120,7 +120,7 @@ _COUNTED = ("/failures", "/timeouts", "/none")
 def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
             sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None,
             prompts: list[PromptItem] | None = None) -> Collected:
-    """Draw prompts, roll out (one turn, or several with an environment: rlhf/episodes.py) and
+    """Draw prompts, roll out (one turn, or several with an environment: rlhf/experience/episodes.py) and
     score; with dynamic sampling, refill zero-variance groups; with a ``teacher``, have it score the
     kept completions' tokens (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's,
     regenerated on resume (RolloutProducer.restore): the first draw takes them instead of new ones
@@ -128,7 +128,7 @@ def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards,
 
     Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
     an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
-    producer's thread (rlhf/producer.py): it touches only the data, the engines and the rewards.
+    producer's thread (rlhf/experience/producer.py): it touches only the data, the engines and the rewards.
     """
     n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
     metrics: dict[str, float] = {}

@@ -45,7 +45,7 @@ class Completion:
     # Per completion token: 1 where the policy chose it, 0 on an environment's observation tokens
     # (multi-turn rollouts, rollouts/env/); None: every token is the policy's (single turn).
     token_mask: list[int] | None = None
-    # The teacher's log-prob of each completion token (on-policy distillation, rollouts/teacher.py),
+    # The teacher's log-prob of each completion token (on-policy distillation, rollouts/opd_teacher.py),
     # len == len(completion_ids); None: not scored by a teacher.
     teacher_logprobs: list[float] | None = None
 
@@ -163,7 +163,7 @@ class SyncReport:
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """One weight's place in a flat broadcast bucket (rlhf/weight_wire.py)."""
+    """One weight's place in a flat broadcast bucket (rlhf/sync_wire.py)."""
 
     name: str  # HF name
     shape: tuple[int, ...]

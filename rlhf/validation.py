@@ -15,12 +15,12 @@ from rlhf.algo.distill import DISTILL_OBJECTIVES
 from rlhf.config import Config, ConfigError, RolloutConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
-from rlhf.data import reward_column_names
-from rlhf.episodes import ENV_REWARD
+from rlhf.experience.prompts import reward_column_names
+from rlhf.experience.episodes import ENV_REWARD
 from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_settings
-from rlhf.placement import plan_placement
+from rlhf.cluster.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
 from rollouts.env.api import load_env

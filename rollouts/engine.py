@@ -1,7 +1,7 @@
 """One rollout engine: a vLLM engine hosted by a Ray actor (``ray.remote(RolloutEngine)``).
 
 It samples completions of token-id prompts, receives new weights without a restart, from files or
-from learner rank 0's broadcast (the worker side is ``rollouts.worker_ext``), scores probe
+from learner rank 0's broadcast (the worker side is ``rollouts.sync``), scores probe
 sequences so the learner can check a sync, and sleeps/wakes where vLLM supports it (GPU). vLLM is imported inside the actor only, after
 the actor's environment (``engine_env_vars``) is in place: vLLM reads its CPU settings at import.
 """
@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 from rlhf.config import RolloutConfig
-from rlhf.node import NodeInfo, SharedPath, this_node, unseen
+from rlhf.cluster.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.console import redirect_output
 from rlhf.types import BroadcastGroup, Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "rollouts.worker_ext.WeightSyncExtension"
+WORKER_EXTENSION = "rollouts.sync.WeightSyncExtension"
 _GiB = 1 << 30
 
 
@@ -83,7 +83,7 @@ def llm_kwargs(
         enable_prefix_caching=cfg.enable_prefix_caching,
         tensor_parallel_size=cfg.tensor_parallel_size,
         # Inside a placement group vLLM would pick its Ray executor and demand one bundle per GPU;
-        # our engine's bundle holds all its GPUs, which its local worker processes share (rlhf/placement.py).
+        # our engine's bundle holds all its GPUs, which its local worker processes share (rlhf/cluster/placement.py).
         distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
         # Distinct seeds so data-parallel engines do not draw the same random stream.
         seed=cfg.seed + engine_index,
@@ -160,7 +160,7 @@ class RolloutEngine:
         return this_node()
 
     def can_see(self, paths: list[SharedPath]) -> list[str]:
-        """What this engine's node cannot see of the run's shared paths (rlhf/storage.py); empty: all."""
+        """What this engine's node cannot see of the run's shared paths (rlhf/cluster/storage.py); empty: all."""
         return unseen(paths)
 
     def generate(
@@ -234,8 +234,8 @@ class RolloutEngine:
 
     def join_weight_group(self, group: BroadcastGroup, first_rank: int, layout: list) -> list[int]:
         """Every worker of this engine joins learner rank 0's broadcast group (the broadcast weight
-        transport, rollouts/worker_ext.py) as ranks first_rank, first_rank + 1, ...; ``layout``:
-        the bucket layout as plain lists (rlhf/weight_wire.py). Returns the workers' group ranks."""
+        transport, rollouts/sync.py) as ranks first_rank, first_rank + 1, ...; ``layout``:
+        the bucket layout as plain lists (rlhf/sync_wire.py). Returns the workers' group ranks."""
         fields = [group.backend, group.addr, group.port, group.world_size, group.workers_per_engine]
         args = (fields, first_rank, this_node().ip, layout, self.cfg.timeout_s)
         return self.llm.collective_rpc("join_weight_group", timeout=self.cfg.timeout_s, args=args)

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import RolloutConfig
 from rlhf.console import log_file
-from rlhf.node import NodeInfo
+from rlhf.cluster.node import NodeInfo
 from rlhf.types import BroadcastGroup, RolloutBatch, SamplingSettings
 from rollouts.engine import RolloutEngine, engine_env_vars
 from rollouts.requests import validate_request
@@ -42,7 +42,7 @@ class EngineGroup:
         logs: Path | None = None, placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
         role: str = "rollout", lora_rank: int = 0,
     ) -> None:
-        """``placement``: one scheduling strategy per engine (rlhf/placement.py's ``Placement.engines``);
+        """``placement``: one scheduling strategy per engine (rlhf/cluster/placement.py's ``Placement.engines``);
         None: Ray places the engines wherever their resources are free. ``role``: "rollout" (the
         policy's engines) or "teacher", in log names and errors. ``lora_rank`` > 0: the engines serve
         the learner's LoRA adapter up to that rank (``load_adapter``; model.lora.sync=adapter)."""

@@ -5,9 +5,9 @@ Both sides get the demo's settings, read from the composed config (``+experiment
 curve the README quotes): 16 prompts x 8 samples a step, up to 48 new tokens at temperature 1.0,
 AdamW lr 2e-5 constant (no warm-up, no weight decay), gradient norm clipped to 1.0, group-std
 advantages, PPO clip 0.2 (one update per batch, so the ratio is 1), per-sequence token mean then
-mean over sequences, no KL, fp32 on CPU, micro-batches of 16. The prompts are those ``rlhf.data``
+mean over sequences, no KL, fp32 on CPU, micro-batches of 16. The prompts are those ``rlhf.experience.prompts``
 serves the run, in the same order; the reward is the built-in ``math_answer`` (last number).
-Held-out accuracy: the framework's evaluator for both (``rlhf.heldout.evaluate``: the 32 held-out
+Held-out accuracy: the framework's evaluator for both (``rlhf.experience.heldout.evaluate``: the 32 held-out
 single-digit additions x 4 samples at temperature 0.7, up to 48 tokens, correct when
 ``math_answer`` is 1), before training and after every ``--eval-every`` steps.
 
@@ -152,7 +152,7 @@ def draw_prompts(cfg, model_path: str, steps: int) -> list[dict[str, str]]:
     import datasets
     from transformers import AutoTokenizer
 
-    from rlhf.data import PromptDataset
+    from rlhf.experience.prompts import PromptDataset
 
     datasets.disable_progress_bars()
     data = PromptDataset.from_config(cfg.data, AutoTokenizer.from_pretrained(model_path), split="train")

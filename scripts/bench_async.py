@@ -52,8 +52,8 @@ def overlap_share(spans: list[dict]) -> float:
 
 
 def run_mode(name: str, common: list[str], extra: list[str], out: Path) -> dict:
-    from rlhf.metrics import read_metrics
-    from rlhf.timeline import read_timeline
+    from rlhf.run.metrics import read_metrics
+    from rlhf.run.timeline import read_timeline
     from rlhf.train import train
     from tests.support.runs import compose
 
@@ -106,7 +106,7 @@ def main() -> None:
             for name, extra in modes.items():
                 results[name] = run_mode(name, common, extra, out)
     else:
-        from rlhf.cluster import init_ray
+        from rlhf.cluster.connect import init_ray
 
         init_ray(num_cpus=4)
         for name, extra in modes.items():

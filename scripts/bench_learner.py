@@ -107,7 +107,7 @@ def main() -> None:
 
     import ray
 
-    from rlhf.cluster import init_ray
+    from rlhf.cluster.connect import init_ray
     from rlhf.config import AlgoConfig, LearnerConfig, RolloutConfig
     from rlhf.learner import LearnerGroup
     from rlhf.models import resolve_model_path

@@ -53,7 +53,7 @@ class GroupPath:
     """(a) Our path: EngineGroup, vLLM inside a Ray actor."""
 
     def __init__(self, cfg, model_path: str, dtype: str) -> None:
-        from rlhf.cluster import init_ray
+        from rlhf.cluster.connect import init_ray
         from rollouts.group import EngineGroup
 
         init_ray()

@@ -11,7 +11,7 @@ child processes, one after the other:
   checkpointing, the same learning rate, two micro-batches of 16 a step as our learner; a step is
   on_step_begin -> on_step_end.
 
-Both get the same arithmetic prompts in the same order ("What is a + b?", drawn by ``rlhf.data`` as
+Both get the same arithmetic prompts in the same order ("What is a + b?", drawn by ``rlhf.experience.prompts`` as
 the demo run draws them, chat-templated by each framework) and the same reward (the built-in
 ``math_answer``, last-number mode). Step 1 is warm-up and excluded; steps 2..N are averaged. The
 table shows s/step (mean ± std), completion tokens per step (the two sample different completions,
@@ -122,7 +122,7 @@ def draw_prompts(model_path: str, steps: int) -> list[dict[str, str]]:
     from transformers import AutoTokenizer
 
     from rlhf.config import DataConfig
-    from rlhf.data import PromptDataset
+    from rlhf.experience.prompts import PromptDataset
 
     datasets.disable_progress_bars()
     group = OmegaConf.load(REPO / "conf" / "data" / "arithmetic.yaml")

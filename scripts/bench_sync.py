@@ -34,10 +34,10 @@ def main() -> None:
 
     import ray
 
-    from rlhf.cluster import init_ray
+    from rlhf.cluster.connect import init_ray
     from rlhf.config import AlgoConfig, LearnerConfig, RolloutConfig
     from rlhf.learner import LearnerGroup
-    from rlhf.learner.transport import BroadcastTransport, FileTransport
+    from rlhf.learner.sync import BroadcastTransport, FileTransport
     from rlhf.models import resolve_model_path
     from rollouts.group import EngineGroup
     from transformers import AutoTokenizer

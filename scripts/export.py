@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhf.checkpoint import MARKER, latest_complete
+from rlhf.learner.checkpoint import MARKER, latest_complete
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight dtype (default: the run's model.dtype)")
     args = parser.parse_args(argv)
 
-    from rlhf.export import describe_export, export_checkpoint
+    from rlhf.learner.export import describe_export, export_checkpoint
 
     ckpt = find_checkpoint(args.checkpoint)
     out = export_checkpoint(ckpt, args.out, base_model_path=args.base_model, dtype=args.dtype)

@@ -84,7 +84,7 @@ def check_fp32(stage: int, model_path: str) -> None:
     import test_learner as T
     from transformers import AutoModelForCausalLM
 
-    from rlhf.checkpoint import save_checkpoint
+    from rlhf.learner.checkpoint import save_checkpoint
 
     cfg = T.learner_cfg(stage, num_ranks=1, backend=BACKEND, num_gpus_per_rank=1.0)
     rank = make_rank(cfg, T.ALGO, model_path, "float32", T.TOTAL_STEPS)

@@ -57,7 +57,7 @@ def ray_session():
     """Start Ray once for the whole test session (loopback, 2 CPUs of bookkeeping)."""
     import ray
 
-    from rlhf.cluster import init_ray
+    from rlhf.cluster.connect import init_ray
 
     init_ray(num_cpus=max(4, os.cpu_count() or 2))
     yield ray

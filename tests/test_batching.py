@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf.batching import build_train_batch, mini_batches, rewards_matrix
-from rlhf.heldout import summarise
+from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
+from rlhf.experience.heldout import summarise
 from rlhf.types import Completion, RolloutBatch
 
 

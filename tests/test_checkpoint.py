@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoint import (
+from rlhf.learner.checkpoint import (
     CheckpointError,
     complete_checkpoints,
     latest_complete,
@@ -20,7 +20,7 @@ from rlhf.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from rlhf.node import NodeInfo, RankFiles
+from rlhf.cluster.node import NodeInfo, RankFiles
 
 
 def writer(payload: bytes):

@@ -24,7 +24,7 @@ NOISY_RUN = textwrap.dedent("""
 
     def run(cfg):
         print("step 1/2 reward=0.500")
-        logging.getLogger("rlhf.data").warning("dropped 3 of 10 prompts")
+        logging.getLogger("rlhf.experience.prompts").warning("dropped 3 of 10 prompts")
         logging.getLogger("vllm").warning("library logging noise")
         warnings.warn("deprecated noise", FutureWarning)
         os.write(2, b"native noise\\n")  # as C++ code writes: straight to the descriptor
@@ -52,7 +52,7 @@ def test_an_error_reaches_the_terminal_with_where_the_logs_are(tmp_path):
         f"component logs: {logs}/ (trainer.console=full shows them here instead)",
         "step 1/2 reward=0.500",
     ]
-    assert "WARNING rlhf.data: dropped 3 of 10 prompts" in done.stderr  # our warnings are for the user
+    assert "WARNING rlhf.experience.prompts: dropped 3 of 10 prompts" in done.stderr  # our warnings are for the user
     assert "RuntimeError: rollout engine 0 died during generate" in done.stderr
     assert done.stderr.rstrip().endswith(f"full logs of the run's components: {logs}/ (driver.log)")
     assert "noise" not in done.stdout + done.stderr
@@ -123,7 +123,7 @@ def test_a_run_prints_only_its_progress(tiny_run):
     assert code == 0 and survivors == [], console[-3000:]
     lines = console.splitlines()
     # tiny_smoke: 1 "component logs:" line + eval @ step 0 + 2 step lines + eval @ step 2 + the cost
-    # summary's 8 lines (rlhf/ledger.py format_summary: header, wall time, tokens, teacher tokens,
+    # summary's 8 lines (rlhf/run/ledger.py format_summary: header, wall time, tokens, teacher tokens,
     # run cost, serving cost, closed API, ratio) + "run folder:" = 14. Before, ~70 lines.
     assert len(lines) <= 14, console
     ours = ["component logs:", "eval @ step 0:", "step 1/2 ", "step 2/2 ", "eval @ step 2:", "cost ledger",

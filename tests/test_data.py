@@ -11,9 +11,9 @@ import datasets
 import pytest
 
 from rlhf.config import ArithmeticTaskConfig, ConfigError, DataConfig
-from rlhf.data import DataError, PromptDataset
-from rlhf.tasks import arithmetic
-from rlhf.tasks.gsm8k import final_answer
+from rlhf.experience.prompts import DataError, PromptDataset
+from rlhf.experience.tasks import arithmetic
+from rlhf.experience.tasks.gsm8k import final_answer
 
 GSM8K_DIR = Path(__file__).parents[1].parent / "shared/data/gsm8k"
 
@@ -179,7 +179,7 @@ def test_too_long_prompts_filtered_with_count_or_error(tmp_path, tok, caplog):
     rows = [{"question": "short", "answer": "1"}, {"question": "word " * 300, "answer": "2"},
             {"question": "also short", "answer": "3"}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.experience.prompts"):
         ds = PromptDataset.from_config(files_cfg(path, max_prompt_tokens=64), tok)
     assert [i.raw_prompt for i in ds.eval_items()] == ["short", "also short"]
     assert "dropped 1 of 3 prompts longer than data.max_prompt_tokens=64" in caplog.text

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from rlhf.config.store import register_configs, to_object
 from rlhf.distill.chain import STAGE_MARKER, SUMMARY_FILE, run_chain
-from rlhf.metrics import read_metrics
+from rlhf.run.metrics import read_metrics
 from test_teacher import ChatServer
 
 ROOT = Path(__file__).resolve().parents[1]

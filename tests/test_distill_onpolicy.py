@@ -14,14 +14,14 @@ import torch
 
 from rlhf.algo.distill import DISTILL_OBJECTIVES, distill_stats
 from rlhf.algo.objective import grpo_objective
-from rlhf.batching import build_train_batch
+from rlhf.experience.batching import build_train_batch
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LedgerConfig, RolloutConfig
-from rlhf.ledger import CostLedger
-from rlhf.metrics import progress_line
-from rlhf.placement import Bundle, plan_placement
+from rlhf.run.ledger import CostLedger
+from rlhf.run.metrics import progress_line
+from rlhf.cluster.placement import Bundle, plan_placement
 from rlhf.types import Completion, RolloutBatch, TrainBatch
 from rlhf.validation import validate
-from rollouts.teacher import TokenizerMismatchError, check_same_tokenizer
+from rollouts.opd_teacher import TokenizerMismatchError, check_same_tokenizer
 from tests.support.runs import compose
 
 # One row, prompt at position 0, completion tokens at 1 and 2 (position 3 is padding).
@@ -287,7 +287,7 @@ def test_tiny_student_distilled_from_a_perturbed_copy_moves_towards_it(ray_sessi
     every weight. 6 steps of 4 prompts x 4 samples at lr 2e-3 lower the exact reverse KL on fixed
     prompts from 0.1021 to 0.0920 (measured, Xeon fp32; the run is seeded and reproducible): the test
     asks for at least a 5% fall."""
-    from rlhf.metrics import read_metrics
+    from rlhf.run.metrics import read_metrics
     from rlhf.train import train
     from tests.support.teachers import perturbed_copy
 
@@ -339,7 +339,7 @@ def test_a_teacher_that_is_the_student_gives_zero_reverse_kl_at_temperature_and_
     the learner's log-probs at T=0.7, top_p=0.9 with the teacher's raw ones: k1 0.1180, k3 0.0080.
     With two mini-batches, the second one's own post-update log-probs instead of the old pass's:
     k1 -0.0017, k3 0.0043."""
-    from rlhf.metrics import read_metrics
+    from rlhf.run.metrics import read_metrics
     from rlhf.train import train
 
     cfg = compose("+experiment=tiny_smoke", "+teacher=engines", f"teacher.model={tiny_model_path}",

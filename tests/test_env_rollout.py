@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.batching import build_train_batch
+from rlhf.experience.batching import build_train_batch
 from rlhf.config import EnvConfig, RolloutConfig
-from rlhf.episodes import EnvRuntime, run_episodes
+from rlhf.experience.episodes import EnvRuntime, run_episodes
 from rlhf.types import SamplingSettings
 from rollouts.env.api import EnvError
 from rollouts.group import EngineGroup

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.eval import run_eval
-from rlhf.metrics import read_metrics
+from rlhf.run.metrics import read_metrics
 from rlhf.train import train
 from tests.support.runs import axis_reward, compose
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.batching import build_train_batch
+from rlhf.experience.batching import build_train_batch
 from rlhf.learner.packing import prompt_lengths, shared, unshared
 from rlhf.types import RolloutBatch
 from rollouts.env.api import EnvError, check_reset, check_step, load_env
@@ -263,7 +263,7 @@ def test_env_eval_reward_is_valid_with_an_environment():
 def test_tools_go_into_the_template_or_the_system_message(tokenizer):
     import copy
 
-    from rlhf.data import with_tools
+    from rlhf.experience.prompts import with_tools
 
     tools = env_tools(CalculatorEnv)
     hi = [{"role": "user", "content": "Hi"}]
@@ -285,7 +285,7 @@ def scripted(tokenizer, name: str, turns: list[list[str]], n: int, **env_kw):
     """The episode loop on one prompt ("What is 12 * 7 + 5?", answer "89") with ``n`` samples
     whose model turns are ``turns`` (tests/support/envs.py ScriptedEngines)."""
     from rlhf.config import EnvConfig
-    from rlhf.episodes import EnvRuntime, run_episodes
+    from rlhf.experience.episodes import EnvRuntime, run_episodes
     from rlhf.types import SamplingSettings
     from tests.support.envs import ScriptedEngines
 
@@ -304,8 +304,8 @@ def scripted(tokenizer, name: str, turns: list[list[str]], n: int, **env_kw):
 def score(episodes, functions, env_weight: float = 1.0):
     from rewards.runner import RewardRunner
     from rlhf.config import RewardConfig, RewardFnConfig
-    from rlhf.data import PromptItem
-    from rlhf.episodes import score_episodes
+    from rlhf.experience.prompts import PromptItem
+    from rlhf.experience.episodes import score_episodes
 
     item = PromptItem([1], "What is 12 * 7 + 5?", "What is 12 * 7 + 5?", {"answer": "89"})
     with RewardRunner(RewardConfig(functions=[RewardFnConfig(**f) for f in functions])) as runner:
@@ -317,7 +317,7 @@ GUESS_TURNS = [["It is 89.", "89", "I think 3.", "No idea."], ["Maybe 4?", "Stil
 
 def test_guess_half_answering_gets_nonzero_advantages(tokenizer):
     from rlhf.algo.advantages import compute_advantages
-    from rlhf.batching import rewards_matrix
+    from rlhf.experience.batching import rewards_matrix
 
     # The README's Guess rewards only success. 4 samples, max_turns=2: samples 0 and 1 name the
     # answer in turn 1 (reward 1.0, done); 2 and 3 get "try again", miss again in turn 2, and run
@@ -338,7 +338,7 @@ def test_guess_half_answering_gets_nonzero_advantages(tokenizer):
 
 def test_unfinished_reward_null_drops_unrewarded_episodes_as_before(tokenizer):
     from rlhf.algo.advantages import compute_advantages
-    from rlhf.batching import rewards_matrix
+    from rlhf.experience.batching import rewards_matrix
 
     episodes = scripted(tokenizer, "Guess", GUESS_TURNS, n=4, max_turns=2, unfinished_reward=None)
     assert episodes.env_rewards == [1.0, 1.0, None, None]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, RolloutConfig
-from rlhf.export import export_checkpoint
+from rlhf.learner.export import export_checkpoint
 from rlhf.learner import WeightSyncError
 from rlhf.learner.weights import checkpoint_format
 from support.families import FAMILIES, build_family_model

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rlhf.algo import grpo_objective, normalisers, token_entropy, token_logprobs
-from rlhf.checkpoint import CheckpointError, latest_complete, read_checkpoint, save_checkpoint, verify_checkpoint
+from rlhf.learner.checkpoint import CheckpointError, latest_complete, read_checkpoint, save_checkpoint, verify_checkpoint
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner import LearnerError, LearnerGroup
 from rlhf.learner.optim import build_adamw, lr_factor
@@ -366,7 +366,7 @@ def test_export_loads_in_transformers_with_the_learner_weights(group, tiny_model
 def test_export_from_a_saved_checkpoint_has_the_saved_weights(group, tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.export import export_checkpoint
+    from rlhf.learner.export import export_checkpoint
 
     ckpt = group.save(tmp_path / "checkpoints", 9, {"step": 9, "config": {"model": {"dtype": DTYPE}}})
     saved = group.full_state()

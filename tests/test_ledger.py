@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rlhf.config import ConfigError, LedgerConfig
-from rlhf.ledger import (
+from rlhf.run.ledger import (
     CostLedger,
     api_cost_usd,
     device_cost_usd,

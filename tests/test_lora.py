@@ -112,7 +112,7 @@ def test_target_module_the_model_lacks_is_named_with_what_it_has(tiny_model_path
 
 
 def test_merged_buckets_have_the_base_names_and_base_plus_scaled_adapter(tiny_model_path):
-    from rlhf.learner.broadcast import bucket_layout
+    from rlhf.learner.sync_broadcast import bucket_layout
     from rlhf.learner.weights import full_parameter_buckets
 
     base = {n: p.detach().clone() for n, p in load_hf_model(tiny_model_path, "float32", False).named_parameters()}
@@ -368,7 +368,7 @@ def test_export_writes_a_merged_folder_and_a_peft_adapter_with_the_trained_logit
 def test_resume_from_a_checkpoint_is_exact_and_exports(trained, tiny_model_path, tmp_path):
     from safetensors.torch import load_file
 
-    from rlhf.export import export_checkpoint
+    from rlhf.learner.export import export_checkpoint
 
     group = trained["group"]
     model = {"name_or_path": tiny_model_path, "dtype": "float32", "lora": dataclasses.asdict(LORA)}
@@ -432,7 +432,7 @@ def test_a_lora_run_syncs_merged_weights_each_step_and_exports_both_folders(ray_
 
     from safetensors.torch import load_file
 
-    from rlhf.metrics import read_metrics
+    from rlhf.run.metrics import read_metrics
     from rlhf.train import train
     from support.runs import axis_reward, compose
 

@@ -1,4 +1,4 @@
-"""The sampler/learner mismatch limit (rlhf/mismatch.py): a step above algo.max_mismatch_kl warns, and
+"""The sampler/learner mismatch limit (rlhf/run/mismatch.py): a step above algo.max_mismatch_kl warns, and
 algo.max_mismatch_kl_steps of them in a row stop the run, with a message naming what to change.
 Hand-made per-step kl_k3 sequences; no engines."""
 
@@ -9,7 +9,7 @@ import math
 import re
 
 from rlhf.config.schema import AlgoConfig
-from rlhf.mismatch import MismatchError, MismatchWatch, check_mismatch
+from rlhf.run.mismatch import MismatchError, MismatchWatch, check_mismatch
 
 
 def step_metrics(kl: float, staleness: float = 0.0) -> dict[str, float]:

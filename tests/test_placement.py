@@ -1,11 +1,11 @@
-"""Placement-group arithmetic and the asked-vs-available check (rlhf/placement.py), pure functions."""
+"""Placement-group arithmetic and the asked-vs-available check (rlhf/cluster/placement.py), pure functions."""
 
 from __future__ import annotations
 
 import pytest
 
 from rlhf.config import LearnerConfig, RolloutConfig
-from rlhf.placement import Bundle, NodeResources, PlacementError, check_fits, first_fit, plan_placement
+from rlhf.cluster.placement import Bundle, NodeResources, PlacementError, check_fits, first_fit, plan_placement
 
 
 def node(name: str, cpu: float, gpu: float = 0.0, free_cpu: float | None = None) -> NodeResources:

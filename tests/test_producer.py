@@ -1,4 +1,4 @@
-"""The producer of asynchronous rollouts (rlhf/producer.py), without engines: a fake produce()
+"""The producer of asynchronous rollouts (rlhf/experience/producer.py), without engines: a fake produce()
 records when each batch was asked for and with which policy version."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from rlhf.data import PromptItem
-from rlhf.producer import Collected, RolloutProducer
+from rlhf.experience.prompts import PromptItem
+from rlhf.experience.producer import Collected, RolloutProducer
 from rlhf.types import Completion
 
 

@@ -1,4 +1,4 @@
-"""Saved batches checked against the resumed run's trainer.max_staleness (rlhf/producer.py): those it
+"""Saved batches checked against the resumed run's trainer.max_staleness (rlhf/experience/producer.py): those it
 no longer admits are regenerated on their saved prompts by the weights of the step that asks for
 them. A fake produce() records each call; no engines."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from rlhf.data import PromptItem
-from rlhf.producer import Collected, RolloutProducer, regenerate_note, stale_batches
+from rlhf.experience.prompts import PromptItem
+from rlhf.experience.producer import Collected, RolloutProducer, regenerate_note, stale_batches
 from test_producer import batch, drive
 
 

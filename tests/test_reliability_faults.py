@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from rlhf.checkpoint import complete_checkpoints
+from rlhf.learner.checkpoint import complete_checkpoints
 from rlhf.learner.group import LearnerError, WeightSyncError
 from rlhf.train import train
 from support.runs import axis_reward, compose, kill_descendant_running, steps_logged

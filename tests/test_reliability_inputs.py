@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 
-from rlhf.checkpoint import CheckpointError, _manifest, check_pickles, read_checkpoint, save_checkpoint
+from rlhf.learner.checkpoint import CheckpointError, _manifest, check_pickles, read_checkpoint, save_checkpoint
 from support.runs import TrainProcess, compose
 
 

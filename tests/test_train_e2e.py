@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from rlhf.config.store import register_configs, to_object
-from rlhf.metrics import read_metrics
+from rlhf.run.metrics import read_metrics
 from rlhf.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

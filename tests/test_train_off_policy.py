@@ -15,8 +15,8 @@ import torch
 
 from rlhf.algo import grpo_objective, normalisers
 from rlhf.config import AlgoConfig
-from rlhf.metrics import read_metrics
-from rlhf.timeline import read_timeline
+from rlhf.run.metrics import read_metrics
+from rlhf.run.timeline import read_timeline
 from rlhf.train import MismatchError, train
 from rlhf.types import TrainBatch
 from support.runs import axis_reward, compose, steps_logged

@@ -69,7 +69,7 @@ class RewardModel:
         from rlhf.models import resolve_model_path
 
         if not ray.is_initialized():
-            raise RuntimeError("reward_model runs in a Ray actor: start Ray first (rlhf.cluster.init_ray)")
+            raise RuntimeError("reward_model runs in a Ray actor: start Ray first (rlhf.cluster.connect.init_ray)")
         if batch_size < 1:
             raise ValueError(f"reward_model: batch_size={batch_size} must be >= 1")
         self.batch_size, self.chat_template, self.label_index = batch_size, chat_template, label_index

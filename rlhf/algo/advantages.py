@@ -48,7 +48,7 @@ def group_has_signal(values: list[float | None]) -> bool:
     """``has_signal`` of one group given as a list (None: the reward failed).
 
     The rewards are compared as float32, the dtype of the advantages' [G, n] input
-    (rlhf/batching.py rewards_matrix), so True means exactly "this group gets nonzero advantages".
+    (rlhf/experience/batching.py rewards_matrix), so True means exactly "this group gets nonzero advantages".
     """
     if not values:
         raise ValueError("group_has_signal: a group needs at least one completion")

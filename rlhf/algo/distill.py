@@ -1,6 +1,6 @@
 """On-policy distillation: a teacher's per-token signal on the student's own samples.
 
-The student samples y ~ π_s; an open teacher scores the very same tokens (rollouts/teacher.py); each
+The student samples y ~ π_s; an open teacher scores the very same tokens (rollouts/opd_teacher.py); each
 completion token then carries the per-token advantage
 
     A_t = -(log π_s(y_t | y_<t) - log π_T(y_t | y_<t))

@@ -257,7 +257,7 @@ class AlgoConfig:
     correction_low: float = 0.5
     correction_high: float = 2.0
     # A step whose mismatch/kl_k3 (sampler vs learner, per token) exceeds this logs a warning; the
-    # run stops when max_mismatch_kl_steps steps in a row do (rlhf/mismatch.py): the engines are
+    # run stops when max_mismatch_kl_steps steps in a row do (rlhf/run/mismatch.py): the engines are
     # not running the policy the learner trains. Measured on SmolLM2, fp32 CPU, demo settings:
     # 1e-11 to 7e-11 in step; 0.007 to 0.035 one update stale (max_staleness=1); 0.067 when the
     # engines report log-probs at temperature 1 and sample at 0.7. bf16 engines or more staleness
@@ -355,7 +355,7 @@ class TrainerConfig:
     export_at_end: bool = True
     # "colocated": engines and learner share the machine and take turns; "separate": own resources.
     placement: str = "colocated"
-    # Seconds to wait for the placement groups to be reserved before failing (rlhf/placement.py).
+    # Seconds to wait for the placement groups to be reserved before failing (rlhf/cluster/placement.py).
     placement_timeout_s: float = 120.0
     # Ray: attach to RAY_ADDRESS when set, else start a local head bound to this address.
     ray_address: Optional[str] = None
@@ -429,7 +429,7 @@ class TeacherConfig:
 
 @dataclass
 class SFTConfig:
-    # Teacher dataset (rlhf.distill.teacher output): one JSON object per line with `messages`,
+    # Teacher dataset (rlhf.distill.teacher_answers output): one JSON object per line with `messages`,
     # the prompt turns followed by the teacher's assistant answer. Required for an SFT run.
     data_path: Optional[str] = None
     # Passes over the dataset; each is shuffled with shuffle_seed + epoch.

@@ -32,7 +32,7 @@ from pathlib import Path
 from rlhf.cli import hydra_main
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
-from rlhf.ledger import LEDGER_FILE, atomic_write_text
+from rlhf.run.ledger import LEDGER_FILE, atomic_write_text
 from rlhf.validation import validate
 
 register_configs()

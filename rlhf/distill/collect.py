@@ -1,21 +1,21 @@
 """A whole teacher collection run, whatever the teacher: an API or answers on file
-(rlhf/distill/teacher.py), or an open model on our own engines (rlhf/distill/engine_teacher.py)."""
+(rlhf/distill/teacher_answers.py), or an open model on our own engines (rlhf/distill/engine_answers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rlhf.config import LedgerConfig, TeacherConfig, TrainerConfig
-from rlhf.distill.engine_teacher import collect_with_engines
-from rlhf.distill.teacher import CollectResult, collect_from_config
-from rlhf.ledger import CostLedger
+from rlhf.distill.engine_answers import collect_with_engines
+from rlhf.distill.teacher_answers import CollectResult, collect_from_config
+from rlhf.run.ledger import CostLedger
 
 
 def collect_run(cfg: TeacherConfig, ledger_cfg: LedgerConfig, run_dir: str | Path,
                 trainer: TrainerConfig | None = None, model_cache: str | None = None) -> CollectResult:
     """A whole collection run in ``run_dir``: the filter reward loaded (and closed), bought tokens in
     the run's ledger.json, the ledger summary and the answer counts printed. ``source=engines``
-    answers with an open model on our engines (rlhf/distill/engine_teacher.py), started on the Ray
+    answers with an open model on our engines (rlhf/distill/engine_answers.py), started on the Ray
     of ``trainer`` (ray_address, ray_bind_host, ray_num_cpus)."""
     reward = None
     if cfg.filter_reward:

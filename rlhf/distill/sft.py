@@ -3,7 +3,7 @@
     python -m rlhf.distill.sft model=smollm2 sft.data_path=runs/teacher/teacher.jsonl \
         sft.epochs=2 sft.batch_size=16 trainer.output_dir=runs/sft
 
-Reads the teacher dataset (rlhf/distill/teacher.py writes it: one JSON object per line whose
+Reads the teacher dataset (rlhf/distill/teacher_answers.py writes it: one JSON object per line whose
 ``messages`` are the prompt turns followed by the teacher's assistant answer), renders each with the
 model's chat template, and trains the same DeepSpeed learner GRPO uses (``LearnerGroup``, ranks as
 Ray actors) with ``objective="sft"``: cross-entropy of the answer tokens only (the prompt, the
@@ -28,18 +28,18 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from rlhf.batching import pad_sequences
-from rlhf.checkpoint import latest_complete
+from rlhf.experience.batching import pad_sequences
+from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
-from rlhf.cluster import init_ray
+from rlhf.cluster.connect import init_ray
 from rlhf.config import AlgoConfig, Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.distill.teacher import read_jsonl
-from rlhf.ledger import CostLedger
-from rlhf.metrics import MetricsLogger
+from rlhf.distill.teacher_answers import read_jsonl
+from rlhf.run.ledger import CostLedger
+from rlhf.run.metrics import MetricsLogger
 from rlhf.models import resolve_model_path
-from rlhf.rng import seed_everything
+from rlhf.run.rng import seed_everything
 from rlhf.types import TrainBatch
 
 register_configs()

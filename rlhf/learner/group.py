@@ -4,7 +4,7 @@ The group splits every batch evenly across ranks, fans calls out, and waits with
 that dies or stalls raises ``LearnerError`` naming the rank and the stage instead of hanging the run.
 
 Weight sync: every rank takes part in gathering full parameters (ZeRO-3 gathers are collective);
-rank 0 sends them over the transport of ``learner.sync_transport`` (rlhf/learner/transport.py:
+rank 0 sends them over the transport of ``learner.sync_transport`` (rlhf/learner/sync.py:
 files in /dev/shm on one node, or a broadcast group that reaches any node), and a probe sequence
 scored by the learner and by every engine must agree within the tolerance.
 """
@@ -26,7 +26,7 @@ from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.learner.settings import check_settings
-from rlhf.learner.transport import Engines
+from rlhf.learner.sync import Engines
 from rlhf.learner.waiting import wait_named
 from rlhf.types import SyncReport, TrainBatch
 
@@ -64,7 +64,7 @@ class LearnerGroup:
         lora: LoraConfig | None = None,
     ) -> None:
         """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output).
-        ``placement``: one scheduling strategy per rank (rlhf/placement.py's ``Placement.learner``);
+        ``placement``: one scheduling strategy per rank (rlhf/cluster/placement.py's ``Placement.learner``);
         None: Ray places the ranks wherever their resources are free. ``lora``: model.lora (None or
         rank 0: full fine-tuning; rlhf/learner/lora.py)."""
         import ray
@@ -239,7 +239,7 @@ class LearnerGroup:
         if nobody did. Once per group. With model.lora.sync=adapter the transport is the adapter
         folder: in learner.sync_dir when every engine is on rank 0's node, else in ``shared_dir``
         (the run folder, which train.py checks all nodes see)."""
-        from rlhf.learner.transport import AdapterTransport, BroadcastTransport, FileTransport, choose_transport
+        from rlhf.learner.sync import AdapterTransport, BroadcastTransport, FileTransport, choose_transport
 
         if getattr(self, "_transport", None) is None:  # set here, so the constructor need not know
             rank0 = self._call("node", "node")[0]
@@ -291,8 +291,8 @@ class LearnerGroup:
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, ckpt_root: str | Path, step: int, client_state: dict, keep_last: int = 2) -> Path:
-        """Atomic checkpoint ``<ckpt_root>/step-<step>`` (see rlhf/checkpoint.py); returns its path."""
-        from rlhf.checkpoint import save_checkpoint
+        """Atomic checkpoint ``<ckpt_root>/step-<step>`` (see rlhf/learner/checkpoint.py); returns its path."""
+        from rlhf.learner.checkpoint import save_checkpoint
 
         def write(tmp: Path) -> list:
             return self._call("save_checkpoint", "save_checkpoint", None, str(tmp))  # RankFiles per rank
@@ -301,7 +301,7 @@ class LearnerGroup:
 
     def load(self, ckpt_dir: str | Path) -> dict:
         """Restore model, optimizer and schedule on every rank; returns the run's client state."""
-        from rlhf.checkpoint import open_checkpoint
+        from rlhf.learner.checkpoint import open_checkpoint
 
         state = open_checkpoint(Path(ckpt_dir))  # manifest and pickles checked before any is unpickled
         self._call("load_checkpoint", "load_checkpoint", None, str(ckpt_dir))
@@ -309,7 +309,7 @@ class LearnerGroup:
 
     def export(self, out_dir: str | Path, tokenizer_path: str | None = None) -> Path:
         """An HF folder (safetensors, config, tokenizer, generation config) of the current policy."""
-        from rlhf.export import publish_hf_folder
+        from rlhf.learner.export import publish_hf_folder
 
         def write(tmp: Path) -> None:
             self._call("export", "export_hf", None, str(tmp))

@@ -29,7 +29,7 @@ from rlhf.console import redirect_output
 from rlhf.learner.packing import MicroBatch, PassPlan, micro_batches
 from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.learner.rendezvous import RendezvousPoint
-from rlhf.node import NodeInfo, RankFiles, SharedPath
+from rlhf.cluster.node import NodeInfo, RankFiles, SharedPath
 from rlhf.types import TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -86,7 +86,7 @@ class LearnerRank:
         """Rank 0: where the ranks meet, on this rank's node (learner.master_addr overrides the
         address, learner.master_port the port); the port is bound and held until ``start``."""
         from rlhf.learner.rendezvous import open_listener
-        from rlhf.node import this_node
+        from rlhf.cluster.node import this_node
 
         if self.rank != 0:
             raise RuntimeError(f"learner rank {self.rank} asked for the rendezvous point; rank 0 chooses it")
@@ -260,7 +260,7 @@ class LearnerRank:
         """One optimizer update from this rank's rows of a mini-batch.
 
         ``objective``: "grpo" (the algo config's policy objective) or "sft" (completion-token
-        cross-entropy at temperature 1, rlhf/distill/sft_loss.py; advantages are ignored).
+        cross-entropy at temperature 1, rlhf/algo/sft.py; advantages are ignored).
 
         ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
         ranks); ``plan`` the passes every rank runs (as in ``compute_logprobs``). A non-finite loss
@@ -275,7 +275,7 @@ class LearnerRank:
         import torch.distributed as dist
 
         from rlhf.algo import grpo_objective, token_entropy, token_logprobs
-        from rlhf.distill.sft_loss import sft_loss
+        from rlhf.algo.sft import sft_loss
 
         if objective not in ("grpo", "sft"):
             raise ValueError(f"train_step: objective={objective!r} is not one of ['grpo', 'sft']")
@@ -400,7 +400,7 @@ class LearnerRank:
     def save_checkpoint(self, ckpt_dir: str) -> RankFiles:
         """DeepSpeed's model, optimizer and LR-scheduler state into ``<ckpt_dir>/deepspeed``.
 
-        Run state (step, RNG, data position, config) is written by rlhf/checkpoint.py as JSON,
+        Run state (step, RNG, data position, config) is written by rlhf/learner/checkpoint.py as JSON,
         never through DeepSpeed's pickled ``client_state``.
         """
         self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
@@ -409,7 +409,7 @@ class LearnerRank:
     def shard_files(self, ckpt_dir: str) -> RankFiles:
         """This rank's part of a checkpoint as its node sees it: DeepSpeed names each rank's ZeRO
         partitions ``*zero_pp_rank_<r>_*``; rank 0 also writes the shared model states."""
-        from rlhf.node import files_where, this_node
+        from rlhf.cluster.node import files_where, this_node
 
         def mine(name: str) -> bool:
             shared = self.rank == 0 and name.startswith("mp_rank_")
@@ -418,7 +418,7 @@ class LearnerRank:
         return RankFiles(self.rank, this_node(), files_where(Path(ckpt_dir), mine))
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        from rlhf.checkpoint import has_zero_partitions
+        from rlhf.learner.checkpoint import has_zero_partitions
 
         zero_files = has_zero_partitions(Path(ckpt_dir) / DS_TAG)
         if zero_files != (self.engine.zero_optimization_stage() > 0):
@@ -474,26 +474,26 @@ class LearnerRank:
 
     def node(self) -> NodeInfo:
         """The node this rank runs on (placement checks, node-aware weight transport)."""
-        from rlhf.node import this_node
+        from rlhf.cluster.node import this_node
 
         return this_node()
 
     def can_see(self, paths: list[SharedPath]) -> list[str]:
-        """What this rank's node cannot see of the run's shared paths (rlhf/storage.py); empty: all."""
-        from rlhf.node import unseen
+        """What this rank's node cannot see of the run's shared paths (rlhf/cluster/storage.py); empty: all."""
+        from rlhf.cluster.node import unseen
 
         return unseen(paths)
 
     # ----------------------------------------------------------------------------- weight broadcast
     def open_weight_group(self) -> tuple[str, int, list]:
-        """Prepare this rank's part of the broadcast transport (rlhf/learner/broadcast.py).
+        """Prepare this rank's part of the broadcast transport (rlhf/learner/sync_broadcast.py).
 
         Rank 0 listens on its node's address, on a free port; returns (address, port, bucket layout
         as plain lists). Other ranks return ("", 0, []).
         """
-        from rlhf.learner.broadcast import WeightSender
-        from rlhf.node import this_node
-        from rlhf.weight_wire import to_wire
+        from rlhf.learner.sync_broadcast import WeightSender
+        from rlhf.cluster.node import this_node
+        from rlhf.sync_wire import to_wire
 
         ip = this_node().ip
         self._sender = WeightSender(self.engine.module, self.rank, self.cfg.backend,

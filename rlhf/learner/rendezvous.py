@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from rlhf.node import listen_on
+from rlhf.cluster.node import listen_on
 
 
 @dataclass(frozen=True)

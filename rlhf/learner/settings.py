@@ -5,7 +5,7 @@ from __future__ import annotations
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config
 from rlhf.learner.optim import lr_factor
-from rlhf.learner.transport import TRANSPORTS
+from rlhf.learner.sync import TRANSPORTS
 
 
 def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updates: int) -> None:

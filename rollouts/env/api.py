@@ -15,7 +15,7 @@ for every sample of a prompt (they share one prompt). ``step`` gets the text of 
 turn and returns the observation shown to the model next (None: nothing), a reward (None: none
 this step; the trajectory's env reward is the sum of those given), and whether the trajectory
 is done. Either method may be ``async def``. A trajectory that ends with no reward given is
-unfinished, scored ``env.unfinished_reward`` (rlhf/episodes.py), unless the environment ended it
+unfinished, scored ``env.unfinished_reward`` (rlhf/experience/episodes.py), unless the environment ended it
 itself (done with reward None: it declined to score, a None reward).
 
 Specs name the class like rewards do (rlhf/specs.py): a built-in name, ``pkg.mod:Class`` or

@@ -7,7 +7,7 @@ and 0.0 on observation tokens. A one-turn trajectory is a plain completion (mask
 
 How it ended (``end``): the environment said done, ``max_turns`` ran out, or the token budget left
 no room for another turn. One that ended without the environment's say and without a reward is
-*unfinished* (``unfinished``): rlhf/episodes.py scores it ``env.unfinished_reward``, by cause.
+*unfinished* (``unfinished``): rlhf/experience/episodes.py scores it ``env.unfinished_reward``, by cause.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Trajectory:
     step_errors: int = 0  # steps that raised, overran or found the environment busy
     last_turn: str = ""  # the text of the model's latest turn
     env: object = None  # the environment instance of this trajectory (None: single turn)
-    running: threading.Event | None = None  # set when its latest step returned (rlhf/episodes.py)
+    running: threading.Event | None = None  # set when its latest step returned (rlhf/experience/episodes.py)
 
     def add_action(self, ids: list[int], logprobs: list[float], text: str, finish_reason: str) -> None:
         if len(ids) != len(logprobs):

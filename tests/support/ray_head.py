@@ -1,4 +1,4 @@
-"""Start Ray as the trainer does (rlhf.cluster.init_ray), start one actor so a worker process
+"""Start Ray as the trainer does (rlhf.cluster.connect.init_ray), start one actor so a worker process
 exists, print what the test needs as one JSON line, then wait until stdin closes."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 import ray
 from ray._raylet import AuthenticationMode, get_authentication_mode
 
-from rlhf.cluster import init_ray
+from rlhf.cluster.connect import init_ray
 
 
 @ray.remote(num_cpus=0)

@@ -46,7 +46,7 @@ def learner_separate_two_nodes() -> dict:
     from rlhf.config import AlgoConfig, LearnerConfig, RolloutConfig
     from rlhf.learner import LearnerGroup
     from rlhf.models import TINY, resolve_model_path
-    from rlhf.placement import plan_placement, reserve
+    from rlhf.cluster.placement import plan_placement, reserve
     from tests.test_learner import make_batch
 
     with sim_cluster([{"num_cpus": 3, "resources": {"node_a": 1}},
@@ -77,7 +77,7 @@ def learner_separate_two_nodes() -> dict:
 def unsatisfiable() -> dict:
     """4 ranks x 1 CPU on a cluster of 2 CPUs, with a placement timeout of 600 s: must raise at once."""
     from rlhf.config import LearnerConfig, RolloutConfig
-    from rlhf.placement import PlacementError, plan_placement, reserve
+    from rlhf.cluster.placement import PlacementError, plan_placement, reserve
 
     with sim_cluster([{"num_cpus": 1}, {"num_cpus": 1}]):
         plan = plan_placement("separate", LearnerConfig(num_ranks=4, num_cpus_per_rank=1),
@@ -97,8 +97,8 @@ def train_separate_three_nodes() -> dict:
     the run with auto (which must pick broadcast), then a resume for one more step."""
     import tempfile
 
-    from rlhf.learner.transport import WeightTransportError
-    from rlhf.metrics import read_metrics
+    from rlhf.learner.sync import WeightTransportError
+    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose
@@ -151,7 +151,7 @@ def rank_killed_mid_step() -> dict:
     import threading
     import time
 
-    from rlhf.checkpoint import complete_checkpoints, open_checkpoint
+    from rlhf.learner.checkpoint import complete_checkpoints, open_checkpoint
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose, kill_descendant_running
@@ -202,9 +202,9 @@ def train_async_two_nodes() -> dict:
     the rank trains step s on the other."""
     import tempfile
 
-    from rlhf.metrics import read_metrics
+    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
-    from rlhf.timeline import read_timeline
+    from rlhf.run.timeline import read_timeline
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose
 
@@ -234,7 +234,7 @@ def opd_separate_three_nodes() -> dict:
     completions generated on another node for a rank on a third."""
     import tempfile
 
-    from rlhf.metrics import read_metrics
+    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
     from tests.support.runs import compose

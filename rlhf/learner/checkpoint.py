@@ -115,7 +115,7 @@ def save_checkpoint(
     ``write_model_state(folder)`` writes the learner's files (all ranks) into ``folder``; it may
     return each rank's ``RankFiles``, which must then all be in ``folder`` (the manifest lists them
     under ``ranks``, so a checkpoint missing a rank's shard is refused naming that rank).
-    ``client_state`` must be JSON-serialisable (the RNG states of rlhf.rng are).
+    ``client_state`` must be JSON-serialisable (the RNG states of rlhf.run.rng are).
     """
     if keep_last < 1:
         raise ValueError(f"trainer.keep_last={keep_last} must be >= 1")

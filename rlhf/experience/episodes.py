@@ -38,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from rlhf.batching import expand_for_rewards
+from rlhf.experience.batching import expand_for_rewards
 from rlhf.config import ConfigError, EnvConfig
 from rlhf.types import RolloutBatch, SamplingSettings
 from rewards.pool import DaemonPool, Task

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rlhf.data import PromptItem
+from rlhf.experience.prompts import PromptItem
 from rlhf.types import Completion
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped: environments, run folders, caches, history (Ray also honours .gitignore).
 SHIP_EXCLUDES = [".venv/", "runs/", "outputs/", "model_cache/", ".git/", "**/__pycache__/", "*.egg-info/",
                  ".pytest_cache/"]

@@ -11,7 +11,7 @@ from rlhf.types import RolloutBatch, TrainBatch
 
 # Added per completion by expand_for_rewards, beside the dataset's reward columns.
 # ``transcript``: the whole trajectory's text (model turns and observations) where ``completions``
-# are the model's last turn (rlhf/episodes.py score_episodes); the completion itself when single-turn.
+# are the model's last turn (rlhf/experience/episodes.py score_episodes); the completion itself when single-turn.
 ROLLOUT_COLUMNS = ("completion_length", "completion_ids", "transcript")
 
 

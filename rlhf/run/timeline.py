@@ -1,5 +1,5 @@
 """When each phase of a run ran: ``<run>/timeline.jsonl``, one line per span, so the overlap of
-generation and training (trainer.max_staleness > 0) can be seen (rlhf/plot.py draws it).
+generation and training (trainer.max_staleness > 0) can be seen (rlhf/run/plot.py draws it).
 
 A line: {"phase": "generate" | "score" | "train" | "sync" | "eval" | "save", "step": the step the
 span belongs to (generate/score: the step whose batch it produced), "start": epoch seconds,

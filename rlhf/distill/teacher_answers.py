@@ -30,7 +30,7 @@ from typing import Any, Callable
 from rlhf.config import ConfigError, TeacherConfig
 from rlhf.distill.cache import ResponseCache, request_key
 from rlhf.distill.client import TeacherClient, api_key_from_env
-from rlhf.ledger import CostLedger, atomic_write_text
+from rlhf.run.ledger import CostLedger, atomic_write_text
 
 # fn(prompts, completions, **columns) -> one float (or None: cannot score) per completion.
 RewardFn = Callable[..., Any]

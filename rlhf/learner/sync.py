@@ -18,7 +18,7 @@ Why our own group in the worker extension rather than vLLM 0.32's weight-transfe
 in): that API has no CPU engine, its registry lives in each worker process (ours would have to be
 registered there before the worker is built), and its trainer side drives its own parameter
 iteration, which would have to be taught ZeRO-3's collective gathers. The group here is ~100
-lines over torch.distributed (rlhf/weight_wire.py), one code path for gloo and nccl, loads through
+lines over torch.distributed (rlhf/sync_wire.py), one code path for gloo and nccl, loads through
 the same ``reload_weights`` call (tied head, CPU repacking) as files, and every wait has our
 timeout and names the engine.
 
@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from rlhf import faults
 from rlhf.config import LearnerConfig
 from rlhf.learner.waiting import wait_named
-from rlhf.node import NodeInfo
+from rlhf.cluster.node import NodeInfo
 from rlhf.types import BroadcastGroup
 
 TRANSPORTS = ("auto", "files", "broadcast")

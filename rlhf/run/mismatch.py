@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rlhf.checkpoint import complete_checkpoints
+from rlhf.learner.checkpoint import complete_checkpoints
 from rlhf.config.schema import AlgoConfig
 
 

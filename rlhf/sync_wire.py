@@ -1,7 +1,7 @@
 """The broadcast weight transport's wire: its process group and the flat-bucket layout.
 
-Both halves use this module: the learner's rank 0 (``rlhf/learner/broadcast.py``) and every vLLM
-worker (``rollouts/worker_ext.py``). The group is built directly from a TCPStore, beside the
+Both halves use this module: the learner's rank 0 (``rlhf/learner/sync_broadcast.py``) and every vLLM
+worker (``rollouts/sync.py``). The group is built directly from a TCPStore, beside the
 default group each process already has (DeepSpeed's on the learner, vLLM's size-1 group in a
 worker), so neither side's own collectives are disturbed. gloo on CPU, nccl on GPU: the same calls.
 
@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 
-from rlhf.node import listen_on
+from rlhf.cluster.node import listen_on
 from rlhf.types import BroadcastGroup, TensorSlot, WeightBucket
 
 _ALIGN = 16  # byte offsets are multiples of this, so any dtype's view of the flat buffer is aligned

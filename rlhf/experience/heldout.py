@@ -6,7 +6,7 @@ total: a length penalty or a format bonus beside the answer reward must not chan
 count as correct. A sample whose reward failed (None) is neither right nor wrong: it is left out
 of the accuracy and counted in ``failures``, next to the reward runner's own failure counts.
 
-Rollouts go through the same loop as training's (rlhf/episodes.py): multi-turn with an
+Rollouts go through the same loop as training's (rlhf/experience/episodes.py): multi-turn with an
 environment, whose own reward can be the accuracy reward (``trainer.eval_reward=env``). An
 unfinished episode (max_turns or the token budget ran out, or every step failed, before any reward)
 gave no answer: it is wrong whatever the reward says or ``env.unfinished_reward`` is, never a
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from rlhf.episodes import EnvRuntime, env_items, run_episodes, score_episodes
+from rlhf.experience.episodes import EnvRuntime, env_items, run_episodes, score_episodes
 from rlhf.types import SamplingSettings
 
 
@@ -35,7 +35,7 @@ class EvalResult:
     num_prompts: int  # prompts with at least one scored sample
     response_length: float
     failures: int = 0  # samples whose accuracy reward failed (None): not counted right or wrong
-    unfinished: int = 0  # episodes that ended unrewarded (rlhf/episodes.py): counted wrong
+    unfinished: int = 0  # episodes that ended unrewarded (rlhf/experience/episodes.py): counted wrong
     reward: str = ""  # the reward accuracy was read from
     reward_metrics: dict[str, float] = field(default_factory=dict)  # the runner's, all functions
 
@@ -84,7 +84,7 @@ def evaluate(engines, items, reward_runner, samples: int, temperature: float, ma
              reward: str, threshold: float = 1.0, stop: tuple[str, ...] = (), env: EnvRuntime | None = None,
              env_weight: float = 1.0) -> EvalResult:
     """Roll out ``samples`` trajectories for each prompt item (one turn without ``env``, as in
-    training otherwise: rlhf/episodes.py); accuracy from the reward named ``reward`` ("env": the
+    training otherwise: rlhf/experience/episodes.py); accuracy from the reward named ``reward`` ("env": the
     environment's own reward)."""
     sampling = SamplingSettings(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, stop=stop)
     env = env or EnvRuntime.single_turn()

@@ -1,15 +1,15 @@
 """Receiving half of the weight sync: methods that run inside each vLLM worker process.
 
 vLLM mixes this class into its worker when the engine is built with
-``worker_extension_cls="rollouts.worker_ext.WeightSyncExtension"``, so ``self`` is the worker.
+``worker_extension_cls="rollouts.sync.WeightSyncExtension"``, so ``self`` is the worker.
 The engine calls it with ``LLM.collective_rpc("load_weights_from_files", args=(paths,))``.
 collective_rpc arguments are msgpack-encoded (tensors would arrive as lists), so tensors never
-travel as arguments. Two ways in, the two weight transports (rlhf/learner/transport.py):
+travel as arguments. Two ways in, the two weight transports (rlhf/learner/sync.py):
 
 - files: the learner writes safetensors files (into /dev/shm, one node) and sends their paths;
 - broadcast: each worker joins a process group with learner rank 0 (``join_weight_group``, once,
   with the bucket layout as plain lists) and receives every bucket as one flat tensor
-  (``receive_weights_broadcast``), rebuilt into named views (rlhf/weight_wire.py).
+  (``receive_weights_broadcast``), rebuilt into named views (rlhf/sync_wire.py).
 
 Both feed the same ``reload_weights`` call with the same tied-head rule.
 """
@@ -85,7 +85,7 @@ def repack_cpu_moe(model: torch.nn.Module) -> int:
 def _received(member, buckets, device) -> Iterator[tuple[str, torch.Tensor]]:
     """Each bucket as rank 0 broadcasts it, lazily: bucket k+1 is received while k loads. Every
     bucket gets its own buffer, since the loader may hold on to a layer's tensors."""
-    from rlhf.weight_wire import views
+    from rlhf.sync_wire import views
 
     for bucket in buckets:
         flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
@@ -140,7 +140,7 @@ class WeightSyncExtension:
         Returns once every member has joined and rank 0's first small broadcast arrived (under
         nccl that builds the communicator now, not in the first sync); returns this worker's group rank."""
         from rlhf.types import BroadcastGroup
-        from rlhf.weight_wire import from_wire, join_group
+        from rlhf.sync_wire import from_wire, join_group
 
         rank = first_rank + self.rank
         self._weight_layout, self._weight_backend = from_wire(layout), BroadcastGroup(*group).backend
@@ -149,7 +149,7 @@ class WeightSyncExtension:
 
     def receive_weights_broadcast(self) -> int:
         """Receive every bucket from learner rank 0 and reload it; returns tensors loaded."""
-        from rlhf.weight_wire import device_for
+        from rlhf.sync_wire import device_for
 
         member = getattr(self, "_weight_member", None)
         if member is None:

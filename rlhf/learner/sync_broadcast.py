@@ -2,7 +2,7 @@
 
 Every rank walks the same buckets (under ZeRO-3 gathering a shard is a collective); rank 0 packs
 each gathered bucket into one flat tensor and broadcasts it to the engine workers over the group
-of ``rlhf/weight_wire.py``, then frees it before gathering the next, so at most one bucket of full
+of ``rlhf/sync_wire.py``, then frees it before gathering the next, so at most one bucket of full
 parameters is held beyond the model itself. The layout is computed once, from parameter shapes
 alone (no gather), and sent to the workers when the group is formed.
 """
@@ -13,7 +13,7 @@ import torch
 
 from rlhf.learner.weights import _plan, checkpoint_format, full_parameter_buckets, is_zero3
 from rlhf.types import BroadcastGroup, WeightBucket
-from rlhf.weight_wire import Member, device_for, join_group, open_listener, pack, plan_buckets
+from rlhf.sync_wire import Member, device_for, join_group, open_listener, pack, plan_buckets
 
 
 def bucket_layout(model: torch.nn.Module, bucket_bytes: int) -> list[WeightBucket]:

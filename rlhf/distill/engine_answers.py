@@ -1,6 +1,6 @@
 """Teacher answers from an open model on our own vLLM engines (``teacher.source=engines``): the SFT
 dataset of the chain's collect stage, written exactly as the API collection writes it
-(rlhf/distill/teacher.py), from the same prompts JSONL (``teacher.path``).
+(rlhf/distill/teacher_answers.py), from the same prompts JSONL (``teacher.path``).
 
 Every prompt is chat-templated with the teacher's tokenizer and sampled ``samples_per_prompt`` times
 in one batched generate (temperature, top_p, max_tokens as for an API). Nothing is paid per token:
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf.config import ConfigError, TeacherConfig, TrainerConfig
-from rlhf.distill.teacher import (CollectResult, CollectStats, RewardFn, _extra_columns, _finish, _record,
+from rlhf.distill.teacher_answers import (CollectResult, CollectStats, RewardFn, _extra_columns, _finish, _record,
                                   read_jsonl, to_messages)
-from rlhf.ledger import CostLedger
+from rlhf.run.ledger import CostLedger
 from rlhf.types import SamplingSettings
 
 
@@ -27,8 +27,8 @@ def collect_with_engines(cfg: TeacherConfig, trainer: TrainerConfig, run_dir: st
 
     from transformers import AutoTokenizer
 
-    from rlhf.cluster import init_ray
-    from rlhf.distill.teacher import ascore
+    from rlhf.cluster.connect import init_ray
+    from rlhf.distill.teacher_answers import ascore
     from rlhf.models import resolve_model_path
     from rollouts.group import EngineGroup
 

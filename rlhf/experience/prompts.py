@@ -2,8 +2,8 @@
 
 Sources (``data.source``):
 
-- ``arithmetic``: the built-in generator (:mod:`rlhf.tasks.arithmetic`);
-- ``gsm8k``: :mod:`rlhf.tasks.gsm8k`, from ``data.path`` or the hub;
+- ``arithmetic``: the built-in generator (:mod:`rlhf.experience.tasks.arithmetic`);
+- ``gsm8k``: :mod:`rlhf.experience.tasks.gsm8k`, from ``data.path`` or the hub;
 - ``files``: ``data.path`` / ``data.eval_path``: a jsonl, json, parquet or csv file (or a glob);
 - ``hub``: ``data.path`` is a hub dataset id (``data.hub_config``, ``data.split`` / ``data.eval_split``).
 
@@ -28,9 +28,9 @@ from typing import Any
 import datasets
 import numpy as np
 
-from rlhf.batching import ROLLOUT_COLUMNS
+from rlhf.experience.batching import ROLLOUT_COLUMNS
 from rlhf.config import ConfigError, DataConfig
-from rlhf.tasks import arithmetic, gsm8k
+from rlhf.experience.tasks import arithmetic, gsm8k
 from rollouts.env.tools import describe_tools
 
 log = logging.getLogger(__name__)

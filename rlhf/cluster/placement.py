@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import LearnerConfig, RolloutConfig
-from rlhf.node import NodeInfo
+from rlhf.cluster.node import NodeInfo
 
 MODES = ("colocated", "separate")
 STRATEGY = "PACK"

@@ -42,7 +42,7 @@ def listen_on(addr: str, port: int, purpose: str) -> socket.socket:
 
 @dataclass(frozen=True)
 class SharedPath:
-    """A file every node must see at the same absolute path (rlhf/storage.py's start-up check)."""
+    """A file every node must see at the same absolute path (rlhf/cluster/storage.py's start-up check)."""
 
     path: str  # absolute
     what: str  # the config key it comes from, for the error: "trainer.output_dir", "model.name_or_path"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import Config
-from rlhf.node import NodeInfo, SharedPath
+from rlhf.cluster.node import NodeInfo, SharedPath
 
 MARKER = ".storage-check"
 _CHECK_TIMEOUT_S = 120.0  # the actors are up already: reading two small files takes milliseconds

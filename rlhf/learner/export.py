@@ -104,7 +104,7 @@ def export_checkpoint(
     """
     from transformers import AutoConfig
 
-    from rlhf.checkpoint import open_checkpoint
+    from rlhf.learner.checkpoint import open_checkpoint
     from rlhf.learner.rank import torch_dtype
     from rlhf.models import resolve_model_path
 
@@ -156,7 +156,7 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     rank, ``ds_config.zero_stage``), the module state DeepSpeed saved whole."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from rlhf.checkpoint import has_zero_partitions, safe_load
+    from rlhf.learner.checkpoint import has_zero_partitions, safe_load
     from rlhf.learner.rank import DS_TAG
 
     if has_zero_partitions(ckpt_dir / DS_TAG):

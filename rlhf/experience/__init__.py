@@ -1,0 +1,12 @@
+"""The path from prompt to TrainBatch, one room, shared by training and evaluation.
+
+In the order a step runs it:
+
+- ``prompts`` (and ``tasks/``): load, prepare and serve the prompt rows;
+- ``episodes``: the one generation loop, any number of turns (environments are its multi-turn case);
+- ``scoring``: every reward rule: which columns a reward sees, the reward functions, the environment's
+  reward and its None rule;
+- ``producer``: one step's rollouts (draw, generate, score, refill, teacher), now or ahead of the learner;
+- ``batching``: scored rollouts as the learner's padded ``TrainBatch``;
+- ``heldout``: held-out accuracy and pass@k through the same episodes and scoring.
+"""
