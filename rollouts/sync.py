@@ -136,7 +136,7 @@ class WeightSyncExtension:
 
     def join_weight_group(self, group: list, first_rank: int, ip: str, layout: list, timeout_s: float) -> int:
         """Join learner rank 0's broadcast group as rank ``first_rank`` + this worker's rank in its
-        engine; ``group`` is BroadcastGroup's fields as a list, ``layout`` weight_wire.to_wire's.
+        engine; ``group`` is BroadcastGroup's fields as a list, ``layout`` sync_wire.to_wire's.
         Returns once every member has joined and rank 0's first small broadcast arrived (under
         nccl that builds the communicator now, not in the first sync); returns this worker's group rank."""
         from rlhf.types import BroadcastGroup

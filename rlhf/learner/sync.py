@@ -10,7 +10,7 @@ address on a free port there. Rank 0 gathers bucket by bucket and broadcasts eac
 tensor; the workers rebuild the tensors from a layout sent once as plain data and feed vLLM's
 ``reload_weights`` exactly as the file path does. The group is formed once (first sync, or
 ``LearnerGroup.connect`` at start-up) and left at shutdown; forming it includes one small broadcast
-(``weight_wire.Member.prove``), so under nccl, whose communicator is otherwise built lazily at the
+(``sync_wire.Member.prove``), so under nccl, whose communicator is otherwise built lazily at the
 first collective, a broken member fails here, named, and not inside the first sync.
 
 Why our own group in the worker extension rather than vLLM 0.32's weight-transfer API
