@@ -163,7 +163,7 @@ def run_sft(cfg: Config) -> Path:
         # AlgoConfig(): kl_coef 0, so no reference model is loaded; the GRPO settings go unused.
         learner = LearnerGroup(learner_cfg, AlgoConfig(), model_path, cfg.model.dtype,
                                cfg.model.trust_remote_code, total_updates=total_steps, logs=logs,
-                               lora=cfg.model.lora)
+                               lora=cfg.model.lora, objective="sft")
         stack.callback(learner.shutdown)
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
@@ -183,7 +183,7 @@ def run_sft(cfg: Config) -> Path:
             batch = collate([examples[i] for i in batch_indices(len(examples), cfg.sft.batch_size,
                                                                  cfg.sft.shuffle_seed, step)], pad_id)
             start = time.perf_counter()
-            metrics = learner.train_step(batch, objective="sft")
+            metrics = learner.train_step(batch)
             metrics["timing/train"] = time.perf_counter() - start
             metrics["epoch"] = (step - 1) // per_epoch + 1
             ledger.add_trained(int(batch.attention_mask.sum()))

@@ -62,16 +62,20 @@ class LearnerGroup:
         logs: Path | None = None,
         placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
         lora: LoraConfig | None = None,
+        objective: str = "grpo",
     ) -> None:
         """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output).
         ``placement``: one scheduling strategy per rank (rlhf/cluster/placement.py's ``Placement.learner``);
         None: Ray places the ranks wherever their resources are free. ``lora``: model.lora (None or
-        rank 0: full fine-tuning; rlhf/learner/lora.py)."""
+        rank 0: full fine-tuning; rlhf/learner/lora.py). ``objective``: what every ``train_step`` minimises,
+        a name in rlhf/algo/objectives.py: "grpo" (the algo config's policy objective) or "sft"
+        (completion-token cross-entropy; metrics: loss, grad_norm, lr, tokens/s, learner/step_s,
+        skipped)."""
         import ray
 
         from rlhf.learner.lora import check_lora, sync_mode
 
-        check_settings(cfg, algo, dtype, total_updates)
+        check_settings(cfg, algo, dtype, total_updates, objective)
         if lora is not None:
             check_lora(lora)
         if placement is not None and len(placement) != cfg.num_ranks:
@@ -94,7 +98,7 @@ class LearnerGroup:
         self.ranks = [
             actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
                                                         trust_remote_code, total_updates,
-                                                        log_file(logs, f"learner-rank-{r}"), lora)
+                                                        log_file(logs, f"learner-rank-{r}"), lora, objective)
             for r in range(cfg.num_ranks)
         ]
         try:
@@ -122,13 +126,10 @@ class LearnerGroup:
         return shards, plan_passes(shards, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.share_prompt)
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, batch: TrainBatch, objective: str = "grpo") -> dict[str, float]:
-        """One optimizer update on a mini-batch; returns the reduced metrics.
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer update on a mini-batch, on the group's objective; returns the reduced metrics.
 
-        ``objective``: "grpo", or "sft" (completion-token cross-entropy; metrics: loss, grad_norm,
-        lr, tokens/s, learner/step_s, skipped).
-
-        Metrics: loss, policy_loss, kl (when ref log-probs are given), entropy, clip_frac/low,
+        Metrics (the "grpo" objective's; "sft"'s are in ``__init__``): loss, policy_loss, kl (when ref log-probs are given), entropy, clip_frac/low,
         clip_frac/high, ratio/{mean,max,min}, grad_norm, lr (of this update), tokens/s (attention
         tokens of the mini-batch / wall time), learner/step_s (the slowest rank's seconds inside
         its train_step), skipped (1 when a non-finite loss or gradient on any rank dropped the
@@ -150,7 +151,7 @@ class LearnerGroup:
         start = time.perf_counter()
         shards, plan = self._shards(batch)
         results = self._call("train_step", "train_step",
-                             [(s, total_tokens, total_seqs, objective, plan) for s in shards])
+                             [(s, total_tokens, total_seqs, plan) for s in shards])
         wall = time.perf_counter() - start
         return reduce_metrics(results, wall)
 

@@ -4,7 +4,7 @@
 GPU check (scripts/gpu_check.sh) runs the same class under torchrun. Every public method that
 touches parameters is collective: all ranks must call it, with the same number of micro-batches.
 
-Gradient bookkeeping. The GRPO objective (rlhf.algo) divides by token/sequence counts of the
+Gradient bookkeeping. The objective (rlhf/algo/objectives.py) divides by token/sequence counts of the
 WHOLE mini-batch, so the mini-batch loss is the plain SUM of micro-batch losses over all ranks.
 DeepSpeed instead assumes means: ``engine.backward`` divides by gradient_accumulation_steps and
 the data-parallel reduction averages over ranks. We therefore mark the accumulation boundary
@@ -67,14 +67,18 @@ class LearnerRank:
         total_updates: int,
         log_path: str | None = None,
         lora: LoraConfig | None = None,
+        objective: str = "grpo",
     ) -> None:
-        """``lora``: model.lora (None or rank 0: full fine-tuning)."""
+        """``lora``: model.lora (None or rank 0: full fine-tuning). ``objective``: the name of what
+        ``train_step`` minimises (rlhf/algo/objectives.py)."""
         if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
             redirect_output(log_path)
+        from rlhf.algo.objectives import OBJECTIVES
         from rlhf.learner.lora import check_lora
         from rlhf.learner.settings import check_settings
 
-        check_settings(cfg, algo, dtype, total_updates)
+        check_settings(cfg, algo, dtype, total_updates, objective)
+        self.objective = OBJECTIVES.get(objective)
         self.lora = lora if lora is not None and lora.rank > 0 else None
         if self.lora is not None:
             check_lora(self.lora)
@@ -256,33 +260,28 @@ class LearnerRank:
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch, total_tokens: float, total_seqs: float,
-                   objective: str = "grpo", plan: PassPlan | None = None) -> RankMetrics:
-        """One optimizer update from this rank's rows of a mini-batch.
-
-        ``objective``: "grpo" (the algo config's policy objective) or "sft" (completion-token
-        cross-entropy at temperature 1, rlhf/algo/sft.py; advantages are ignored).
+                   plan: PassPlan | None = None) -> RankMetrics:
+        """One optimizer update from this rank's rows of a mini-batch, on the rank's objective
+        (rlhf/algo/objectives.py).
 
         ``total_tokens`` / ``total_seqs`` are ``rlhf.algo.normalisers`` of the whole mini-batch (all
         ranks); ``plan`` the passes every rank runs (as in ``compute_logprobs``). A non-finite loss
         on any rank, or a non-finite gradient, skips the update on every rank (metric ``skipped`` =
         1): the last backward is multiplied by NaN everywhere so that DeepSpeed's own overflow check
         drops the gradients and the step identically on all ranks.
-        With dropout in the model (``model.lora.dropout`` > 0) and no ``old_logprobs``, the
-        pre-update log-probs come from a scoring pass without dropout (``has_dropout``), not from
-        this update's noisy forward.
+        With dropout in the model (``model.lora.dropout`` > 0), no ``old_logprobs`` and an objective
+        that reads them, the pre-update log-probs come from a scoring pass without dropout
+        (``has_dropout``), not from this update's noisy forward.
         Returns this rank's metrics; ``LearnerGroup`` combines the ranks' (``reduce_metrics``).
         """
         import torch.distributed as dist
 
-        from rlhf.algo import grpo_objective, token_entropy, token_logprobs
-        from rlhf.algo.sft import sft_loss
+        from rlhf.algo.objectives import Sampling
 
-        if objective not in ("grpo", "sft"):
-            raise ValueError(f"train_step: objective={objective!r} is not one of ['grpo', 'sft']")
         faults.stall("learner_stall")  # tests only: a rank that never answers
         step_start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
-        if objective == "grpo" and batch.old_logprobs is None and has_dropout(self.engine.module):
+        if self.objective.reads_pre_update and batch.old_logprobs is None and has_dropout(self.engine.module):
             # The objective would take this update's own forward, with dropout noise, as the
             # pre-update log-probs: the mismatch metrics, correction weights and distillation
             # advantage must see the policy the engines sample (no dropout), so score it first.
@@ -297,28 +296,14 @@ class LearnerRank:
             raise ValueError(f"learner rank {self.rank} got an empty batch for train_step")
         records: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         bad = torch.zeros(1, device=self.device)  # 1 once this rank saw a non-finite loss
-        want_entropy_grad = self.algo.entropy_coef != 0
+        sampling = Sampling(**self._sampling())
         for i, micro in enumerate(micros):
             last = i == len(micros) - 1
             self.engine.set_gradient_accumulation_boundary(last)
             logits = self._logits(self.engine, micro)
             mb = micro.view.to(self.device)  # every loss reads completion positions only
-            if objective == "sft":
-                # The teacher's tokens, learnt as written: no sampling temperature applies.
-                logprobs = token_logprobs(logits, mb.input_ids, temperature=1.0)
-                loss, metrics = sft_loss(logprobs, mb.response_mask, total_tokens=total_tokens), {}
-            else:
-                sampling = self._sampling()
-                logprobs = token_logprobs(logits, mb.input_ids, **sampling)
-                with torch.set_grad_enabled(want_entropy_grad):
-                    entropy = token_entropy(logits, **sampling)
-                # Distillation compares raw log-probs (the teacher's are): one more pass over these logits.
-                raw = (token_logprobs(logits.detach(), mb.input_ids, temperature=1.0)
-                       if mb.teacher_logprobs is not None and mb.old_raw_logprobs is None else None)
-                loss, metrics = grpo_objective(
-                    logprobs, mb, self.algo, total_tokens=total_tokens, total_seqs=total_seqs, entropy=entropy,
-                    raw_logprobs=raw,
-                )
+            loss, metrics = self.objective.loss(logits, mb, self.algo, sampling,
+                                                total_tokens=total_tokens, total_seqs=total_seqs)
             if faults.active("nonfinite_loss", self.engine.global_steps + 1):  # tests only
                 loss = loss * float("nan")
             bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())

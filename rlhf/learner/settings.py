@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from rlhf.algo.objectives import OBJECTIVES
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config
 from rlhf.learner.optim import lr_factor
 from rlhf.learner.sync import TRANSPORTS
 
 
-def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updates: int) -> None:
+def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updates: int,
+                   objective: str = "grpo") -> None:
     """Raise ConfigError naming the key and value of the first setting that cannot work.
 
-    ``total_updates``: optimizer updates of the whole run, what the learning-rate schedule counts."""
+    ``total_updates``: optimizer updates of the whole run, what the learning-rate schedule counts;
+    ``objective``: the learner's (``LearnerGroup(objective=...)``), a name in OBJECTIVES."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(
+            f"learner objective={objective!r} is not a registered {OBJECTIVES.kind}; known: {OBJECTIVES.names()}"
+        )
     for key, value in [
         ("learner.num_ranks", cfg.num_ranks),
         ("learner.micro_batch_size", cfg.micro_batch_size),
