@@ -87,11 +87,6 @@ def _build_smollm2(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def tokenizer_source(cache: str | None = None) -> Path:
-    """The SmolLM2 tokenizer (from the converted folder)."""
-    return prepare_smollm2(cache)
-
-
 def prepare_smollm2(cache: str | None = None) -> Path:
     return _publish(_build_smollm2, cache_dir(cache) / SMOLLM2)
 

@@ -42,14 +42,6 @@ def validate_request(prompt_ids: list[list[int]], sampling: SamplingSettings, ma
                 raise ValueError(f"prompt {i} token {j} is {tok!r}, not a token id (int >= 0)")
 
 
-def drop_too_long(prompt_ids: list[list[int]], max_model_len: int) -> tuple[list[list[int]], list[int]]:
-    """The counted alternative to an error: (prompts that fit, indices of the ones dropped)."""
-    limit = max_prompt_len(max_model_len)
-    kept = [ids for ids in prompt_ids if len(ids) <= limit]
-    dropped = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
-    return kept, dropped
-
-
 def sampling_from_config(cfg: RolloutConfig) -> SamplingSettings:
     """Training-rollout sampling settings from the rollout config group."""
     return SamplingSettings(

@@ -70,13 +70,13 @@ def test_old_logprobs_make_it_off_policy():
     assert m["ratio/max"].item() == pytest.approx(2.0)
 
 
-def test_dr_grpo_uses_the_passed_norm_length():
+def test_dr_grpo_uses_the_configured_norm_length():
     # seq sums / 8: (-2/8 + 1.5/8) / 2 = -0.03125
-    cfg = AlgoConfig(advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm")
-    loss, _ = _run(cfg, _batch(), norm_length=8)
+    cfg = AlgoConfig(advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", norm_length=8)
+    loss, _ = _run(cfg, _batch())
     assert loss.item() == pytest.approx(-0.03125)
     with pytest.raises(ValueError, match="algo.norm_length is null"):
-        _run(cfg, _batch())
+        _run(dataclasses.replace(cfg, norm_length=None), _batch())
 
 
 def test_micro_batch_metrics_sum_to_the_whole_batch():

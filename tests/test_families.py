@@ -31,13 +31,13 @@ ENGINE = RolloutConfig(num_engines=1, max_model_len=256, kv_cache_gb=0.25, timeo
 @pytest.fixture(scope="session")
 def family_dir(tmp_path_factory):
     """Builds a family's tiny model once per session, in the session's temp folder."""
-    from rlhf.models import tokenizer_source
+    from rlhf.models import prepare_smollm2
 
     root, built = tmp_path_factory.mktemp("families"), {}
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = build_family_model(name, root / name, tokenizer_source())
+            built[name] = build_family_model(name, root / name, prepare_smollm2())
         return built[name]
 
     return get

@@ -19,7 +19,6 @@ from rlhf.config import RolloutConfig
 from rlhf.types import RolloutBatch, SamplingSettings
 from rollouts.engine import bound_cores, engine_env_vars
 from rollouts.group import EngineGroup, split_evenly
-from rollouts.requests import drop_too_long
 
 MAX_MODEL_LEN = 256
 VOCAB = 49152
@@ -422,13 +421,6 @@ def test_engine_checks_its_own_input(group):
 def test_probe_needs_two_tokens(group):
     with pytest.raises(ValueError, match="probe token_ids has 1 tokens"):
         group.probe([5])
-
-
-def test_drop_too_long_counts_what_it_drops():
-    # Limit 255 for max_model_len 256: prompts 1 and 3 (256 and 300 tokens) go.
-    prompts = [[1] * 10, [1] * 256, [1] * 255, [1] * 300]
-    kept, dropped = drop_too_long(prompts, MAX_MODEL_LEN)
-    assert dropped == [1, 3] and [len(p) for p in kept] == [10, 255]
 
 
 # --- the real model -------------------------------------------------------------------------------

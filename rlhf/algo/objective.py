@@ -54,7 +54,6 @@ def grpo_objective(
     *,
     total_tokens: float,
     total_seqs: float,
-    norm_length: float | None = None,
     entropy: Tensor | None = None,
     raw_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -63,9 +62,6 @@ def grpo_objective(
     logprobs [B, L]: the policy's token log-probs (token_logprobs), with grad.
     batch: the micro-batch (response_mask, advantages, old/ref/teacher log-probs, sample_weight).
     total_tokens, total_seqs: normalisers(...) of the whole mini-batch.
-    norm_length: Dr.GRPO's constant; defaults to cfg.norm_length. A null there raises for
-        seq_mean_token_sum_norm (conf/algo/dr_grpo.yaml sets it to ${rollout.max_new_tokens};
-        the learner's settings check refuses a null before any rank starts).
     entropy [B, L]: token_entropy(...), needed when cfg.entropy_coef > 0.
     raw_logprobs [B, L]: this forward's log-probs at temperature 1, untruncated (detached), the
         student's side of distillation when the batch has teacher but no old_raw_logprobs.
@@ -76,11 +72,10 @@ def grpo_objective(
         raise ValueError(f"the batch has teacher_logprobs but algo.distill_coef={cfg.distill_coef} is not > 0")
     if cfg.entropy_coef != 0 and entropy is None:
         raise ValueError(f"algo.entropy_coef={cfg.entropy_coef} != 0 but no entropy was given")
-    norm_length = cfg.norm_length if norm_length is None else norm_length
-    if cfg.loss_agg == "seq_mean_token_sum_norm" and norm_length is None:
+    # Dr.GRPO's constant; the learner's settings check refuses a null before any rank starts.
+    if cfg.loss_agg == "seq_mean_token_sum_norm" and cfg.norm_length is None:
         raise ValueError(
-            "algo.norm_length is null: set it or pass norm_length= (conf/algo/dr_grpo.yaml sets it "
-            "to ${rollout.max_new_tokens})"
+            "algo.norm_length is null: set it (conf/algo/dr_grpo.yaml sets it to ${rollout.max_new_tokens})"
         )
     # 0/1: the tokens that count. The sequence weight is applied once, by the aggregation.
     mask = batch.response_mask.to(logprobs.dtype)
@@ -93,7 +88,7 @@ def grpo_objective(
     agg = dict(
         total_tokens=total_tokens,
         total_seqs=total_seqs,
-        norm_length=norm_length,
+        norm_length=cfg.norm_length,
         seq_weight=weight,
     )
 

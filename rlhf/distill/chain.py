@@ -37,7 +37,6 @@ from rlhf.validation import validate
 
 register_configs()
 
-STAGES = ("collect", "sft", "opd", "grpo")
 STAGE_MARKER = "STAGE_COMPLETE"
 SUMMARY_FILE = "summary.json"
 
