@@ -1,3 +1,7 @@
-"""Where actors run: Ray started or joined (``connect``), the node a process is on (``node``), placement
-groups for the learner ranks and the engines (``placement``), and the storage rule of a run that spans
-nodes (``storage``). Below the components: the learner and the engines ask it where they are."""
+"""Where actors run. Below the components: the learner and the engines ask it where they are.
+
+connect.py    Ray started or joined, bound to loopback unless configured otherwise
+node.py       the node a process is on and its address (actors report it)
+placement.py  placement groups for the learner ranks and the engines, checked before use
+storage.py    the storage rule of a run that spans nodes: one run folder and one model folder for all
+"""
