@@ -144,7 +144,7 @@ class RewardRunner:
         per_fn: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
         for fn, tasks in submitted:
-            outcome = _collect(fn, tasks, n)
+            outcome = _outcome_of(fn, tasks, n)
             per_fn[fn.name] = outcome.values
             metrics.update(_fn_metrics(fn.name, outcome))
             bad = outcome.failures + outcome.timeouts
@@ -157,10 +157,8 @@ class RewardRunner:
                     f"First: {outcome.first_error}. Input: prompt={_clip(prompts[i])!r} "
                     f"completion={_clip(completions[i])!r}"
                 )
-        total = self._total(per_fn, n)
-        scored = [t for t in total if t is not None]
-        metrics["reward/total/mean"] = sum(scored) / len(scored) if scored else math.nan
-        metrics["reward/total/none"] = float(n - len(scored))
+        total = weighted_total([(f.weight, per_fn[f.name]) for f in self.functions], n)
+        metrics.update(total_metrics(total))
         metrics["reward/abandoned_tasks"] = float(self._pool.abandoned + self._abandoned_remote())
         return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
 
@@ -211,17 +209,25 @@ class RewardRunner:
                     "Ray worker and none started; each asks for 1 CPU and the cluster has none free"
                 )
 
-    def _total(self, per_fn: dict[str, list[float | None]], n: int) -> list[float | None]:
-        weighted = [(f.weight, per_fn[f.name]) for f in self.functions if f.weight != 0]
-        total: list[float | None] = []
-        for i in range(n):
-            parts = [(w, vals[i]) for w, vals in weighted]
-            total.append(None if any(v is None for _, v in parts) else sum(w * v for w, v in parts))
-        return total
-
     def _close_functions(self) -> None:
         for f in self.functions:
             f.close()
+
+
+def weighted_total(parts: Sequence[tuple[float, Sequence[float | None]]], n: int) -> list[float | None]:
+    """Per completion, the weighted sum of the parts (weight, values) whose weight is not 0; None
+    where any of those parts is None. The one None rule of rewards: the runner's total over its
+    functions, and rlhf/experience/scoring.py's environment reward added to that total."""
+    weighted = [(w, values) for w, values in parts if w != 0]
+    return [None if any(values[i] is None for _, values in weighted) else sum(w * values[i] for w, values in weighted)
+            for i in range(n)]
+
+
+def total_metrics(total: Sequence[float | None]) -> dict[str, float]:
+    """reward/total/mean over the completions scored, reward/total/none: how many were not."""
+    scored = [t for t in total if t is not None]
+    return {"reward/total/mean": sum(scored) / len(scored) if scored else math.nan,
+            "reward/total/none": float(len(total) - len(scored))}
 
 
 def _plain(kwargs: Any) -> dict[str, Any]:
@@ -242,7 +248,8 @@ def _bind(fn: Any, prompt: Any, completion: Any, columns: dict[str, Any]) -> Any
     return lambda: fn(prompt, completion, **columns)
 
 
-def _collect(fn: LoadedReward, tasks: list[Task], n: int) -> _Outcome:
+def _outcome_of(fn: LoadedReward, tasks: list[Task], n: int) -> _Outcome:
+    """One function's finished tasks as per-completion values, with its failures and timeouts."""
     out = _Outcome(values=[None] * n)
     if fn.sample_fn is not None:
         for i, t in enumerate(tasks):
