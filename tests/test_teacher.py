@@ -21,7 +21,7 @@ import pytest
 
 from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
 from rlhf.distill.client import TeacherError, parse_retry_after, retry_delay
-from rlhf.distill.teacher_answers import CACHE_FILE, collect, from_jsonl
+from rlhf.distill.teacher_answers import CACHE_FILE, ask_teacher, from_jsonl
 from rlhf.run.ledger import CostLedger
 
 KEY_ENV = "TEST_TEACHER_KEY"
@@ -143,7 +143,7 @@ def read_jsonl(path) -> list[dict]:
 
 def test_collects_answers_and_counts_usage(server, api_key, tmp_path):
     ledger = CostLedger(tmp_path, LedgerConfig(device_kind="cpu", save_every_s=0.0), "collect")
-    result = collect(ROWS, teacher_cfg(server), tmp_path, ledger=ledger)
+    result = ask_teacher(ROWS, teacher_cfg(server), tmp_path, ledger=ledger)
     ledger.close()
 
     records = read_jsonl(result.dataset_path)
@@ -174,7 +174,7 @@ def test_retries_429_500_and_timeout_then_succeeds(server, api_key, tmp_path):
     # Attempt 1: 429 asking for 1 s; 2: a 500; 3: answers after 2 s (the client gives up at 0.5 s);
     # 4: answers.
     server.script = [("status", 429, "1"), ("status", 500, None), ("slow", 2.0)]
-    result = collect(ROWS[:1], teacher_cfg(server, timeout_s=0.5), tmp_path)
+    result = ask_teacher(ROWS[:1], teacher_cfg(server, timeout_s=0.5), tmp_path)
     assert read_jsonl(result.dataset_path)[0]["completion"] == "2 + 3 = 5"
     assert server.requests == 4
     assert (result.stats.http_requests, result.stats.retries, result.stats.paid) == (4, 3, 1)
@@ -188,7 +188,7 @@ def test_gives_up_after_max_retries_naming_the_row(server, api_key, tmp_path):
     # One at a time so row 0 is answered (and cached) before row 1 fails.
     cfg = teacher_cfg(server, max_retries=2, max_concurrency=1)
     with pytest.raises(TeacherError) as err:
-        collect(rows, cfg, tmp_path)
+        ask_teacher(rows, cfg, tmp_path)
     message = str(err.value)
     assert message.startswith("prompt row 1: gave up after 3 attempts (teacher.max_retries=2)")
     assert "HTTP 503" in message
@@ -203,28 +203,28 @@ def test_gives_up_after_max_retries_naming_the_row(server, api_key, tmp_path):
 def test_client_errors_are_not_retried(server, api_key, tmp_path):
     server.script = [("status", 401, None)]
     with pytest.raises(TeacherError, match=r"prompt row 0: .* answered HTTP 401") as err:
-        collect(ROWS[:1], teacher_cfg(server), tmp_path)
+        ask_teacher(ROWS[:1], teacher_cfg(server), tmp_path)
     assert server.requests == 1
     assert api_key not in "".join(traceback.format_exception(err.value))
 
 
 def test_resume_from_cache_pays_only_for_new_answers(server, api_key, tmp_path):
     cfg = teacher_cfg(server)
-    collect(ROWS[:2], cfg, tmp_path)  # "interrupted" after two rows
+    ask_teacher(ROWS[:2], cfg, tmp_path)  # "interrupted" after two rows
     assert server.requests == 2
-    second = collect(ROWS, cfg, tmp_path)
+    second = ask_teacher(ROWS, cfg, tmp_path)
     assert server.requests == 3  # only row 2 was asked
     assert (second.stats.cache_hits, second.stats.paid) == (2, 1)
 
     ledger = CostLedger(tmp_path / "again", LedgerConfig(device_kind="cpu", save_every_s=0.0),
                         "collect")
-    third = collect(ROWS, cfg, tmp_path / "again", ledger=ledger)
+    third = ask_teacher(ROWS, cfg, tmp_path / "again", ledger=ledger)
     ledger.close()
     # The cache lives in the first run folder; point the third run at it.
     assert third.stats.paid == 3  # a fresh folder has its own cache
     server_before = server.requests
     cfg_shared = teacher_cfg(server, cache_path=str(tmp_path / CACHE_FILE))
-    fourth = collect(ROWS, cfg_shared, tmp_path / "shared")
+    fourth = ask_teacher(ROWS, cfg_shared, tmp_path / "shared")
     assert server.requests == server_before  # 0 new requests
     assert (fourth.stats.cache_hits, fourth.stats.paid, fourth.stats.prompt_tokens) == (3, 0, 0)
     assert read_jsonl(fourth.dataset_path) == read_jsonl(second.dataset_path)
@@ -232,12 +232,12 @@ def test_resume_from_cache_pays_only_for_new_answers(server, api_key, tmp_path):
 
 def test_partial_last_cache_line_is_dropped_and_asked_again(server, api_key, tmp_path):
     cfg = teacher_cfg(server)
-    collect(ROWS, cfg, tmp_path)
+    ask_teacher(ROWS, cfg, tmp_path)
     cache = tmp_path / CACHE_FILE
     lines = cache.read_text().splitlines(keepends=True)
     # A crash in the middle of writing the last entry: half of it, no newline.
     cache.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
-    result = collect(ROWS, cfg, tmp_path)
+    result = ask_teacher(ROWS, cfg, tmp_path)
     assert server.requests == 3 + 1
     assert (result.stats.cache_hits, result.stats.paid) == (2, 1)
     assert len(cache.read_text().splitlines()) == 3
@@ -246,15 +246,15 @@ def test_partial_last_cache_line_is_dropped_and_asked_again(server, api_key, tmp
     # Damage anywhere else is not a crash artefact: it is reported with its line.
     cache.write_text(lines[0] + "garbage\n" + lines[1])
     with pytest.raises(ValueError, match=r"teacher_cache.jsonl line 2: not a cache entry"):
-        collect(ROWS, cfg, tmp_path)
+        ask_teacher(ROWS, cfg, tmp_path)
 
 
 def test_api_key_never_written_to_disk(server, api_key, tmp_path):
     ledger = CostLedger(tmp_path, LedgerConfig(device_kind="cpu", save_every_s=0.0), "collect")
-    collect(ROWS, teacher_cfg(server), tmp_path, ledger=ledger)
+    ask_teacher(ROWS, teacher_cfg(server), tmp_path, ledger=ledger)
     server.fail_text = ("7 + 1", 500)
     with pytest.raises(TeacherError):
-        collect([{"prompt": "What is 7 + 1?", "answer": "8"}], teacher_cfg(server, max_retries=1),
+        ask_teacher([{"prompt": "What is 7 + 1?", "answer": "8"}], teacher_cfg(server, max_retries=1),
                 tmp_path / "failed", ledger=ledger)
     ledger.close()
     assert f"Bearer {api_key}" in server.auth  # the key was really in use
@@ -271,7 +271,7 @@ def test_reward_filter_keeps_verified_answers(server, api_key, tmp_path):
                 for c, a in zip(completions, answer)]
 
     rows = [*ROWS, {"prompt": "What is 1 + 1?", "answer": None}]
-    result = collect(rows, teacher_cfg(server, min_reward=1.0), tmp_path,
+    result = ask_teacher(rows, teacher_cfg(server, min_reward=1.0), tmp_path,
                      reward_fn=last_number_matches)
     records = read_jsonl(result.dataset_path)
     # Rows 0 and 1 are right; row 2 (3 + 6 = 10) is wrong; row 3 has no answer to check.
@@ -284,7 +284,7 @@ def test_async_reward_fn_and_samples_per_prompt(server, api_key, tmp_path):
     async def always_half(prompts, completions, **columns):
         return [0.5] * len(completions)
 
-    result = collect(ROWS[:2], teacher_cfg(server, samples_per_prompt=2, min_reward=0.5), tmp_path,
+    result = ask_teacher(ROWS[:2], teacher_cfg(server, samples_per_prompt=2, min_reward=0.5), tmp_path,
                      reward_fn=always_half)
     records = read_jsonl(result.dataset_path)
     # 2 rows x 2 samples, each its own cached request.
@@ -295,18 +295,18 @@ def test_async_reward_fn_and_samples_per_prompt(server, api_key, tmp_path):
 
 def test_bad_inputs_fail_before_any_request(server, api_key, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"prompt row 1 lacks column\(s\) \['answer'\]"):
-        collect([ROWS[0], {"prompt": "What is 1 + 2?"}], teacher_cfg(server), tmp_path)
+        ask_teacher([ROWS[0], {"prompt": "What is 1 + 2?"}], teacher_cfg(server), tmp_path)
     with pytest.raises(ValueError, match=r"prompt row 0 has no column teacher.prompt_column='question'"):
-        collect(ROWS, teacher_cfg(server, prompt_column="question"), tmp_path)
+        ask_teacher(ROWS, teacher_cfg(server, prompt_column="question"), tmp_path)
     with pytest.raises(ValueError, match=r"prompt row 1: the prompt must be non-empty text"):
-        collect([ROWS[0], {"prompt": "", "answer": "0"}], teacher_cfg(server), tmp_path)
+        ask_teacher([ROWS[0], {"prompt": "", "answer": "0"}], teacher_cfg(server), tmp_path)
     with pytest.raises(ValueError, match=r"column\(s\) \['completion'\] clash"):
-        collect([{"prompt": "What is 1 + 2?", "completion": "x"}], teacher_cfg(server), tmp_path)
+        ask_teacher([{"prompt": "What is 1 + 2?", "completion": "x"}], teacher_cfg(server), tmp_path)
     with pytest.raises(ConfigError, match=r"teacher.model is not set"):
-        collect(ROWS, teacher_cfg(server, model=None), tmp_path)
+        ask_teacher(ROWS, teacher_cfg(server, model=None), tmp_path)
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ConfigError, match=rf"teacher.api_key_env='{KEY_ENV}': the environment variable is not set"):
-        collect(ROWS, teacher_cfg(server), tmp_path)
+        ask_teacher(ROWS, teacher_cfg(server), tmp_path)
     assert server.requests == 0
 
 

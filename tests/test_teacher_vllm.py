@@ -20,7 +20,7 @@ import pytest
 
 from rlhf.config import TeacherConfig
 from rlhf.distill.client import TeacherError
-from rlhf.distill.teacher_answers import collect
+from rlhf.distill.teacher_answers import ask_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_collects_from_vllm_with_reported_usage(vllm_server, tiny_model_path, tm
     monkeypatch.setenv(KEY_ENV, key)
     cfg = TeacherConfig(base_url=base_url, model="tiny", api_key_env=KEY_ENV, temperature=0.0,
                         max_tokens=MAX_TOKENS, max_concurrency=2, timeout_s=60.0, max_retries=2)
-    result = collect(ROWS, cfg, tmp_path)
+    result = ask_teacher(ROWS, cfg, tmp_path)
     records = [json.loads(x) for x in result.dataset_path.read_text().splitlines()]
     assert len(records) == 3
 
@@ -108,7 +108,7 @@ def test_collects_from_vllm_with_reported_usage(vllm_server, tiny_model_path, tm
     assert stats.completion_tokens == sum(r["usage"]["completion_tokens"] for r in records)
     assert (stats.paid, stats.missing_usage) == (3, 0)
 
-    again = collect(ROWS, cfg, tmp_path)  # resumed: everything from the cache
+    again = ask_teacher(ROWS, cfg, tmp_path)  # resumed: everything from the cache
     assert (again.stats.cache_hits, again.stats.paid, again.stats.http_requests) == (3, 0, 0)
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -122,6 +122,6 @@ def test_wrong_key_is_a_clear_unretried_error(vllm_server, tmp_path, monkeypatch
     cfg = TeacherConfig(base_url=base_url, model="tiny", api_key_env=KEY_ENV, max_tokens=4,
                         max_retries=3, backoff_base_s=0.01)
     with pytest.raises(TeacherError, match=r"prompt row 0: .*answered HTTP 401") as err:
-        collect(ROWS[:1], cfg, tmp_path)
+        ask_teacher(ROWS[:1], cfg, tmp_path)
     text = "".join(traceback.format_exception(err.value))
     assert wrong not in text and key not in text

@@ -1,6 +1,6 @@
 """Teacher answers for distillation, from an OpenAI-compatible chat-completions endpoint or a JSONL file.
 
-``collect(rows, cfg, run_dir)`` asks the teacher for an answer to every prompt row and writes an SFT
+``ask_teacher(rows, cfg, run_dir)`` asks the teacher for an answer to every prompt row and writes an SFT
 dataset (``<run folder>/teacher.jsonl``): one object per kept answer with ``prompt``, ``messages``
 (the prompt messages plus the assistant's answer), ``completion``, the row's other columns
 (``answer``, ...), ``usage``, ``finish_reason`` and ``sample``. On the way:
@@ -146,7 +146,7 @@ async def _fetch(jobs: dict[str, tuple[int, dict[str, Any]]], cfg: TeacherConfig
             stats.retries += client.retries
 
 
-async def acollect(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
+async def ask_teacher_async(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
                    reward_fn: RewardFn | None = None,
                    ledger: CostLedger | None = None) -> CollectResult:
     """Teacher answers for ``rows`` (dicts with cfg.prompt_column), written as an SFT dataset."""
@@ -185,10 +185,10 @@ async def acollect(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str 
     return _finish(records, rewards, cfg, run_dir, stats)
 
 
-def collect(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
+def ask_teacher(rows: list[dict[str, Any]], cfg: TeacherConfig, run_dir: str | Path,
             reward_fn: RewardFn | None = None, ledger: CostLedger | None = None) -> CollectResult:
-    """Synchronous :func:`acollect` (not from inside a running event loop)."""
-    return asyncio.run(acollect(rows, cfg, run_dir, reward_fn, ledger))
+    """Synchronous :func:`ask_teacher_async` (not from inside a running event loop)."""
+    return asyncio.run(ask_teacher_async(rows, cfg, run_dir, reward_fn, ledger))
 
 
 def collect_from_config(cfg: TeacherConfig, run_dir: str | Path, reward_fn: RewardFn | None = None,
@@ -204,7 +204,7 @@ def collect_from_config(cfg: TeacherConfig, run_dir: str | Path, reward_fn: Rewa
         raise ConfigError("teacher.path is not set (the JSONL of prompts to ask the teacher)")
     _check_api_config(cfg)
     rows = read_jsonl(cfg.path, [cfg.prompt_column])
-    return collect(rows, cfg, run_dir, reward_fn, ledger)
+    return ask_teacher(rows, cfg, run_dir, reward_fn, ledger)
 
 
 def from_jsonl(cfg: TeacherConfig, run_dir: str | Path,
