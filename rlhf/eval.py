@@ -21,7 +21,8 @@ from rlhf.cluster.connect import init_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.prompts import PromptDataset, reward_column_names
+from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.scoring import reward_column_names
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import EvalResult, evaluate
 from rlhf.models import resolve_model_path

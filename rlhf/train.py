@@ -16,9 +16,11 @@ gains distill_coef x -(log π_student - log π_teacher), both raw (temperature 1
 whatever the sampling temperature and top-k/top-p) (rlhf/algo/distill.py); with no task reward
 that is the whole signal.
 
-Drawing, generating and scoring is the producer's job (rlhf/experience/producer.py). With
-trainer.max_staleness = k > 0 it works k steps ahead: the engines sample step s + k while the
-learner trains step s, and the sync waits for that batch to finish. The learner measures, on every
+A step's batch (draw, generate, score, dynamic sampling's refills, the teacher's scoring) is the
+producer's: rlhf/experience/producer.py's collect_step, run by its RolloutProducer in a thread of
+its own; every reward rule is rlhf/experience/scoring.py's. With trainer.max_staleness = k > 0 the
+producer works k steps ahead: the engines sample step s + k while the learner trains step s, and
+the sync waits for that batch to finish. The learner measures, on every
 step, how far the sampler's log-probs are from its own (mismatch/*: a warning above
 algo.max_mismatch_kl, a named error after algo.max_mismatch_kl_steps such steps in a row;
 rlhf/run/mismatch.py) and corrects for the gap with algo.rollout_correction.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf.algo import compute_advantages, group_has_signal
+from rlhf.algo import compute_advantages
 from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
 from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.learner.checkpoint import latest_complete
@@ -60,8 +62,8 @@ from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.prompts import PromptDataset, PromptItem, reward_column_names
-from rlhf.experience.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes, score_episodes
+from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import evaluate
 from rlhf.learner import LearnerGroup
 from rlhf.learner.lora import serving_rank, sync_mode
@@ -73,14 +75,14 @@ from rlhf.models import check_model_family, peek_model_path, resolve_model_path
 from rlhf.cluster.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.run.plot import plot_run, plot_timeline
-from rlhf.experience.producer import Collected, RolloutProducer, regenerate_note
+from rlhf.experience.producer import Collected, RolloutProducer, collect_step, regenerate_note
+from rlhf.experience.scoring import reward_column_names, reward_metrics
 from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.run.rng import rng_state, seed_everything, set_rng_state
 from rlhf.run.timeline import Timeline, read_timeline
-from rlhf.types import RolloutBatch, SamplingSettings
+from rlhf.types import RolloutBatch
 from rlhf.validation import check_model, eval_reward, teacher_engines, validate
 from rewards.runner import RewardRunner
-from rollouts.engine import derive_seed
 from rollouts.group import EngineGroup
 from rollouts.requests import sampling_from_config
 from rollouts.opd_teacher import TeacherEngines, check_same_tokenizer
@@ -111,83 +113,6 @@ def print_plan(cfg: Config) -> None:
     print(describe(cfg, batches, memory, reachable_nodes(cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS"))))
     if memory is None:
         print(f"(model {cfg.model.name_or_path} is not prepared yet: no memory estimate)")
-
-
-# Reward-runner metrics that count events (failed, timed-out, declined calls): summed over draws.
-_COUNTED = ("/failures", "/timeouts", "/none")
-
-
-def collect(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
-            sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None,
-            prompts: list[PromptItem] | None = None) -> Collected:
-    """Draw prompts, roll out (one turn, or several with an environment: rlhf/experience/episodes.py) and
-    score; with dynamic sampling, refill zero-variance groups; with a ``teacher``, have it score the
-    kept completions' tokens (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's,
-    regenerated on resume (RolloutProducer.restore): the first draw takes them instead of new ones
-    (dynamic sampling's refills still draw new ones).
-
-    Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
-    an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
-    producer's thread (rlhf/experience/producer.py): it touches only the data, the engines and the rewards.
-    """
-    n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
-    metrics: dict[str, float] = {}
-    kept_items, kept_rollouts, kept_scores = [], [], []
-    draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
-    dropped = generated = 0
-    for draw in range(draws):
-        items = prompts if draw == 0 and prompts is not None else data.next_batch(want - len(kept_items))
-        with timeline.span("generate", step, metrics):
-            episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env,
-                                    seed=derive_seed(cfg.rollout.seed, step, draw))
-        rollouts = episodes.rollouts
-        generated += rollouts.num_output_tokens
-        with timeline.span("score", step, metrics):
-            scored = score_episodes(rewards, items, episodes, cfg.env.reward_weight, env.factory is not None)
-        for g, item in enumerate(items):
-            group = scored.total[g * n : (g + 1) * n]
-            flat = not group_has_signal(group)
-            last_draw = draw == draws - 1
-            if cfg.algo.dynamic_sampling and flat and not last_draw:
-                dropped += 1
-                continue
-            kept_items.append(item)
-            kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
-            kept_scores.append((group, {k: v[g * n : (g + 1) * n] for k, v in scored.per_fn.items()}))
-        for key, value in {**scored.metrics, **episodes.metrics}.items():
-            counted = key.endswith(_COUNTED) or key in ENV_COUNTED
-            metrics[key] = metrics.get(key, 0.0) + value if counted else value
-        if len(kept_items) == want:
-            break
-    metrics["dynamic_sampling/dropped_groups"] = dropped
-    metrics["dynamic_sampling/draws"] = draw + 1
-    metrics["async/regenerated"] = float(prompts is not None)
-    if teacher is not None:
-        with timeline.span("teacher", step, metrics):
-            metrics["distill/teacher_tokens"] = float(teacher.score(kept_rollouts).tokens)
-    for c in kept_rollouts:
-        c.policy_version = policy_version
-    return Collected(step, policy_version, kept_items, kept_rollouts, kept_scores, generated, metrics)
-
-
-def reward_metrics(total: list, per_fn: dict[str, list], rollouts, n: int) -> dict[str, float]:
-    """The field's usual names: reward/mean, reward/<fn>/mean, frac_reward_zero_std, lengths."""
-    valid = [r for r in total if r is not None]
-    groups = [total[i : i + n] for i in range(0, len(total), n)]
-    zero_std = sum(not group_has_signal(g) for g in groups)
-    out = {
-        "reward/mean": sum(valid) / len(valid) if valid else float("nan"),
-        "reward/none_frac": 1 - len(valid) / len(total),
-        "frac_reward_zero_std": zero_std / len(groups),
-        "response_length/mean": sum(len(c.completion_ids) for c in rollouts) / len(rollouts),
-        "truncated_frac": sum(c.finish_reason == "length" for c in rollouts) / len(rollouts),
-    }
-    for name, values in per_fn.items():
-        ok = [v for v in values if v is not None]
-        mean = sum(ok) / len(ok) if ok else float("nan")
-        out[f"reward/{name}/mean"] = mean
-        out[f"reward/{name}/std"] = (sum((v - mean) ** 2 for v in ok) / len(ok)) ** 0.5 if ok else float("nan")
-    return out
 
 
 def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -346,8 +271,8 @@ def train(cfg: Config) -> Path:
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
         producer = RolloutProducer(
-            lambda step, version, prompts=None: collect(cfg, step, version, data, engines, rewards, env, sampling,
-                                                        timeline, teacher, prompts),
+            lambda step, version, prompts=None: collect_step(cfg, step, version, data, engines, rewards, env,
+                                                             sampling, timeline, teacher, prompts),
             first_step=start_step + 1, last_step=cfg.trainer.steps,
         )
         stack.callback(producer.close)
@@ -362,14 +287,11 @@ def train(cfg: Config) -> Path:
             got = producer.take(step)
             metrics: dict[str, float] = dict(got.metrics)
             metrics["async/staleness"] = float(step - 1 - got.policy_version)
-            completions = got.completions
-            total = [r for group, _ in got.scores for r in group]
-            per_fn = {k: [v for _, fns in got.scores for v in fns[k]] for k in got.scores[0][1]}
-            metrics.update(reward_metrics(total, per_fn, completions, cfg.rollout.n))
+            metrics.update(reward_metrics(got.scores, got.completions, cfg.rollout.n))
 
-            rewards_t = rewards_matrix(total, cfg.rollout.n)  # [G, n], NaN where a reward failed
+            rewards_t = rewards_matrix(got.scores.total, cfg.rollout.n)  # [G, n], NaN where a reward failed
             advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
-            rollouts = RolloutBatch(completions=completions, n=cfg.rollout.n)
+            rollouts = RolloutBatch(completions=got.completions, n=cfg.rollout.n)
             batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
             with timeline.span("train", step):
                 if cfg.algo.kl_coef > 0:

@@ -70,6 +70,29 @@ class RolloutBatch:
 
 
 @dataclass
+class Scores:
+    """Rewards of completions in rollout order (group g: rows g*n .. g*n+n-1): the weighted total,
+    None where a weighted reward failed (rewards/runner.py's weighted_total), and every reward
+    function's own values, weight 0 included. Crosses the producer's thread and checkpoints."""
+
+    total: list[float | None]
+    per_fn: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def rows(self, start: int, stop: int) -> Scores:
+        """Completions start .. stop - 1 (a group: g*n, g*n + n)."""
+        return Scores(self.total[start:stop], {k: v[start:stop] for k, v in self.per_fn.items()})
+
+    @classmethod
+    def concat(cls, parts: list[Scores]) -> Scores:
+        """The parts one after another; they score with the same functions."""
+        names = list(parts[0].per_fn) if parts else []
+        for i, p in enumerate(parts):
+            if list(p.per_fn) != names:
+                raise ValueError(f"scores part {i} has the reward functions {list(p.per_fn)}, part 0 has {names}")
+        return cls([t for p in parts for t in p.total], {k: [v for p in parts for v in p.per_fn[k]] for k in names})
+
+
+@dataclass
 class TrainBatch:
     """Padded tensors for one learner update. Shapes: B sequences, L tokens."""
 

@@ -15,8 +15,7 @@ from rlhf.algo.distill import DISTILL_OBJECTIVES
 from rlhf.config import Config, ConfigError, RolloutConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
-from rlhf.experience.prompts import reward_column_names
-from rlhf.experience.episodes import ENV_REWARD
+from rlhf.experience.scoring import ENV_REWARD, reward_column_names
 from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_settings

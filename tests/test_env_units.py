@@ -305,7 +305,7 @@ def score(episodes, functions, env_weight: float = 1.0):
     from rewards.runner import RewardRunner
     from rlhf.config import RewardConfig, RewardFnConfig
     from rlhf.experience.prompts import PromptItem
-    from rlhf.experience.episodes import score_episodes
+    from rlhf.experience.scoring import score_episodes
 
     item = PromptItem([1], "What is 12 * 7 + 5?", "What is 12 * 7 + 5?", {"answer": "89"})
     with RewardRunner(RewardConfig(functions=[RewardFnConfig(**f) for f in functions])) as runner:

@@ -10,14 +10,14 @@ import pytest
 
 from rlhf.experience.prompts import PromptItem
 from rlhf.experience.producer import Collected, RolloutProducer
-from rlhf.types import Completion
+from rlhf.types import Completion, Scores
 
 
 def batch(step: int, version: int) -> Collected:
     item = PromptItem(prompt_ids=[1, 2], prompt_text="p", raw_prompt="p", columns={"answer": "3"})
     done = Completion(prompt_index=0, prompt_ids=[1, 2], completion_ids=[5], logprobs=[-0.5],
                       finish_reason="stop", text="x", policy_version=version)
-    return Collected(step, version, [item], [done, done], [([1.0, None], {"r": [1.0, None]})], 2,
+    return Collected(step, version, [item], [done, done], Scores([1.0, None], {"r": [1.0, None]}), 2,
                      {"timing/generate": 0.1})
 
 
@@ -66,6 +66,34 @@ def test_collected_round_trips_through_json():
     b = batch(4, 2)
     again = Collected.from_json(json.loads(json.dumps(b.to_json())))
     assert again == b and again.completions[0].policy_version == 2
+
+
+def test_a_checkpoint_with_scores_per_group_still_resumes():
+    # Checkpoints written before typed scores hold them as one [total, {fn: values}] pair per kept
+    # group. Two groups of n=2: totals [1.0, None] and [0.0, 0.5] read as the step's four rows in
+    # group order, [1.0, None, 0.0, 0.5], and every function's values the same way.
+    b = batch(4, 2)
+    b.items = b.items * 2
+    b.completions = b.completions * 2
+    b.scores = Scores([1.0, None, 0.0, 0.5], {"r": [1.0, None, 0.0, 0.5], "len": [0.1, 0.2, 0.3, 0.4]})
+    old = json.loads(json.dumps(b.to_json()))
+    old["scores"] = json.loads('[[[1.0, null], {"r": [1.0, null], "len": [0.1, 0.2]}],'
+                               ' [[0.0, 0.5], {"r": [0.0, 0.5], "len": [0.3, 0.4]}]]')
+    resumed = Collected.from_json(old)
+    assert resumed == b
+    # Saved again, it is written in today's format and reads back the same.
+    assert json.loads(json.dumps(resumed.to_json()))["scores"] == {
+        "total": [1.0, None, 0.0, 0.5], "per_fn": {"r": [1.0, None, 0.0, 0.5], "len": [0.1, 0.2, 0.3, 0.4]}}
+    assert Collected.from_json(json.loads(json.dumps(resumed.to_json()))) == b
+
+
+def test_scores_slice_by_group_and_join_in_order():
+    s = Scores([1.0, None, 0.0, 0.5], {"r": [1.0, None, 0.0, 0.5]})
+    first, second = s.rows(0, 2), s.rows(2, 4)
+    assert first == Scores([1.0, None], {"r": [1.0, None]}) and Scores.concat([first, second]) == s
+    assert Scores.concat([]) == Scores([], {})
+    with pytest.raises(ValueError, match=r"scores part 1 has the reward functions \['q'\], part 0 has \['r'\]"):
+        Scores.concat([first, Scores([0.0], {"q": [0.0]})])
 
 
 def test_a_failed_batch_raises_where_it_is_taken_or_waited_for():

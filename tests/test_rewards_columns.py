@@ -17,8 +17,8 @@ import pytest
 from rewards.api import check_specs
 from rewards.runner import RewardRunner
 from rlhf.config import DataConfig, RewardConfig, RewardFnConfig
-from rlhf.experience.prompts import PromptDataset, reward_column_names
-from rlhf.experience.batching import expand_for_rewards
+from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.scoring import expand_for_rewards, reward_column_names
 from rlhf.types import Completion, RolloutBatch
 
 # What training passes with data.answer_column=answer and no data.reward_columns.

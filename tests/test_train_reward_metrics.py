@@ -1,12 +1,12 @@
-"""rlhf.train.reward_metrics: frac_reward_zero_std counts the groups without signal, as the
+"""rlhf.experience.scoring.reward_metrics: frac_reward_zero_std counts the groups without signal, as the
 advantage estimators and dynamic sampling define it (rlhf.algo.group_has_signal)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhf.train import reward_metrics
-from rlhf.types import Completion
+from rlhf.experience.scoring import reward_metrics
+from rlhf.types import Completion, Scores
 
 
 def _completions(count: int) -> list[Completion]:
@@ -21,6 +21,6 @@ def test_zero_std_counts_the_groups_without_signal():
         None, None,  # none valid: no signal
         1.0, 1.0 + 2**-30,  # equal as float32, the advantages' dtype: no signal, advantage 0
     ]
-    m = reward_metrics(total, {}, _completions(len(total)), n=2)
+    m = reward_metrics(Scores(total), _completions(len(total)), n=2)
     assert m["frac_reward_zero_std"] == pytest.approx(3 / 4)
     assert m["reward/none_frac"] == pytest.approx(3 / 8)

@@ -1,5 +1,5 @@
-"""From rollouts to the reward functions' inputs, and from scored rollouts to the learner's padded
-TrainBatch (pure functions, no model)."""
+"""From scored rollouts to the learner's padded TrainBatch (pure functions, no model); the reward
+functions' inputs are rlhf/experience/scoring.py's."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ import math
 import torch
 
 from rlhf.types import RolloutBatch, TrainBatch
-
-# Added per completion by expand_for_rewards, beside the dataset's reward columns.
-# ``transcript``: the whole trajectory's text (model turns and observations) where ``completions``
-# are the model's last turn (rlhf/experience/episodes.py score_episodes); the completion itself when single-turn.
-ROLLOUT_COLUMNS = ("completion_length", "completion_ids", "transcript")
 
 
 def rewards_matrix(total: list[float | None], n: int) -> torch.Tensor:
@@ -108,24 +103,3 @@ def mini_batches(batch: TrainBatch, count: int, seed: int) -> list[TrainBatch]:
     size = batch.size // count
     return [batch.select(order[i * size : (i + 1) * size]) for i in range(count)]
 
-
-def expand_for_rewards(items, rollouts) -> tuple[list[str], list[str], dict[str, list]]:
-    """Per-completion prompts, completions and dataset columns (each prompt's row repeated n times).
-
-    ``completion_ids`` and ``completion_length`` (tokens) are added for token-level rewards, and
-    ``transcript`` (each completion's whole text) for rewards that read a multi-turn trajectory.
-    """
-    prompts, completions = [], []
-    columns: dict[str, list] = {key: [] for key in (items[0].columns if items else {})}
-    for key in ROLLOUT_COLUMNS:
-        columns[key] = []
-    for c in rollouts.completions:
-        item = items[c.prompt_index]
-        prompts.append(item.raw_prompt)
-        completions.append(c.text)
-        for key in item.columns:
-            columns[key].append(item.columns[key])
-        columns["completion_length"].append(len(c.completion_ids))
-        columns["completion_ids"].append(list(c.completion_ids))
-        columns["transcript"].append(c.text)
-    return prompts, completions, columns

@@ -14,10 +14,8 @@ It is a wrong answer, not a failed reward: left as None it would drop out of its
 environment that rewards only success (every valid reward 1.0) would never get an advantage. An
 environment that says done with reward None declined to score: that stays None (env/reward_none).
 
-Reward functions score the model's last turn (``completions``), not the whole trajectory: earlier
-turns are tool calls and observations are the environment's text (a calculator result is a number
-``math_answer`` would otherwise read as the answer). The whole trajectory's text is the
-``transcript`` column.
+Each trajectory keeps its model's last turn (``last_turns``), what the reward functions score;
+scoring, the env reward's weight and its None rule are rlhf/experience/scoring.py's.
 
 Why batched turns rather than vLLM's async engine: the engines are driven through one blocking
 ``generate`` per call (rollouts/group.py), which keeps the per-step reseed that makes a resumed run
@@ -38,7 +36,6 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from rlhf.experience.batching import expand_for_rewards
 from rlhf.config import ConfigError, EnvConfig
 from rlhf.types import RolloutBatch, SamplingSettings
 from rewards.pool import DaemonPool, Task
@@ -48,7 +45,6 @@ from rollouts.env.chat import TurnCodec
 from rollouts.env.tools import env_tools
 from rollouts.env.trajectory import Trajectory
 
-ENV_REWARD = "env"  # the env reward's name among the reward functions' (metrics, eval_reward)
 # Env metrics that count events: summed over dynamic-sampling draws.
 UNFINISHED = ("max_turns", "budget", "errors")  # why an episode ended unrewarded (Trajectory.unfinished)
 ENV_COUNTED = ("env/step_errors", "env/step_timeouts", "env/step_busy", "env/obs_truncated", "env/budget_stops", "env/budget_cuts",
@@ -289,23 +285,3 @@ def _metrics(trajs: list[Trajectory], env_rewards: list[float | None], counts: d
         "env/tool_success_rate": (calls - counts["env/tool_errors"]) / calls if calls else math.nan,
     }
 
-
-def score_episodes(reward_runner, items, episodes: Episodes, env_weight: float, with_env: bool):
-    """The reward functions on each trajectory's last model turn (the whole trajectory's text is
-    their ``transcript`` column), plus the env reward as a function named "env" weighted by
-    ``env_weight`` (with ``with_env``); a None env reward under a non-zero weight makes the total
-    None, as any function's None does."""
-    prompts, _, columns = expand_for_rewards(items, episodes.rollouts)
-    scored = reward_runner.score(prompts, list(episodes.last_turns), columns)
-    if not with_env:
-        return scored
-    env = episodes.env_rewards
-    total = [None if t is None or (env_weight != 0 and e is None) else t + (env_weight * e if env_weight else 0.0)
-             for t, e in zip(scored.total, env)]
-    got = [e for e in env if e is not None]
-    metrics = dict(scored.metrics)
-    metrics[f"reward/{ENV_REWARD}/mean"] = sum(got) / len(got) if got else math.nan
-    valid = [t for t in total if t is not None]
-    metrics["reward/total/mean"] = sum(valid) / len(valid) if valid else math.nan
-    metrics["reward/total/none"] = float(len(total) - len(valid))
-    return replace(scored, total=total, per_fn={**scored.per_fn, ENV_REWARD: list(env)}, metrics=metrics)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from rlhf.experience.episodes import EnvRuntime, env_items, run_episodes, score_episodes
+from rlhf.experience.episodes import EnvRuntime, env_items, run_episodes
+from rlhf.experience.scoring import score_episodes
 from rlhf.types import SamplingSettings
 
 

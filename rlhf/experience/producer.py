@@ -1,6 +1,8 @@
-"""Rollouts generated ahead of the learner (trainer.max_staleness = k): the producer the loop drives.
+"""One step's rollouts, and the producer that makes them ahead of the learner (trainer.max_staleness = k).
 
-One background thread draws, generates and scores the batch of each step, in step order. The loop
+``collect_step`` is a step's batch: draw prompts, roll out, score, refill flat groups (dynamic
+sampling), have the teacher score the kept tokens. One background thread (``RolloutProducer``)
+runs it for each step, in step order. The loop
 asks for the batches up to step s + k before it trains step s, so the engines sample step s + k
 while the learner trains step s, and it syncs weights only once nothing is in flight (``wait``).
 So the batch of step t is sampled by the weights after update t - 1 - k (after update 0 for the
@@ -20,9 +22,19 @@ import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from rlhf.algo import group_has_signal
+from rlhf.config import Config
+from rlhf.experience.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes
 from rlhf.experience.prompts import PromptItem
-from rlhf.types import Completion
+from rlhf.experience.scoring import score_episodes
+from rlhf.run.timeline import Timeline
+from rlhf.types import Completion, SamplingSettings, Scores
+from rollouts.engine import derive_seed
+
+if TYPE_CHECKING:
+    from rollouts.opd_teacher import TeacherEngines
 
 
 @dataclass
@@ -33,12 +45,12 @@ class Collected:
     policy_version: int  # learner updates (steps) applied to the weights that sampled it
     items: list[PromptItem]  # per kept group
     completions: list[Completion]  # n per kept group, in group order
-    scores: list[tuple[list, dict[str, list]]]  # (total rewards, {fn: rewards}) per kept group
+    scores: Scores  # per completion, in the order of ``completions``
     generated_tokens: int  # over every draw: dropped groups were generated too
     metrics: dict[str, float] = field(default_factory=dict)  # timing/generate, score, reward runner
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # scores: {"total": [...], "per_fn": {fn: [...]}}
 
     @classmethod
     def from_json(cls, d: dict) -> Collected:
@@ -47,10 +59,78 @@ class Collected:
             policy_version=d["policy_version"],
             items=[PromptItem(**it) for it in d["items"]],
             completions=[Completion(**c) for c in d["completions"]],
-            scores=[(list(total), dict(per_fn)) for total, per_fn in d["scores"]],
+            scores=_scores_from_json(d["scores"]),
             generated_tokens=d["generated_tokens"],
             metrics=dict(d["metrics"]),
         )
+
+
+def _scores_from_json(saved: dict | list) -> Scores:
+    """Scores as to_json writes them, or as checkpoints written before typed scores hold them: a
+    list of [total, {fn: values}] pairs, one per kept group, in group order."""
+    if isinstance(saved, list):
+        return Scores.concat([Scores(list(total), {k: list(v) for k, v in per_fn.items()}) for total, per_fn in saved])
+    return Scores(list(saved["total"]), {k: list(v) for k, v in saved["per_fn"].items()})
+
+
+# Reward-runner metrics that count events (failed, timed-out, declined calls): summed over draws.
+_COUNTED = ("/failures", "/timeouts", "/none")
+
+
+def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
+                 sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None,
+                 prompts: list[PromptItem] | None = None) -> Collected:
+    """The batch of ``step``: draw prompts, roll out (one turn, or several with an environment:
+    rlhf/experience/episodes.py) and score (rlhf/experience/scoring.py); with dynamic sampling,
+    refill zero-variance groups; with a ``teacher``, have it score the kept completions' tokens
+    (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's, regenerated on resume
+    (RolloutProducer.restore): the first draw takes them instead of new ones (dynamic sampling's
+    refills still draw new ones).
+
+    Every generate is seeded from (rollout.seed, step, draw), so a resumed run samples exactly what
+    an uninterrupted one did. Failure counts and generated tokens add up over draws. Runs in the
+    producer's thread: it touches only the data, the engines and the rewards.
+    """
+    n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+    metrics: dict[str, float] = {}
+    kept_items: list[PromptItem] = []
+    kept_rollouts: list[Completion] = []
+    kept_scores: list[Scores] = []
+    draws = cfg.algo.dynamic_sampling_max_draws if cfg.algo.dynamic_sampling else 1
+    dropped = generated = 0
+    for draw in range(draws):
+        items = prompts if draw == 0 and prompts is not None else data.next_batch(want - len(kept_items))
+        with timeline.span("generate", step, metrics):
+            episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env,
+                                    seed=derive_seed(cfg.rollout.seed, step, draw))
+        rollouts = episodes.rollouts
+        generated += rollouts.num_output_tokens
+        with timeline.span("score", step, metrics):
+            scored = score_episodes(rewards, items, episodes, cfg.env.reward_weight, env.factory is not None)
+        scores = Scores(scored.total, scored.per_fn)
+        for g, item in enumerate(items):
+            group = scores.rows(g * n, (g + 1) * n)
+            last_draw = draw == draws - 1
+            if cfg.algo.dynamic_sampling and not group_has_signal(group.total) and not last_draw:
+                dropped += 1
+                continue
+            kept_items.append(item)
+            kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
+            kept_scores.append(group)
+        for key, value in {**scored.metrics, **episodes.metrics}.items():
+            counted = key.endswith(_COUNTED) or key in ENV_COUNTED
+            metrics[key] = metrics.get(key, 0.0) + value if counted else value
+        if len(kept_items) == want:
+            break
+    metrics["dynamic_sampling/dropped_groups"] = dropped
+    metrics["dynamic_sampling/draws"] = draw + 1
+    metrics["async/regenerated"] = float(prompts is not None)
+    if teacher is not None:
+        with timeline.span("teacher", step, metrics):
+            metrics["distill/teacher_tokens"] = float(teacher.score(kept_rollouts).tokens)
+    for c in kept_rollouts:
+        c.policy_version = policy_version
+    return Collected(step, policy_version, kept_items, kept_rollouts, Scores.concat(kept_scores), generated, metrics)
 
 
 def stale_batches(batches: list[Collected], max_staleness: int) -> list[Collected]:

@@ -28,7 +28,6 @@ from typing import Any
 import datasets
 import numpy as np
 
-from rlhf.experience.batching import ROLLOUT_COLUMNS
 from rlhf.config import ConfigError, DataConfig
 from rlhf.experience.tasks import arithmetic, gsm8k
 from rollouts.env.tools import describe_tools
@@ -170,13 +169,10 @@ def _load_files(key: str, path: str) -> datasets.Dataset:
         raise DataError(f"{key}={path!r}: cannot load it: {type(e).__name__}: {e}") from e
 
 
-def reward_column_names(cfg: DataConfig) -> list[str]:
-    """The column names reward functions are passed at score time (``RewardRunner(columns=...)``)."""
-    return [*_reward_columns(cfg), *ROLLOUT_COLUMNS]
-
-
-def _reward_columns(cfg: DataConfig) -> dict[str, str]:
-    """PromptItem column name -> dataset column: data.reward_columns as they are, the answer as ``answer``."""
+def item_columns(cfg: DataConfig) -> dict[str, str]:
+    """The prompt row's columns a PromptItem carries for the rewards, PromptItem column name ->
+    dataset column: data.reward_columns as they are, the answer as ``answer`` (every column a
+    reward sees: rlhf/experience/scoring.py's reward_column_names)."""
     columns = {c: c for c in cfg.reward_columns}
     if cfg.answer_column is not None:
         columns["answer"] = cfg.answer_column
@@ -191,7 +187,7 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset, source: str) -> dict[
     for key, column in wanted:
         if column not in raw.column_names:
             raise DataError(f"{source}: {key}={column!r} is not a column; the columns are {raw.column_names}")
-    return _reward_columns(cfg)
+    return item_columns(cfg)
 
 
 def _prepare(cfg: DataConfig, raw: datasets.Dataset, tokenizer: Any, source: str,
