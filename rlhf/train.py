@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -88,15 +88,6 @@ from rollouts.requests import sampling_from_config
 from rollouts.opd_teacher import TeacherEngines, check_same_tokenizer
 
 register_configs()
-
-
-@contextmanager
-def timed(metrics: dict[str, float], phase: str):
-    """Adds the block's wall time to metrics["timing/<phase>"] (a phase may run several times a step)."""
-    start = time.perf_counter()
-    yield
-    key = f"timing/{phase}"
-    metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
 
 
 def print_plan(cfg: Config) -> None:
@@ -293,9 +284,11 @@ def train(cfg: Config) -> Path:
             advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
             rollouts = RolloutBatch(completions=got.completions, n=cfg.rollout.n)
             batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
-            with timeline.span("train", step):
+            # timing/train: the learner's whole share of the step (reference pass, old log-probs,
+            # the engines' sleep and wake, the updates); timing/reference: its reference pass.
+            with timeline.span("train", step, metrics):
                 if cfg.algo.kl_coef > 0:
-                    with timed(metrics, "reference"):
+                    with timeline.span("reference", step, metrics):
                         batch.ref_logprobs = learner.compute_ref_logprobs(batch)
                 if batches.mini_batches_per_step > 1 or cfg.algo.epochs_per_step > 1:
                     if batch.teacher_logprobs is not None:  # the raw ones are distillation's
@@ -305,13 +298,12 @@ def train(cfg: Config) -> Path:
 
                 if not ahead:  # colocated: hand the KV-cache memory to the learner where vLLM can
                     engines.sleep()
-                with timed(metrics, "train"):
-                    updates = [
-                        learner.train_step(mb)
-                        for epoch in range(cfg.algo.epochs_per_step)
-                        for mb in mini_batches(batch, batches.mini_batches_per_step,
-                                               seed=cfg.trainer.seed + step * 1000 + epoch)
-                    ]
+                updates = [
+                    learner.train_step(mb)
+                    for epoch in range(cfg.algo.epochs_per_step)
+                    for mb in mini_batches(batch, batches.mini_batches_per_step,
+                                           seed=cfg.trainer.seed + step * 1000 + epoch)
+                ]
                 if not ahead:
                     engines.wake_up()
             metrics.update(combine_updates(updates))
@@ -329,7 +321,7 @@ def train(cfg: Config) -> Path:
                 logger.log(step, metrics)
                 raise
 
-            with timed(metrics, "wait_rollouts"):
+            with timeline.span("wait_rollouts", step, metrics):
                 producer.wait()  # the batch in flight was sampled by these weights: finish it first
             with timeline.span("sync", step, metrics):
                 report = learner.sync_weights(engines, probe_ids,

@@ -1,9 +1,15 @@
 """When each phase of a run ran: ``<run>/timeline.jsonl``, one line per span, so the overlap of
 generation and training (trainer.max_staleness > 0) can be seen (rlhf/run/plot.py draws it).
 
-A line: {"phase": "generate" | "score" | "train" | "sync" | "eval" | "save", "step": the step the
-span belongs to (generate/score: the step whose batch it produced), "start": epoch seconds,
-"end": epoch seconds}. Spans come from the loop's thread and the producer's, hence the lock.
+A line: {"phase": ..., "step": the step the span belongs to (generate/score/teacher: the step whose
+batch it produced), "start": epoch seconds, "end": epoch seconds}. Spans come from the loop's
+thread and the producer's, hence the lock. The phases, each also ``timing/<phase>`` in the step's
+metrics except save:
+
+- producer: generate, score, teacher (on-policy distillation);
+- loop: train (the learner's whole share of a step: reference pass, old log-probs, the engines'
+  sleep and wake, the updates), reference (the reference pass within train, algo.kl_coef > 0),
+  wait_rollouts (the wait for the batch in flight before the sync), sync, eval, save.
 """
 
 from __future__ import annotations
