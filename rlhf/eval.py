@@ -17,7 +17,6 @@ from pathlib import Path
 
 
 from rlhf.cli import hydra_main
-from rlhf.cluster.connect import init_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
@@ -25,8 +24,7 @@ from rlhf.experience.prompts import PromptDataset
 from rlhf.experience.scoring import reward_column_names
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import EvalResult, evaluate
-from rlhf.models import resolve_model_path
-from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
+from rlhf.cluster.startup import check_storage, prepare, start_ray
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
@@ -36,11 +34,10 @@ register_configs()
 
 def run_eval(cfg: Config) -> EvalResult:
     validate(cfg)
-    cfg = absolute_paths(cfg)  # the engines' nodes share no working directory with this one
+    start = prepare(cfg)  # absolute paths: the engines' nodes share no working directory with this one
+    cfg, model_path = start.cfg, start.model_path
     from transformers import AutoTokenizer
 
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-    model_path = local_model_dir(model_path) or model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     env = EnvRuntime(cfg.env, tokenizer, cfg.rollout.max_model_len)
     data = PromptDataset.from_config(cfg.data, tokenizer, split="eval", tools=env.tools)
@@ -50,12 +47,11 @@ def run_eval(cfg: Config) -> EvalResult:
     env.check(env_items(items)[0])  # a broken environment fails before the engines start
     # Ray before the rewards: a reward_model reward starts its actor when it is built.
     logs = component_logs(cfg.trainer)
-    init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
-             log_to_driver=logs is None)
+    start_ray(cfg.trainer, logs)
     with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data)) as rewards:
         engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
         try:
-            check_shared_storage(Path(cfg.trainer.output_dir), model_path, group_actors(engines))
+            check_storage(start.run_dir, model_path, engines=engines)
             result = evaluate(engines, items, rewards, cfg.trainer.eval_samples, cfg.trainer.eval_temperature,
                               cfg.rollout.max_new_tokens, reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop),
                               env=env, env_weight=cfg.env.reward_weight)

@@ -57,7 +57,6 @@ from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
 from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
-from rlhf.cluster.connect import init_ray
 from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
@@ -71,13 +70,13 @@ from rlhf.learner.sync import choose_transport
 from rlhf.run.ledger import CostLedger
 from rlhf.run.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.run.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
-from rlhf.models import check_model_family, peek_model_path, resolve_model_path
+from rlhf.models import check_model_family, peek_model_path
 from rlhf.cluster.placement import plan_placement, reachable_nodes, record_placement, reserve
 from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.run.plot import plot_run, plot_timeline
 from rlhf.experience.producer import Collected, RolloutProducer, collect_step, regenerate_note
 from rlhf.experience.scoring import reward_column_names, reward_metrics
-from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
+from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.run.rng import rng_state, seed_everything, set_rng_state
 from rlhf.run.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch
@@ -158,8 +157,7 @@ def prepare_teacher(cfg: Config, tokenizer, student_path: str, samples: list[str
         return None
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.teacher.model, cfg.model.cache_dir)
-    path = local_model_dir(path) or path
+    path = model_folder(cfg.teacher.model, cfg.model.cache_dir)
     theirs = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code)
     check_same_tokenizer(tokenizer, theirs, student_path, path, samples)
     return path
@@ -167,14 +165,12 @@ def prepare_teacher(cfg: Config, tokenizer, student_path: str, samples: list[str
 
 def train(cfg: Config) -> Path:
     batches = validate(cfg)  # every config error surfaces here, before anything loads
-    cfg = absolute_paths(cfg)  # another node (or a `ray job submit` copy) shares no working directory
-    run_dir = Path(cfg.trainer.output_dir)
+    seed_everything(cfg.trainer.seed)  # before prepare, as ever: building a built-in model reseeds torch
+    start = prepare(cfg)  # absolute paths: another node (or a `ray job submit` copy) shares no working directory
+    cfg, model_path, run_dir = start.cfg, start.model_path, start.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.trainer.seed)
 
     # Data and rewards first: a bad column or reward spec fails before any engine starts.
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-    model_path = local_model_dir(model_path) or model_path
     from transformers import AutoConfig, AutoTokenizer
 
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -198,15 +194,14 @@ def train(cfg: Config) -> Path:
         # Checks its prices before start-up; a run that distils from a teacher is an "opd" run.
         ledger = CostLedger(run_dir, cfg.ledger, run_kind="opd" if cfg.algo.distill_coef > 0 else "grpo")
         # Ray before the rewards: a reward_model reward starts its actor when it is built.
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
-                 log_to_driver=component_logs(cfg.trainer) is None)
+        start_ray(cfg.trainer, component_logs(cfg.trainer))
         rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
         stack.callback(rewards.close)
         stack.callback(env.close)
         engines, learner, teacher = start_groups(cfg, model_path, teacher_path, stack)
-        check_shared_storage(run_dir, model_path, group_actors(engines, learner))
+        check_storage(run_dir, model_path, engines=engines, learner=learner)
         if teacher is not None:
-            check_shared_storage(run_dir, teacher_path, group_actors(teacher=teacher))
+            check_storage(run_dir, teacher_path, teacher=teacher)
             ledger.set_teacher_engines(teacher.num_engines)
         # Before the first step: files across nodes is refused here; broadcast forms its group.
         transport = learner.connect(engines, shared_dir=run_dir)

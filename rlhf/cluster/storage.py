@@ -64,7 +64,8 @@ def group_actors(engines: Any = None, learner: Any = None, teacher: Any = None) 
     """(name, actor handle) of every learner rank, rollout engine and teacher engine, as errors name them."""
     named = [(f"learner rank {r}", a) for r, a in enumerate(getattr(learner, "ranks", []))]
     named += [(f"teacher engine {i}", e) for i, e in enumerate(getattr(getattr(teacher, "group", None), "engines", []))]
-    return named + [(f"rollout engine {i}", e) for i, e in enumerate(getattr(engines, "engines", []))]
+    role = getattr(engines, "role", "rollout")  # an EngineGroup of the teacher's answers says "teacher"
+    return named + [(f"{role} engine {i}", e) for i, e in enumerate(getattr(engines, "engines", []))]
 
 
 def check_shared_storage(run_dir: Path, model_path: str, actors: Sequence[tuple[str, Any]],

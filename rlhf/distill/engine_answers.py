@@ -27,9 +27,8 @@ def collect_with_engines(cfg: TeacherConfig, trainer: TrainerConfig, run_dir: st
 
     from transformers import AutoTokenizer
 
-    from rlhf.cluster.connect import init_ray
+    from rlhf.cluster.startup import check_storage, model_folder, start_ray
     from rlhf.distill.teacher_answers import ascore
-    from rlhf.models import resolve_model_path
     from rollouts.group import EngineGroup
 
     if not cfg.model:
@@ -39,15 +38,16 @@ def collect_with_engines(cfg: TeacherConfig, trainer: TrainerConfig, run_dir: st
     rows = read_jsonl(cfg.path, [cfg.prompt_column])
     columns = _extra_columns(rows, (cfg.prompt_column,), "teacher prompts")
     messages = [to_messages(row[cfg.prompt_column], cfg.system_prompt, i) for i, row in enumerate(rows)]
-    path = resolve_model_path(cfg.model, model_cache)
+    path = model_folder(cfg.model, model_cache)  # a local folder absolute: the engines' nodes have no cwd of ours
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     prompt_ids = [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                             add_special_tokens=False)["input_ids"] for m in messages]
     sampling = SamplingSettings(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_tokens)
-    init_ray(trainer.ray_address, trainer.ray_bind_host, trainer.ray_num_cpus)
+    start_ray(trainer, logs=None)  # the engines write no log files of their own here: Ray forwards their output
     group = EngineGroup(cfg.engines, path, cfg.dtype, cfg.trust_remote_code, role="teacher")
     try:
+        check_storage(Path(run_dir), path, engines=group)  # before any token is generated
         if ledger is not None:
             ledger.set_teacher_engines(group.num_engines)
         batch = group.generate(prompt_ids, sampling)

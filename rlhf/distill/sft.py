@@ -31,14 +31,13 @@ from omegaconf import OmegaConf
 from rlhf.experience.batching import pad_sequences
 from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
-from rlhf.cluster.connect import init_ray
+from rlhf.cluster.startup import check_storage, prepare, start_ray
 from rlhf.config import AlgoConfig, Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.distill.teacher_answers import read_jsonl
 from rlhf.run.ledger import CostLedger
 from rlhf.run.metrics import MetricsLogger
-from rlhf.models import resolve_model_path
 from rlhf.run.rng import seed_everything
 from rlhf.types import TrainBatch
 
@@ -141,9 +140,9 @@ def run_sft(cfg: Config) -> Path:
     from rlhf.learner import LearnerGroup
 
     check_config(cfg)
-    run_dir = Path(cfg.trainer.output_dir)
     seed_everything(cfg.trainer.seed)
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    start = prepare(cfg)  # absolute paths: the ranks' nodes share no working directory with this one
+    cfg, model_path, run_dir = start.cfg, start.model_path, start.run_dir
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = load_examples(cfg.sft.data_path, tokenizer, cfg.sft.max_seq_len, cfg.sft.on_too_long)
@@ -158,13 +157,13 @@ def run_sft(cfg: Config) -> Path:
     with ExitStack() as stack:
         ledger = CostLedger(run_dir, cfg.ledger, run_kind="sft")
         logs = component_logs(cfg.trainer)
-        init_ray(cfg.trainer.ray_address, cfg.trainer.ray_bind_host, cfg.trainer.ray_num_cpus,
-                 log_to_driver=logs is None)
+        start_ray(cfg.trainer, logs)
         # AlgoConfig(): kl_coef 0, so no reference model is loaded; the GRPO settings go unused.
         learner = LearnerGroup(learner_cfg, AlgoConfig(), model_path, cfg.model.dtype,
                                cfg.model.trust_remote_code, total_updates=total_steps, logs=logs,
                                lora=cfg.model.lora, objective="sft")
         stack.callback(learner.shutdown)
+        check_storage(run_dir, model_path, learner=learner)  # before a rank writes a checkpoint or the export
         start_step = 0
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
             start_step = learner.load(last)["step"]
