@@ -262,6 +262,67 @@ def opd_separate_three_nodes() -> dict:
     }
 
 
+@scenario("sft_two_nodes")
+def sft_two_nodes() -> dict:
+    """python -m rlhf.distill.sft's run with its 2 learner ranks on two 1-CPU worker nodes (the head
+    has no CPUs, so rank 0 and rank 1 land on different nodes): first with the run folder on storage
+    both nodes share (this machine's disk), then with a run folder that is node-private. That one is
+    a symlink to /proc/self/cwd: the same absolute path names another folder in every process, as a
+    local disk mounted at the same path on each node does. The driver moves to its own folder after
+    the cluster starts, so the ranks (started in the cluster's working directory) see another one."""
+    import tempfile
+
+    from rlhf.cluster.storage import StorageError
+    from rlhf.distill.sft import run_sft
+    from rlhf.run.metrics import read_metrics
+    from tests.support.runs import compose
+
+    tmp = Path(tempfile.mkdtemp(prefix="sim-sft-"))
+    data = tmp / "teacher.jsonl"
+    rows = []
+    for i in range(8):
+        a, b = i % 5, (3 * i) % 4
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def sft(out: Path, *more: str) -> Path:
+        # 8 rows in batches of 4 for 1 epoch: 2 updates, each rank 2 rows a step.
+        return run_sft(compose("model=tiny", "+sft=default", f"sft.data_path={data}", f"trainer.output_dir={out}",
+                               "sft.batch_size=4", "sft.epochs=1", "sft.lr=1e-2", "learner.num_ranks=2",
+                               "learner.num_cpus_per_rank=1", "learner.num_threads=1",
+                               "learner.micro_batch_size=2", "trainer.tensorboard=false",
+                               "ledger.device_kind=cpu", *more))
+
+    result: dict = {}
+    with sim_cluster([{"num_cpus": 1, "resources": {"node_a": 1}}, {"num_cpus": 1, "resources": {"node_b": 1}}]):
+        run = sft(tmp / "run")
+        result["steps"] = [m["step"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+        result["run_dir"] = str(run)
+        result["rank_logs"] = sorted(p.name for p in (run / "logs").glob("learner-rank-*.log"))
+        manifest = json.loads((run / "checkpoints" / "step-2" / "COMPLETE").read_text())
+        result["manifest_ranks"] = sorted(int(r) for r in manifest.get("ranks", {}))
+        result["export"] = (run / "export" / "model.safetensors").exists()
+
+        node_disk = tmp / "node-disk"
+        node_disk.symlink_to("/proc/self/cwd")
+        driver_disk = tmp / "driver-disk"
+        driver_disk.mkdir()
+        os.chdir(driver_disk)
+        private = node_disk / f"sft-run-{os.getpid()}"
+        try:
+            # trainer.console=full: no rank log files, which the ranks would write into their own folder.
+            sft(private, "trainer.console=full")
+            result["private_error"] = None
+        except StorageError as e:
+            result["private_error"] = str(e)
+        result["private_path"] = str(private)
+        result["private_seen_by_driver"] = sorted(p.name for p in (driver_disk / private.name).iterdir())
+        # The ranks' working directory is the project (the cluster started there): the same name, unseen.
+        result["private_made_in_ranks_folder"] = (Path(__file__).resolve().parents[2] / private.name).exists()
+    return result
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
