@@ -138,7 +138,8 @@ def start_groups(cfg: Config, model_path: str, teacher_path: str | None,
                         placement=placement.engines, lora_rank=serving_rank(cfg.model.lora) if adapter else 0),
             pool.submit(LearnerGroup, cfg.learner, cfg.algo, model_path, cfg.model.dtype,
                         cfg.model.trust_remote_code, total_updates=total_updates(cfg), logs=logs,
-                        placement=placement.learner, lora=cfg.model.lora),
+                        placement=placement.learner, lora=cfg.model.lora,
+                        sampling=sampling_from_config(cfg.rollout)),
         ]
         if teacher_path is not None:
             futures.append(pool.submit(TeacherEngines.start, cfg.teacher, teacher_path, logs, placement.teachers))

@@ -18,12 +18,13 @@ from rlhf.console import CONSOLE_MODES
 from rlhf.experience.scoring import ENV_REWARD, reward_column_names
 from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
-from rlhf.learner.settings import check_settings
+from rlhf.learner.settings import check_sampling, check_settings
 from rlhf.cluster.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
 from rollouts.env.api import load_env
 from rollouts.engine import bound_cores
+from rollouts.requests import sampling_from_config
 
 
 def validate(cfg: Config) -> BatchPlan:
@@ -136,22 +137,8 @@ def check_weight_sync(cfg: Config) -> None:
 def check_off_policy(cfg: Config) -> None:
     """The learner must score the distribution the engines sampled from, and a stale batch must be
     corrected (rlhf/algo/correction.py)."""
-    r, lrn, algo = cfg.rollout, cfg.learner, cfg.algo
-    for key, learner_value, rollout_value in [
-        ("temperature", lrn.logprob_temperature, r.temperature),
-        ("top_k", lrn.logprob_top_k, r.top_k),
-        ("top_p", lrn.logprob_top_p, r.top_p),
-    ]:
-        if learner_value != rollout_value:
-            raise ConfigError(
-                f"learner.logprob_{key}={learner_value} differs from rollout.{key}={rollout_value}: the "
-                "learner must score the distribution the engines sample from (leave learner.logprob_"
-                f"{key} unset: it follows rollout.{key})"
-            )
-    if r.top_k == 0 or r.top_k < -1:
-        raise ConfigError(f"rollout.top_k={r.top_k} must be -1 (off) or >= 1")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    r, algo = cfg.rollout, cfg.algo
+    check_sampling(sampling_from_config(r))  # the learner is handed these very settings (train.py)
     if r.logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
         raise ConfigError(
             f"rollout.logprobs_mode={r.logprobs_mode!r} is not one of ['processed_logprobs', 'raw_logprobs']"

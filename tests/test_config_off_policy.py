@@ -16,10 +16,8 @@ from support.runs import compose
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        # The learner's keys follow rollout.* by interpolation; set apart, they are refused.
-        (["learner.logprob_temperature=0.7"], "learner.logprob_temperature=0.7 differs from rollout.temperature=1.0"),
-        (["rollout.top_k=8", "learner.logprob_top_k=4"], "learner.logprob_top_k=4 differs from rollout.top_k=8"),
-        (["learner.logprob_top_p=0.9"], "learner.logprob_top_p=0.9 differs from rollout.top_p=1.0"),
+        # The learner scores logits / rollout.temperature: greedy sampling has no such distribution.
+        (["rollout.temperature=0"], "rollout.temperature=0.0 must be > 0"),
         (["rollout.top_k=0"], "rollout.top_k=0 must be -1 (off) or >= 1"),
         (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
         # Asynchronous rollouts without a correction: the anchors' lesson, refused naming both keys.
@@ -44,12 +42,11 @@ def test_bad_off_policy_settings_are_named(overrides, message):
         validate(compose(*overrides))
 
 
-def test_async_with_a_correction_validates_and_the_learner_follows_rollout_sampling():
+def test_async_with_a_correction_validates():
     cfg = compose("trainer.max_staleness=1", "rollout_correction=icepop", "rollout.top_p=0.9",
                   "rollout.temperature=0.8")
     validate(cfg)
     assert (cfg.algo.rollout_correction, cfg.algo.correction_low, cfg.algo.correction_high) == ("icepop", 0.5, 2.0)
-    assert (cfg.learner.logprob_temperature, cfg.learner.logprob_top_p) == (0.8, 0.9)
 
 
 def test_the_schedule_counts_optimizer_updates():

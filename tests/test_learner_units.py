@@ -4,6 +4,7 @@ settings checks, rank waits, weight buckets."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config, reference_config
 from rlhf.learner.group import LearnerError, wait_ranks
 from rlhf.learner.rank_metrics import RankMetrics, reduce_metrics
-from rlhf.learner.settings import check_settings
+from rlhf.learner.settings import check_sampling, check_settings
 from rlhf.learner.optim import lr_factor, param_groups
 from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf_weights
+from rlhf.types import SamplingSettings
 
 # --- DeepSpeed config ------------------------------------------------------------------------
 
@@ -144,7 +146,6 @@ def test_vectors_do_not_decay():
         ({"num_ranks": 0}, "learner.num_ranks=0 must be >= 1"),
         ({"micro_batch_size": 0}, "learner.micro_batch_size=0 must be >= 1"),
         ({"timeout_s": 0.0}, "learner.timeout_s=0.0 must be > 0"),
-        ({"logprob_temperature": 0.0}, "learner.logprob_temperature=0.0 must be > 0"),
         ({"backend": "mpi"}, "learner.backend='mpi'"),
         ({"backend": "nccl"}, "learner.backend=nccl needs learner.num_gpus_per_rank > 0"),
         ({"lr": 0.0}, None),  # checked when the optimizer is built, see below
@@ -160,6 +161,22 @@ def test_bad_learner_settings_are_named(overrides, message):
         return
     with pytest.raises(ConfigError, match=message):
         check_settings(cfg, AlgoConfig(), "float32", total_updates=10)
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (SamplingSettings(temperature=0.0), "rollout.temperature=0.0 must be > 0"),
+        (SamplingSettings(top_k=0), "rollout.top_k=0 must be -1 (off) or >= 1"),
+        (SamplingSettings(top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
+    ],
+)
+def test_the_sampling_the_learner_scores_is_checked_naming_the_rollout_key(sampling, message):
+    # The learner takes temperature/top-k/top-p from rollout.* (train.py hands it the engines'
+    # SamplingSettings); a value it cannot score is named by that key.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_sampling(sampling)
+    check_sampling(SamplingSettings(temperature=0.7, top_k=8, top_p=0.9))
 
 
 def test_dr_grpo_aggregation_needs_norm_length():

@@ -25,10 +25,10 @@ from rlhf.learner.packing import PassPlan, plan_passes
 from rlhf.learner.rank import LearnerRank
 from rlhf.learner.rank_metrics import reduce_metrics
 from rlhf.learner.rendezvous import RendezvousPoint
-from rlhf.learner.settings import check_settings
+from rlhf.learner.settings import check_sampling, check_settings
 from rlhf.learner.sync import Engines
 from rlhf.learner.waiting import wait_named
-from rlhf.types import SyncReport, TrainBatch
+from rlhf.types import SamplingSettings, SyncReport, TrainBatch
 
 if TYPE_CHECKING:  # Ray is imported where it is used
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -63,6 +63,7 @@ class LearnerGroup:
         placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
         lora: LoraConfig | None = None,
         objective: str = "grpo",
+        sampling: SamplingSettings = SamplingSettings(),
     ) -> None:
         """``logs``: a folder where rank r writes its output, learner-rank-r.log (None: Ray's worker output).
         ``placement``: one scheduling strategy per rank (rlhf/cluster/placement.py's ``Placement.learner``);
@@ -70,12 +71,14 @@ class LearnerGroup:
         rank 0: full fine-tuning; rlhf/learner/lora.py). ``objective``: what every ``train_step`` minimises,
         a name in rlhf/algo/objectives.py: "grpo" (the algo config's policy objective) or "sft"
         (completion-token cross-entropy; metrics: loss, grad_norm, lr, tokens/s, learner/step_s,
-        skipped)."""
+        skipped). ``sampling``: what the engines sample with (rollout.*): log-probs are scored under
+        its temperature, top-k and top-p, the distribution the tokens were drawn from."""
         import ray
 
         from rlhf.learner.lora import check_lora, sync_mode
 
         check_settings(cfg, algo, dtype, total_updates, objective)
+        check_sampling(sampling)
         if lora is not None:
             check_lora(lora)
         if placement is not None and len(placement) != cfg.num_ranks:
@@ -98,7 +101,8 @@ class LearnerGroup:
         self.ranks = [
             actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
                                                         trust_remote_code, total_updates,
-                                                        log_file(logs, f"learner-rank-{r}"), lora, objective)
+                                                        log_file(logs, f"learner-rank-{r}"), lora, objective,
+                                                        sampling)
             for r in range(cfg.num_ranks)
         ]
         try:
@@ -157,7 +161,7 @@ class LearnerGroup:
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, L] policy log-probs of the completion tokens (no grad), rows spread over the ranks,
-        of the distribution the engines sample from (learner.logprob_temperature/top_k/top_p)."""
+        of the distribution the engines sample from (rollout.temperature/top_k/top_p)."""
         return self._score("compute_logprobs", batch, False)
 
     def compute_old_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:

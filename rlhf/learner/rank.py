@@ -30,7 +30,7 @@ from rlhf.learner.packing import MicroBatch, PassPlan, micro_batches
 from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.learner.rendezvous import RendezvousPoint
 from rlhf.cluster.node import NodeInfo, RankFiles, SharedPath
-from rlhf.types import TrainBatch
+from rlhf.types import SamplingSettings, TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
 
@@ -68,17 +68,21 @@ class LearnerRank:
         log_path: str | None = None,
         lora: LoraConfig | None = None,
         objective: str = "grpo",
+        sampling: SamplingSettings = SamplingSettings(),
     ) -> None:
         """``lora``: model.lora (None or rank 0: full fine-tuning). ``objective``: the name of what
-        ``train_step`` minimises (rlhf/algo/objectives.py)."""
+        ``train_step`` minimises (rlhf/algo/objectives.py). ``sampling``: what the engines sample
+        with (rollout.*); log-probs are scored under its temperature, top-k and top-p."""
         if log_path is not None:  # this rank's log file; first, so DeepSpeed's import output lands there
             redirect_output(log_path)
         from rlhf.algo.objectives import OBJECTIVES
         from rlhf.learner.lora import check_lora
-        from rlhf.learner.settings import check_settings
+        from rlhf.learner.settings import check_sampling, check_settings
 
         check_settings(cfg, algo, dtype, total_updates, objective)
         self.objective = OBJECTIVES.get(objective)
+        check_sampling(sampling)
+        self.sampling = sampling
         self.lora = lora if lora is not None and lora.rank > 0 else None
         if self.lora is not None:
             check_lora(self.lora)
@@ -214,8 +218,8 @@ class LearnerRank:
         or ``raw`` logits at temperature 1 (the weight-sync probe, which vLLM scores raw)."""
         if raw:
             return {"temperature": 1.0}
-        cfg = self.cfg
-        return {"temperature": cfg.logprob_temperature, "top_k": cfg.logprob_top_k, "top_p": cfg.logprob_top_p}
+        s = self.sampling
+        return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
 
     def _score(self, engine, batch: TrainBatch, sampling: dict, plan: PassPlan | None) -> torch.Tensor:
         return self._score_as(engine, batch, (sampling,), plan)[0]

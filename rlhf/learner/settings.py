@@ -7,6 +7,7 @@ from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config
 from rlhf.learner.optim import lr_factor
 from rlhf.learner.sync import TRANSPORTS
+from rlhf.types import SamplingSettings
 
 
 def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updates: int,
@@ -40,12 +41,6 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updat
         )
     if not cfg.timeout_s > 0:
         raise ConfigError(f"learner.timeout_s={cfg.timeout_s} must be > 0")
-    if not cfg.logprob_temperature > 0:
-        raise ConfigError(f"learner.logprob_temperature={cfg.logprob_temperature} must be > 0")
-    if not (cfg.logprob_top_k == -1 or cfg.logprob_top_k >= 1):
-        raise ConfigError(f"learner.logprob_top_k={cfg.logprob_top_k} must be -1 (off) or >= 1")
-    if not 0 < cfg.logprob_top_p <= 1:
-        raise ConfigError(f"learner.logprob_top_p={cfg.logprob_top_p} must be in (0, 1]")
     if cfg.backend not in ("gloo", "nccl"):
         raise ConfigError(f"learner.backend={cfg.backend!r} is not one of ['gloo', 'nccl']")
     if cfg.sync_transport not in TRANSPORTS:
@@ -59,3 +54,15 @@ def check_settings(cfg: LearnerConfig, algo: AlgoConfig, dtype: str, total_updat
             "algo.loss_agg=seq_mean_token_sum_norm needs algo.norm_length (conf/algo/dr_grpo.yaml "
             "sets it to ${rollout.max_new_tokens})"
         )
+
+
+def check_sampling(sampling: SamplingSettings) -> None:
+    """The engines' sampling (rollout.*), which the learner scores: log-probs of logits / temperature,
+    truncated to top-k / top-p. Raise ConfigError naming the rollout key that cannot be scored."""
+    if not sampling.temperature > 0:
+        raise ConfigError(f"rollout.temperature={sampling.temperature} must be > 0: the learner scores "
+                          "log-probs of logits / temperature")
+    if not (sampling.top_k == -1 or sampling.top_k >= 1):
+        raise ConfigError(f"rollout.top_k={sampling.top_k} must be -1 (off) or >= 1")
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={sampling.top_p} must be in (0, 1]")
