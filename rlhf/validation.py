@@ -12,7 +12,7 @@ import math
 
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from rlhf.algo.distill import DISTILL_OBJECTIVES
-from rlhf.config import Config, ConfigError, RolloutConfig
+from rlhf.config import Config, ConfigError, EngineConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
 from rlhf.experience.scoring import ENV_REWARD, reward_column_names
@@ -178,7 +178,7 @@ def check_off_policy(cfg: Config) -> None:
         )
 
 
-def teacher_engines(cfg: Config) -> RolloutConfig | None:
+def teacher_engines(cfg: Config) -> EngineConfig | None:
     """The open teacher's engine settings when the run distils from one (algo.distill_coef > 0)."""
     return cfg.teacher.engines if cfg.algo.distill_coef > 0 else None
 

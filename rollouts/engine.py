@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from rlhf.config import RolloutConfig
+from rlhf.config import EngineConfig
 from rlhf.cluster.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.console import redirect_output
 from rlhf.types import BroadcastGroup, Completion, RolloutBatch, SamplingSettings
@@ -45,7 +45,7 @@ def bound_cores(bind: str) -> list[int]:
     return cores
 
 
-def engine_env_vars(cfg: RolloutConfig) -> dict[str, str]:
+def engine_env_vars(cfg: EngineConfig) -> dict[str, str]:
     """Environment for an engine actor, set before vLLM is imported there.
 
     On CPU vLLM reserves a core for itself by default and computes on the rest (one of two here);
@@ -68,7 +68,7 @@ def engine_env_vars(cfg: RolloutConfig) -> dict[str, str]:
 
 
 def llm_kwargs(
-    cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False, engine_index: int = 0
+    cfg: EngineConfig, model_path: str, dtype: str, trust_remote_code: bool = False, engine_index: int = 0
 ) -> dict:
     """vllm.LLM arguments from the rollout config (shared with scripts/bench_rollout.py)."""
     return dict(
@@ -122,7 +122,7 @@ class RolloutEngine:
 
     def __init__(
         self,
-        cfg: RolloutConfig,
+        cfg: EngineConfig,
         model_path: str,
         dtype: str = "float32",
         trust_remote_code: bool = False,

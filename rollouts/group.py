@@ -15,7 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf.config import RolloutConfig
+from rlhf.config import EngineConfig
 from rlhf.console import log_file
 from rlhf.cluster.node import NodeInfo
 from rlhf.types import BroadcastGroup, RolloutBatch, SamplingSettings
@@ -38,7 +38,7 @@ class EngineGroup:
     Ray's worker log."""
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
+        self, cfg: EngineConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
         logs: Path | None = None, placement: Sequence[PlacementGroupSchedulingStrategy] | None = None,
         role: str = "rollout", lora_rank: int = 0,
     ) -> None:

