@@ -5,7 +5,9 @@ One scenario, three runs of the tiny model for 6 steps with a checkpoint every s
 - crashed: ``python -m rlhf.train`` in its own process tree with RLHF_FAULT=save_crash@4: after
   step 4 trained, the driver SIGKILLs itself while checkpoint 4 is half written; the test then
   SIGKILLs every other process of that run (Ray, learner rank, vLLM engine): no clean-up anywhere;
-- resumed: the same command with trainer.resume=true, which must pick up the step-3 checkpoint.
+- resumed: the same command with trainer.resume=true, which must pick up the step-3 checkpoint,
+  first rewritten as a run of an older version would have saved it: its recorded config holds
+  keys the schema no longer has (``REMOVED_KEYS``), which neither resume nor export may refuse.
 Steps 4-6 of the resumed run must match the straight run exactly (losses, rewards, learning rates,
 final parameters), which needs every source of randomness to be a function of (seed, step).
 """
@@ -14,13 +16,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.learner.checkpoint import complete_checkpoints, verify_checkpoint
+from rlhf.learner.checkpoint import (
+    CLIENT_STATE,
+    CONFIG_YAML,
+    MARKER,
+    complete_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from rlhf.learner.export import export_checkpoint
 from rlhf.train import train
 from support.runs import axis_reward, compose, run_to_success, run_with_fault, steps_logged
 
@@ -39,6 +51,32 @@ def overrides(run_dir: Path, model_path: str, *extra: str) -> list[str]:
     ]
 
 
+# Config keys removed in issue 25 that checkpoints saved before then still record.
+REMOVED_KEYS = {
+    "learner": {"logprob_temperature": 1.0, "logprob_top_k": 8, "logprob_top_p": 1.0},
+    "algo": {"name": "grpo"},
+    "teacher": {"engines": {"n": 8, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 64,
+                            "stop": [], "probe_tolerance": 1e-3, "probe_tolerance_bf16": 0.5}},
+}
+
+
+def save_with_removed_keys(ckpt: Path) -> dict:
+    """Save ``ckpt`` again, its model files as they are, its recorded config with ``REMOVED_KEYS``."""
+    state = read_checkpoint(ckpt)
+    for group, keys in REMOVED_KEYS.items():
+        for key, value in keys.items():
+            section = state["config"][group]
+            section[key] = {**section[key], **value} if isinstance(value, dict) else value
+
+    def copy_model_files(tmp: Path) -> None:
+        for path in ckpt.iterdir():
+            if path.name not in (MARKER, CLIENT_STATE, CONFIG_YAML):
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp / path.name)
+
+    save_checkpoint(ckpt.parent, state["step"], copy_model_files, state, keep_last=1)
+    return read_checkpoint(ckpt)
+
+
 @pytest.fixture(scope="module")
 def runs(ray_session, tiny_model_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
@@ -55,6 +93,9 @@ def runs(ray_session, tiny_model_path, tmp_path_factory):
         "steps": sorted(steps_logged(broken)),
         "step3_manifest": verify_checkpoint(broken / "checkpoints" / "step-3"),
     }
+    old = save_with_removed_keys(broken / "checkpoints" / "step-3")
+    assert old["config"]["learner"]["logprob_top_k"] == 8 and old["config"]["algo"]["name"] == "grpo"
+    after_crash["old_export"] = export_checkpoint(broken / "checkpoints" / "step-3", tmp / "old-export")
 
     log = run_to_success(overrides(broken, tiny_model_path, "trainer.resume=true"), tmp / "resumed.log")
     return straight, broken, after_crash, log
@@ -75,7 +116,10 @@ def test_a_kill_during_a_save_keeps_the_previous_complete_checkpoint(runs):
 
 
 def test_resume_starts_from_the_last_complete_checkpoint(runs):
-    _, broken, _, log = runs
+    # Its recorded config holds REMOVED_KEYS: resume reads the step, data, RNG and pending batches
+    # from the client state, never the config, and export reads only its model section.
+    _, broken, crash, log = runs
+    assert (crash["old_export"] / "model.safetensors").is_file()
     assert f"resumed from {broken / 'checkpoints' / 'step-3'} at step 3" in log
     assert not (broken / "checkpoints" / ".tmp-step-4").exists()  # the next save cleared it
     assert [step for step, _ in complete_checkpoints(broken / "checkpoints")] == [6]
