@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from rlhf.config import EngineConfig
+from rlhf.config import EngineConfig, RolloutConfig
 from rlhf.cluster.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.console import redirect_output
 from rlhf.types import BroadcastGroup, Completion, RolloutBatch, SamplingSettings
@@ -87,7 +87,8 @@ def llm_kwargs(
         distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
         # Distinct seeds so data-parallel engines do not draw the same random stream.
         seed=cfg.seed + engine_index,
-        logprobs_mode=cfg.logprobs_mode,
+        # Only the policy's sampled log-probs are read; a teacher's engines score prompts (always raw).
+        logprobs_mode=cfg.logprobs_mode if isinstance(cfg, RolloutConfig) else "processed_logprobs",
         # Weights from safetensors only: "auto" would fall back to pickled .bin/.pt files.
         load_format="safetensors",
     )
@@ -141,7 +142,9 @@ class RolloutEngine:
         self.cfg = cfg
         self.engine_index = engine_index
         # vLLM refuses enable_sleep_mode where it has none (CPU); sleep() then reports False.
-        self.sleep_supported = cfg.sleep_between_steps and current_platform.is_sleep_mode_available()
+        # (a teacher's engines, an EngineConfig, never sleep: they score between the policy's phases)
+        self.sleep_supported = (isinstance(cfg, RolloutConfig) and cfg.sleep_between_steps
+                                and current_platform.is_sleep_mode_available())
         self.llm = LLM(
             **llm_kwargs(cfg, model_path, dtype, trust_remote_code, engine_index),
             enable_sleep_mode=self.sleep_supported,

