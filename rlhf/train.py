@@ -53,7 +53,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages
-from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
+from rlhf.algo.grpo import MAX_METRICS, MIN_METRICS
 from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf.algo.distill import DISTILL_OBJECTIVES, distill_stats
-from rlhf.algo.objective import grpo_objective
+from rlhf.algo.grpo import grpo_objective
 from rlhf.experience.batching import build_train_batch
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LedgerConfig, RolloutConfig
 from rlhf.run.ledger import CostLedger

@@ -9,7 +9,7 @@ correction.py   sampler/learner mismatch metrics and rollout corrections (none, 
 distill.py      on-policy distillation's per-token advantage from a teacher's log-probs (reverse_kl)
 aggregation.py  per-token loss -> scalar, micro-batch safe (token_mean, seq_mean_token_mean, ...)
 logprobs.py     token log-probs / entropies from logits in bounded memory
-objective.py    the GRPO objective for one micro-batch: policy loss + KL - entropy, with a teacher's term
+grpo.py         the GRPO objective for one micro-batch: policy loss + KL - entropy, with a teacher's term
 sft.py          the SFT loss for one micro-batch: completion-token cross-entropy
 objectives.py   the learner's objectives by name (grpo, sft): one micro-batch's logits -> loss, metrics
 shapes.py       shape checks whose errors name the argument
@@ -18,10 +18,10 @@ shapes.py       shape checks whose errors name the argument
 from rlhf.algo.advantages import ADVANTAGES, compute_advantages, group_has_signal, has_signal, valid_mask
 from rlhf.algo.aggregation import AGGREGATIONS, aggregate, normalisers
 from rlhf.algo.correction import ROLLOUT_CORRECTIONS, correction_weights, mismatch_stats
+from rlhf.algo.grpo import grpo_objective
 from rlhf.algo.kl import KL_ESTIMATORS
 from rlhf.algo.logprobs import token_entropy, token_logprobs
 from rlhf.algo.losses import POLICY_LOSSES
-from rlhf.algo.objective import grpo_objective
 from rlhf.algo.registry import Registry, UnknownNameError
 
 __all__ = [

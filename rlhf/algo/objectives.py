@@ -1,6 +1,6 @@
 """The learner's objectives by name: what one micro-batch's logits cost, ``OBJECTIVES.get(name)``.
 
-    grpo   the GRPO-family objective (objective.py) on log-probs of the engines' sampling
+    grpo   the GRPO-family objective (grpo.py) on log-probs of the engines' sampling
            distribution, with the entropy bonus and, with a teacher, distillation's raw log-probs
     sft    completion-token cross-entropy at temperature 1 (sft.py); advantages are ignored
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rlhf.algo.logprobs import token_entropy, token_logprobs
-from rlhf.algo.objective import grpo_objective
+from rlhf.algo.grpo import grpo_objective
 from rlhf.algo.registry import Registry
 from rlhf.algo.sft import sft_loss
 from rlhf.config import AlgoConfig
@@ -43,7 +43,7 @@ Loss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 class Objective:
     """One learner objective. ``loss`` takes the micro-batch's logits aligned with its completion
     positions, and the whole mini-batch's normalisers (``rlhf.algo.normalisers``), so micro-batch
-    losses add up; metrics as in objective.py.
+    losses add up; metrics as in grpo.py.
 
     ``reads_pre_update``: the loss compares with the pre-update policy (``old_logprobs``, else this
     forward's). A model with dropout makes this forward noisy, so the learner then scores the

@@ -1,6 +1,6 @@
 """How ``train_step`` metrics combine: over one rank's micro-batches, then over the ranks.
 
-The objective (rlhf/algo/objective.py) reports each micro-batch's SHARE of a whole-mini-batch
+The objective (rlhf/algo/grpo.py) reports each micro-batch's SHARE of a whole-mini-batch
 value, so shares add up; the ratio extremes combine by max / min. A rank returns one
 ``RankMetrics`` across the Ray boundary; ``reduce_metrics`` turns the ranks' into step metrics.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlhf.algo.objective import MAX_METRICS, MIN_METRICS
+from rlhf.algo.grpo import MAX_METRICS, MIN_METRICS
 
 
 @dataclass(frozen=True)
