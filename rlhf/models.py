@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlhf.config import ConfigError
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,6 +128,14 @@ def prepare_tiny(cache: str | None = None) -> Path:
     return _publish(lambda out: build_tiny_llama(out, tok_dir), cache_dir(cache) / TINY)
 
 
+def check_model_named(name_or_path: str) -> None:
+    """``model=hf`` leaves model.name_or_path empty (hydra's ``???`` cannot override the schema's
+    default, so it would quietly be SmolLM2): a run without a model is refused by name."""
+    if not name_or_path:
+        raise ConfigError("model.name_or_path is not set: give a built-in name, a local HF folder or a hub "
+                          "id (e.g. model=hf model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct)")
+
+
 def resolve_model_path(name_or_path: str, cache: str | None = None) -> str:
     """A path (or hub id) that transformers, vLLM and DeepSpeed can all load."""
     if name_or_path == SMOLLM2:
@@ -155,7 +165,6 @@ def check_model_family(config, model_path: str) -> str:
     """
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from rlhf.config import ConfigError
 
     family, archs = config.model_type, list(config.architectures or [])
     where = f"model.name_or_path={model_path!r}: model family {family!r} (architectures {archs})"

@@ -19,6 +19,7 @@ from rlhf.experience.scoring import ENV_REWARD, reward_column_names
 from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_sampling, check_settings
+from rlhf.models import check_model_named
 from rlhf.cluster.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
@@ -29,6 +30,7 @@ from rollouts.requests import sampling_from_config
 
 def validate(cfg: Config) -> BatchPlan:
     """Raise ConfigError naming the key and value of the first setting that cannot work."""
+    check_model_named(cfg.model.name_or_path)
     choices = {
         "learner.lr_schedule": (cfg.learner.lr_schedule, ("constant", "cosine")),
         "learner.zero_stage": (cfg.learner.zero_stage, (0, 1, 2, 3)),

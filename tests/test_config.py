@@ -60,6 +60,19 @@ def test_every_group_option_composes(group):
         validate(cfg)
 
 
+
+def test_model_hf_without_a_model_is_refused_by_name():
+    # hydra's ??? in conf/model/hf.yaml could not override the schema's default, so `model=hf` alone
+    # used to train SmolLM2 without a word; now the empty name is refused by every entry point's checks.
+    from rlhf.cluster.startup import prepare
+
+    cfg = composed("model=hf")
+    assert cfg.model.name_or_path == ""
+    with pytest.raises(ConfigError, match=r"model\.name_or_path is not set"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"model\.name_or_path is not set"):
+        prepare(cfg)  # rlhf.distill.sft's start-up, which has no GRPO validate()
+
 def test_misspelt_key_fails_at_composition_naming_it():
     with pytest.raises(ConfigCompositionException, match="stepz"):
         composed("trainer.stepz=3")

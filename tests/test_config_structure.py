@@ -57,7 +57,7 @@ OPTIONS: dict[str, dict] = {
                               "num_threads": 4, "num_cpus_per_rank": 2.0, "num_gpus_per_rank": 1.0,
                               "pin_memory": True},
     "ledger/default": {},
-    "model/hf": {"dtype": "bfloat16"},
+    "model/hf": {"dtype": "bfloat16", "name_or_path": ""},  # empty: required, refused by name
     "model/smollm2": {},
     "model/tiny": {"name_or_path": "tiny-random-llama"},
     "reward/format_math": {"timeout_s": 15.0, "functions": [

@@ -19,7 +19,7 @@ from typing import Any
 from rlhf.cluster.connect import init_ray
 from rlhf.cluster.storage import absolute_paths, check_shared_storage, group_actors, local_model_dir
 from rlhf.config import Config, TrainerConfig
-from rlhf.models import resolve_model_path
+from rlhf.models import check_model_named, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ def model_folder(name_or_path: str, cache_dir: str | None) -> str:
 
 def prepare(cfg: Config) -> Prepared:
     """``cfg`` with absolute paths (a copy; storage.py's ``absolute_paths``) and its model's folder."""
+    check_model_named(cfg.model.name_or_path)
     cfg = absolute_paths(cfg)
     return Prepared(cfg, model_folder(cfg.model.name_or_path, cfg.model.cache_dir))
 
