@@ -36,11 +36,11 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from rlhf.config import RewardConfig
 from rewards.api import (LoadedReward, column_problems, default_name, load_reward, missing_columns_message,
                          resolve)
 from rewards.pool import DaemonPool, Task
 from rewards.remote import RayTasks
-from rlhf.config import RewardConfig
 
 _POLL_S = 0.05  # how often running tasks are checked against their deadline
 EXECUTORS = ("threads", "ray")

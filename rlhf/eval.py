@@ -17,14 +17,14 @@ from pathlib import Path
 
 
 from rlhf.cli import hydra_main
+from rlhf.cluster.startup import check_storage, prepare, start_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.prompts import PromptDataset
-from rlhf.experience.scoring import reward_column_names
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import EvalResult, evaluate
-from rlhf.cluster.startup import check_storage, prepare, start_ray
+from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.scoring import reward_column_names
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.cluster.placement import NodeResources, PlacementPlan, first_fit, plan_placement
 from rlhf.config import Config
 from rlhf.config.batches import BatchPlan, total_updates
 from rlhf.learner.ds_config import zero_stage
-from rlhf.cluster.placement import NodeResources, PlacementPlan, first_fit, plan_placement
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -54,37 +54,37 @@ from omegaconf import OmegaConf
 
 from rlhf.algo import compute_advantages
 from rlhf.algo.grpo import MAX_METRICS, MIN_METRICS
-from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
-from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
+from rlhf.cluster.placement import plan_placement, reachable_nodes, record_placement, reserve
+from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import evaluate
+from rlhf.experience.producer import Collected, RolloutProducer, collect_step, regenerate_note
+from rlhf.experience.prompts import PromptDataset
+from rlhf.experience.scoring import reward_column_names, reward_metrics
 from rlhf.learner import LearnerGroup
+from rlhf.learner.checkpoint import latest_complete
 from rlhf.learner.lora import serving_rank, sync_mode
 from rlhf.learner.sync import choose_transport
+from rlhf.models import check_model_family, peek_model_path
+from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.run.ledger import CostLedger
 from rlhf.run.metrics import MetricsLogger, progress_line, read_metrics
 from rlhf.run.mismatch import MismatchError, MismatchWatch, check_mismatch  # noqa: F401 (MismatchError: API)
-from rlhf.models import check_model_family, peek_model_path
-from rlhf.cluster.placement import plan_placement, reachable_nodes, record_placement, reserve
-from rlhf.plan import count_params, describe, estimate_memory
 from rlhf.run.plot import plot_run, plot_timeline
-from rlhf.experience.producer import Collected, RolloutProducer, collect_step, regenerate_note
-from rlhf.experience.scoring import reward_column_names, reward_metrics
-from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.run.rng import rng_state, seed_everything, set_rng_state
 from rlhf.run.timeline import Timeline, read_timeline
 from rlhf.types import RolloutBatch
 from rlhf.validation import check_model, eval_reward, teacher_engines, validate
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
-from rollouts.requests import sampling_from_config
 from rollouts.opd_teacher import TeacherEngines, check_same_tokenizer
+from rollouts.requests import sampling_from_config
 
 register_configs()
 

@@ -12,6 +12,7 @@ import math
 
 from rlhf.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from rlhf.algo.distill import DISTILL_OBJECTIVES
+from rlhf.cluster.placement import plan_placement
 from rlhf.config import Config, ConfigError, EngineConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
@@ -20,11 +21,10 @@ from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_sampling, check_settings
 from rlhf.models import check_model_named
-from rlhf.cluster.placement import plan_placement
 from rewards.api import check_specs, default_name
 from rewards.runner import EXECUTORS
-from rollouts.env.api import load_env
 from rollouts.engine import bound_cores
+from rollouts.env.api import load_env
 from rollouts.requests import sampling_from_config
 
 

@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from rlhf.config import EngineConfig, RolloutConfig
 from rlhf.cluster.node import NodeInfo, SharedPath, this_node, unseen
+from rlhf.config import EngineConfig, RolloutConfig
 from rlhf.console import redirect_output
 from rlhf.types import BroadcastGroup, Completion, RolloutBatch, SamplingSettings
 from rollouts.requests import probe_params, to_sampling_params, validate_request

@@ -15,9 +15,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf.cluster.node import NodeInfo
 from rlhf.config import EngineConfig
 from rlhf.console import log_file
-from rlhf.cluster.node import NodeInfo
 from rlhf.types import BroadcastGroup, RolloutBatch, SamplingSettings
 from rollouts.engine import RolloutEngine, engine_env_vars
 from rollouts.requests import validate_request

@@ -139,8 +139,8 @@ class WeightSyncExtension:
         engine; ``group`` is BroadcastGroup's fields as a list, ``layout`` sync_wire.to_wire's.
         Returns once every member has joined and rank 0's first small broadcast arrived (under
         nccl that builds the communicator now, not in the first sync); returns this worker's group rank."""
-        from rlhf.types import BroadcastGroup
         from rlhf.sync_wire import from_wire, join_group
+        from rlhf.types import BroadcastGroup
 
         rank = first_rank + self.rank
         self._weight_layout, self._weight_backend = from_wire(layout), BroadcastGroup(*group).backend

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.cluster.node import NodeInfo, RankFiles
 from rlhf.learner.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -20,7 +21,6 @@ from rlhf.learner.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from rlhf.cluster.node import NodeInfo, RankFiles
 
 
 def writer(payload: bytes):

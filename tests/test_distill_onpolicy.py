@@ -14,11 +14,11 @@ import torch
 
 from rlhf.algo.distill import DISTILL_OBJECTIVES, distill_stats
 from rlhf.algo.grpo import grpo_objective
-from rlhf.experience.batching import build_train_batch
+from rlhf.cluster.placement import Bundle, plan_placement
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, LedgerConfig, RolloutConfig
+from rlhf.experience.batching import build_train_batch
 from rlhf.run.ledger import CostLedger
 from rlhf.run.metrics import progress_line
-from rlhf.cluster.placement import Bundle, plan_placement
 from rlhf.types import Completion, RolloutBatch, TrainBatch
 from rlhf.validation import validate
 from rollouts.opd_teacher import TokenizerMismatchError, check_same_tokenizer

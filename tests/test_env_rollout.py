@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.experience.batching import build_train_batch
 from rlhf.config import EnvConfig, RolloutConfig
+from rlhf.experience.batching import build_train_batch
 from rlhf.experience.episodes import EnvRuntime, run_episodes
 from rlhf.types import SamplingSettings
 from rollouts.env.api import EnvError

@@ -302,10 +302,10 @@ def scripted(tokenizer, name: str, turns: list[list[str]], n: int, **env_kw):
 
 
 def score(episodes, functions, env_weight: float = 1.0):
-    from rewards.runner import RewardRunner
     from rlhf.config import RewardConfig, RewardFnConfig
     from rlhf.experience.prompts import PromptItem
     from rlhf.experience.scoring import score_episodes
+    from rewards.runner import RewardRunner
 
     item = PromptItem([1], "What is 12 * 7 + 5?", "What is 12 * 7 + 5?", {"answer": "89"})
     with RewardRunner(RewardConfig(functions=[RewardFnConfig(**f) for f in functions])) as runner:

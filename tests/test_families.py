@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig, RolloutConfig
-from rlhf.learner.export import export_checkpoint
 from rlhf.learner import WeightSyncError
+from rlhf.learner.export import export_checkpoint
 from rlhf.learner.weights import checkpoint_format
 from support.families import FAMILIES, build_family_model
 from support.weight_sync import PROBE_TEXT, TOLERANCE, update

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from rlhf.algo import grpo_objective, normalisers, token_entropy, token_logprobs
-from rlhf.learner.checkpoint import CheckpointError, latest_complete, read_checkpoint, save_checkpoint, verify_checkpoint
 from rlhf.config import AlgoConfig, LearnerConfig
 from rlhf.learner import LearnerError, LearnerGroup
+from rlhf.learner.checkpoint import CheckpointError, latest_complete, read_checkpoint, save_checkpoint, verify_checkpoint
 from rlhf.learner.optim import build_adamw, lr_factor
 from rlhf.learner.rank import load_hf_model
 from rlhf.types import TrainBatch

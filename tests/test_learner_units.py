@@ -12,9 +12,9 @@ import torch
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.ds_config import policy_config, reference_config
 from rlhf.learner.group import LearnerError, wait_ranks
+from rlhf.learner.optim import lr_factor, param_groups
 from rlhf.learner.rank_metrics import RankMetrics, reduce_metrics
 from rlhf.learner.settings import check_sampling, check_settings
-from rlhf.learner.optim import lr_factor, param_groups
 from rlhf.learner.weights import full_parameter_buckets, write_buckets, write_hf_weights
 from rlhf.types import SamplingSettings
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.config import LearnerConfig, RolloutConfig
 from rlhf.cluster.placement import Bundle, NodeResources, PlacementError, check_fits, first_fit, plan_placement
+from rlhf.config import LearnerConfig, RolloutConfig
 
 
 def node(name: str, cpu: float, gpu: float = 0.0, free_cpu: float | None = None) -> NodeResources:

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from rlhf.experience.prompts import PromptItem
 from rlhf.experience.producer import Collected, RolloutProducer
+from rlhf.experience.prompts import PromptItem
 from rlhf.types import Completion, Scores
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from rlhf.experience.prompts import PromptItem
 from rlhf.experience.producer import Collected, RolloutProducer, regenerate_note, stale_batches
+from rlhf.experience.prompts import PromptItem
 from test_producer import batch, drive
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rewards.runner import RewardError
 from rlhf.train import train
+from rewards.runner import RewardError
 from support.runs import ROOT, compose, reward_override, steps_logged
 
 FLAKY = (ROOT / "tests" / "support" / "flaky_rewards.py").as_posix()

@@ -113,8 +113,8 @@ def test_math_verify_timeout_raises_but_an_unreadable_prediction_scores_zero():
 
 
 def test_math_verify_timeout_becomes_a_counted_none_in_the_runner():
-    from rewards.runner import RewardRunner
     from rlhf.config import RewardConfig, RewardFnConfig
+    from rewards.runner import RewardRunner
 
     cfg = RewardConfig(functions=[RewardFnConfig(fn="math_answer", kwargs={
         "mode": "boxed", "symbolic": True, "timeout_s": 1})], timeout_s=60)

@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 
-from rewards.api import check_specs
-from rewards.runner import RewardRunner
 from rlhf.config import DataConfig, RewardConfig, RewardFnConfig
 from rlhf.experience.prompts import PromptDataset
 from rlhf.experience.scoring import expand_for_rewards, reward_column_names
 from rlhf.types import Completion, RolloutBatch
+from rewards.api import check_specs
+from rewards.runner import RewardRunner
 
 # What training passes with data.answer_column=answer and no data.reward_columns.
 COLUMNS = ["answer", "completion_length", "completion_ids"]

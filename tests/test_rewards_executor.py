@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from rlhf.config import RewardConfig, RewardFnConfig
 from rewards.remote import PROJECT_ROOT, portable_spec
 from rewards.runner import RewardError, RewardRunner
-from rlhf.config import RewardConfig, RewardFnConfig
 
 FLAKY = (PROJECT_ROOT / "tests" / "support" / "flaky_rewards.py").as_posix()
 # 16 completions: per step of `flaky` (tests/support/flaky_rewards.py) 2 failures and 1 timeout,

@@ -25,8 +25,8 @@ def direct_scores(path: str, texts: list[str]) -> list[float]:
 
 
 def test_batched_actor_scores_match_direct_forward(ray_session, tiny_classifier):
-    from rewards.runner import RewardRunner
     from rlhf.config import RewardConfig, RewardFnConfig
+    from rewards.runner import RewardRunner
 
     prompts = ["What is 3 + 5?", "What is 2 + 2?", "Name a colour."]
     completions = ["8", "It is four, because two and two make four.", "Blue"]

@@ -17,8 +17,8 @@ import threading
 
 import pytest
 
-from rewards.runner import RewardError, RewardRunner
 from rlhf.config import RewardConfig, RewardFnConfig
+from rewards.runner import RewardError, RewardRunner
 
 PROMPTS = ["What is 3 + 5?", "What is 2 + 2?", "What is 9 + 1?", "What is 1 + 1?"]
 COMPLETIONS = ["3 + 5 = 8", "2 + 2 = 5", "The answer is 10.", "1 + 1 = 2"]

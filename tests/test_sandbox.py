@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.config import RewardConfig, RewardFnConfig
 from rewards import sandbox
 from rewards.builtin.code_exec import code_exec
 from rewards.runner import RewardRunner
 from rewards.sandbox import SandboxError, SandboxLimits, extract_code, isolation, run_tests
-from rlhf.config import RewardConfig, RewardFnConfig
 
 ADD = "def add(a, b):\n    return a + b\n"
 needs_namespaces = pytest.mark.skipif(isolation() != "namespaces", reason=f"isolation is {isolation()}")

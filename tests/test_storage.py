@@ -12,10 +12,10 @@ import pytest
 from ray import cloudpickle
 
 from rlhf.cluster.connect import PROJECT_ROOT, attach_runtime_env
-from rlhf.config import Config
-from rlhf.learner.rank import LearnerRank
 from rlhf.cluster.node import SharedPath, this_node, unseen
 from rlhf.cluster.storage import MARKER, StorageError, absolute_paths, check_shared_storage
+from rlhf.config import Config
+from rlhf.learner.rank import LearnerRank
 from rollouts.engine import RolloutEngine
 
 

@@ -11,11 +11,11 @@ import msgspec
 import pytest
 import torch
 
-from rlhf.learner.sync import WeightTransportError, choose_transport, on_rank0_device
 from rlhf.cluster.node import NodeInfo
-from rlhf.types import BroadcastGroup
+from rlhf.learner.sync import WeightTransportError, choose_transport, on_rank0_device
 from rlhf.sync_wire import GroupFormationError, from_wire, join_group, open_listener, pack, plan_buckets
 from rlhf.sync_wire import to_wire, views
+from rlhf.types import BroadcastGroup
 
 HEAD = NodeInfo(node_id="aaaa" * 14, ip="10.0.0.1", hostname="head")
 OTHER = NodeInfo(node_id="bbbb" * 14, ip="10.0.0.2", hostname="worker-1")

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlhf.algo.logprobs import token_entropy, token_logprobs
 from rlhf.algo.grpo import grpo_objective
+from rlhf.algo.logprobs import token_entropy, token_logprobs
 from rlhf.algo.registry import Registry
 from rlhf.algo.sft import sft_loss
 from rlhf.config import AlgoConfig

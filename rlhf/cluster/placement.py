@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import EngineConfig, LearnerConfig
 from rlhf.cluster.node import NodeInfo
+from rlhf.config import EngineConfig, LearnerConfig
 
 MODES = ("colocated", "separate")
 STRATEGY = "PACK"

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import Config
 from rlhf.cluster.node import NodeInfo, SharedPath
+from rlhf.config import Config
 
 MARKER = ".storage-check"
 _CHECK_TIMEOUT_S = 120.0  # the actors are up already: reading two small files takes milliseconds

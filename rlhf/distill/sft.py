@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from rlhf.experience.batching import pad_sequences
-from rlhf.learner.checkpoint import latest_complete
 from rlhf.cli import hydra_main
 from rlhf.cluster.startup import check_storage, prepare, start_ray
 from rlhf.config import AlgoConfig, Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.distill.teacher_answers import read_jsonl
+from rlhf.experience.batching import pad_sequences
+from rlhf.learner.checkpoint import latest_complete
 from rlhf.run.ledger import CostLedger
 from rlhf.run.metrics import MetricsLogger
 from rlhf.run.rng import seed_everything

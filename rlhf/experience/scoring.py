@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from rewards.runner import RewardResult, RewardRunner, total_metrics, weighted_total
 from rlhf.algo import group_has_signal
 from rlhf.config import DataConfig
 from rlhf.experience.episodes import Episodes
 from rlhf.experience.prompts import PromptItem, item_columns
 from rlhf.types import Completion, RolloutBatch, Scores
+from rewards.runner import RewardResult, RewardRunner, total_metrics, weighted_total
 
 ENV_REWARD = "env"  # the env reward's name among the reward functions' (metrics, eval_reward)
 # Added per completion by expand_for_rewards, beside the prompt row's columns. ``transcript``: the

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from rlhf import faults
+from rlhf.cluster.node import NodeInfo, RankFiles, SharedPath
 from rlhf.config import AlgoConfig, LearnerConfig, LoraConfig
 from rlhf.console import redirect_output
 from rlhf.learner.packing import MicroBatch, PassPlan, micro_batches
 from rlhf.learner.rank_metrics import RankMetrics
 from rlhf.learner.rendezvous import RendezvousPoint
-from rlhf.cluster.node import NodeInfo, RankFiles, SharedPath
 from rlhf.types import SamplingSettings, TrainBatch
 
 DS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's own files
@@ -93,8 +93,8 @@ class LearnerRank:
     def rendezvous_point(self) -> RendezvousPoint:
         """Rank 0: where the ranks meet, on this rank's node (learner.master_addr overrides the
         address, learner.master_port the port); the port is bound and held until ``start``."""
-        from rlhf.learner.rendezvous import open_listener
         from rlhf.cluster.node import this_node
+        from rlhf.learner.rendezvous import open_listener
 
         if self.rank != 0:
             raise RuntimeError(f"learner rank {self.rank} asked for the rendezvous point; rank 0 chooses it")
@@ -480,8 +480,8 @@ class LearnerRank:
         Rank 0 listens on its node's address, on a free port; returns (address, port, bucket layout
         as plain lists). Other ranks return ("", 0, []).
         """
-        from rlhf.learner.sync_broadcast import WeightSender
         from rlhf.cluster.node import this_node
+        from rlhf.learner.sync_broadcast import WeightSender
         from rlhf.sync_wire import to_wire
 
         ip = this_node().ip

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf import faults
+from rlhf.cluster.node import NodeInfo
 from rlhf.config import LearnerConfig
 from rlhf.learner.waiting import wait_named
-from rlhf.cluster.node import NodeInfo
 from rlhf.types import BroadcastGroup
 
 TRANSPORTS = ("auto", "files", "broadcast")

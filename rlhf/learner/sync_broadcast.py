@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from rlhf.learner.weights import _plan, checkpoint_format, full_parameter_buckets, is_zero3
-from rlhf.types import BroadcastGroup, WeightBucket
 from rlhf.sync_wire import Member, device_for, join_group, open_listener, pack, plan_buckets
+from rlhf.types import BroadcastGroup, WeightBucket
 
 
 def bucket_layout(model: torch.nn.Module, bucket_bytes: int) -> list[WeightBucket]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rlhf.learner.checkpoint import complete_checkpoints
 from rlhf.config.schema import AlgoConfig
+from rlhf.learner.checkpoint import complete_checkpoints
 
 
 class MismatchError(RuntimeError):

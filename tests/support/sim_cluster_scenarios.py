@@ -43,10 +43,10 @@ def learner_separate_two_nodes() -> dict:
     """2 ZeRO-3 ranks (2 CPUs each) on two worker nodes of 3 CPUs (Ray takes whole node CPUs):
     PACK cannot put both on one node, so rank 1 is on another node than rank 0 and must dial rank 0's node to rendezvous. An
     engine-sized group (1 CPU) is reserved beside them (placement=separate); the group trains one step."""
+    from rlhf.cluster.placement import plan_placement, reserve
     from rlhf.config import AlgoConfig, LearnerConfig, RolloutConfig
     from rlhf.learner import LearnerGroup
     from rlhf.models import TINY, resolve_model_path
-    from rlhf.cluster.placement import plan_placement, reserve
     from tests.test_learner import make_batch
 
     with sim_cluster([{"num_cpus": 3, "resources": {"node_a": 1}},
@@ -76,8 +76,8 @@ def learner_separate_two_nodes() -> dict:
 @scenario("unsatisfiable")
 def unsatisfiable() -> dict:
     """4 ranks x 1 CPU on a cluster of 2 CPUs, with a placement timeout of 600 s: must raise at once."""
-    from rlhf.config import LearnerConfig, RolloutConfig
     from rlhf.cluster.placement import PlacementError, plan_placement, reserve
+    from rlhf.config import LearnerConfig, RolloutConfig
 
     with sim_cluster([{"num_cpus": 1}, {"num_cpus": 1}]):
         plan = plan_placement("separate", LearnerConfig(num_ranks=4, num_cpus_per_rank=1),
@@ -98,8 +98,8 @@ def train_separate_three_nodes() -> dict:
     import tempfile
 
     from rlhf.learner.sync import WeightTransportError
-    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
+    from rlhf.run.metrics import read_metrics
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose
 
@@ -202,8 +202,8 @@ def train_async_two_nodes() -> dict:
     the rank trains step s on the other."""
     import tempfile
 
-    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
+    from rlhf.run.metrics import read_metrics
     from rlhf.run.timeline import read_timeline
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose
@@ -234,8 +234,8 @@ def opd_separate_three_nodes() -> dict:
     completions generated on another node for a rank on a third."""
     import tempfile
 
-    from rlhf.run.metrics import read_metrics
     from rlhf.models import TINY, resolve_model_path
+    from rlhf.run.metrics import read_metrics
     from rlhf.train import train
     from tests.support.runs import compose
     from tests.support.teachers import perturbed_copy
