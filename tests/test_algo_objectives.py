@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rlhf.algo import normalisers
-from rlhf.algo.objectives import OBJECTIVES, Sampling
+from rlhf.algo.objectives import OBJECTIVES
 from rlhf.config import AlgoConfig, ConfigError, LearnerConfig
 from rlhf.learner.settings import check_settings
-from rlhf.types import TrainBatch
+from rlhf.types import SamplingSettings, TrainBatch
 
 # One row, vocab 2. logits[:, t-1] scores input_ids[:, t]: position 1 (token 1) from logits [0, 0],
 # position 2 (token 0) from logits [ln 3, 0]; position 0 is the prompt.
@@ -23,10 +23,10 @@ BATCH = TrainBatch(
     response_mask=torch.tensor([[0.0, 1.0, 1.0]]),
     advantages=torch.tensor([1.0]),
 )
-HALF = Sampling(temperature=0.5)
+HALF = SamplingSettings(temperature=0.5)
 
 
-def _loss(name: str, sampling: Sampling):
+def _loss(name: str, sampling: SamplingSettings):
     tokens, seqs = normalisers(BATCH.response_mask)
     return OBJECTIVES.get(name).loss(LOGITS.clone().requires_grad_(True), BATCH, AlgoConfig(), sampling,
                                      total_tokens=tokens, total_seqs=seqs)
@@ -37,7 +37,7 @@ def test_the_registered_objectives():
     assert OBJECTIVES.get("grpo").reads_pre_update and not OBJECTIVES.get("sft").reads_pre_update
 
 
-@pytest.mark.parametrize("sampling", [Sampling(), HALF])
+@pytest.mark.parametrize("sampling", [SamplingSettings(), HALF])
 def test_sft_is_the_completion_token_nll_at_temperature_one(sampling):
     # p(token 1 | [0, 0]) = 1/2, p(token 0 | [ln 3, 0]) = 3/4 whatever the sampling temperature:
     # (ln 2 + ln 4/3) / 2 = ln(8/3) / 2.

@@ -23,19 +23,11 @@ from rlhf.algo.logprobs import token_entropy, token_logprobs
 from rlhf.algo.registry import Registry
 from rlhf.algo.sft import sft_loss
 from rlhf.config import AlgoConfig
-from rlhf.types import TrainBatch
+from rlhf.types import SamplingSettings, TrainBatch
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The distribution the engines sample from, which the policy's log-probs are taken under."""
-
-    temperature: float = 1.0
-    top_k: int = -1  # -1: off
-    top_p: float = 1.0
-
-
-# loss(logits [B, L, V], micro-batch, algo, sampling, *, total_tokens, total_seqs) -> (loss, metrics)
+# loss(logits [B, L, V], micro-batch, algo, sampling, *, total_tokens, total_seqs) -> (loss, metrics);
+# sampling: the engines' settings (rollout.*), whose temperature, top-k and top-p the log-probs are taken under
 Loss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
 
@@ -56,7 +48,7 @@ class Objective:
 OBJECTIVES: Registry = Registry("learner objective")
 
 
-def _grpo(logits: Tensor, batch: TrainBatch, algo: AlgoConfig, sampling: Sampling, *,
+def _grpo(logits: Tensor, batch: TrainBatch, algo: AlgoConfig, sampling: SamplingSettings, *,
           total_tokens: float, total_seqs: float) -> tuple[Tensor, dict[str, Tensor]]:
     how = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     logprobs = token_logprobs(logits, batch.input_ids, **how)
@@ -69,7 +61,7 @@ def _grpo(logits: Tensor, batch: TrainBatch, algo: AlgoConfig, sampling: Samplin
                           entropy=entropy, raw_logprobs=raw)
 
 
-def _sft(logits: Tensor, batch: TrainBatch, algo: AlgoConfig, sampling: Sampling, *,
+def _sft(logits: Tensor, batch: TrainBatch, algo: AlgoConfig, sampling: SamplingSettings, *,
          total_tokens: float, total_seqs: float) -> tuple[Tensor, dict[str, Tensor]]:
     # The teacher's tokens, learnt as written: no sampling temperature applies.
     logprobs = token_logprobs(logits, batch.input_ids, temperature=1.0)

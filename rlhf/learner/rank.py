@@ -280,8 +280,6 @@ class LearnerRank:
         """
         import torch.distributed as dist
 
-        from rlhf.algo.objectives import Sampling
-
         faults.stall("learner_stall")  # tests only: a rank that never answers
         step_start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # the rate this update uses (the schedule steps after it)
@@ -300,13 +298,12 @@ class LearnerRank:
             raise ValueError(f"learner rank {self.rank} got an empty batch for train_step")
         records: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         bad = torch.zeros(1, device=self.device)  # 1 once this rank saw a non-finite loss
-        sampling = Sampling(**self._sampling())
         for i, micro in enumerate(micros):
             last = i == len(micros) - 1
             self.engine.set_gradient_accumulation_boundary(last)
             logits = self._logits(self.engine, micro)
             mb = micro.view.to(self.device)  # every loss reads completion positions only
-            loss, metrics = self.objective.loss(logits, mb, self.algo, sampling,
+            loss, metrics = self.objective.loss(logits, mb, self.algo, self.sampling,
                                                 total_tokens=total_tokens, total_seqs=total_seqs)
             if faults.active("nonfinite_loss", self.engine.global_steps + 1):  # tests only
                 loss = loss * float("nan")
