@@ -62,3 +62,14 @@ def ray_session():
     init_ray(num_cpus=max(4, os.cpu_count() or 2))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_api_server(tiny_model_path, tmp_path_factory):
+    """The tiny model behind vLLM's OpenAI-compatible server on 127.0.0.1 with an API key, served as
+    "tiny"; one for the whole session (~30-60 s to start on 2 cores). Yields tests.support.vllm_server.Served."""
+    from tests.support.vllm_server import vllm_api_server
+
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with vllm_api_server(tiny_model_path, "tiny", "sk-vllm-" + secrets.token_hex(16), log) as served:
+        yield served

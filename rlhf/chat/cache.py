@@ -1,4 +1,4 @@
-"""On-disk cache of teacher answers: append-only JSONL keyed by a hash of the request.
+"""On-disk cache of chat-completions answers (teacher, judge, closed model): append-only JSONL keyed by a hash of the request.
 
 An interrupted collection resumes from it without paying twice. Each answer is one line written
 with a single write and fsynced, so a crash loses at most the line being written; that partial
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from rlhf.distill.client import TeacherAnswer
+from rlhf.chat.client import ChatAnswer
 
 
 def request_key(model: str, messages: list[dict[str, str]], sampling: Mapping[str, Any],
@@ -31,7 +31,7 @@ class ResponseCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.entries: dict[str, TeacherAnswer] = {}
+        self.entries: dict[str, ChatAnswer] = {}
         if self.path.exists():
             self._load()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,14 +49,14 @@ class ResponseCache:
                 continue
             try:
                 entry = json.loads(line)
-                self.entries[entry["key"]] = TeacherAnswer(**entry["answer"])
+                self.entries[entry["key"]] = ChatAnswer(**entry["answer"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{self.path} line {lineno}: not a cache entry ({e})") from e
 
-    def get(self, key: str) -> TeacherAnswer | None:
+    def get(self, key: str) -> ChatAnswer | None:
         return self.entries.get(key)
 
-    def put(self, key: str, answer: TeacherAnswer, model: str) -> None:
+    def put(self, key: str, answer: ChatAnswer, model: str) -> None:
         line = json.dumps({"key": key, "model": model, "answer": answer.__dict__}, ensure_ascii=False)
         # One write of one whole line, then fsync: a crash loses at most this line.
         with open(self.path, "a", encoding="utf-8") as f:

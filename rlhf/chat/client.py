@@ -1,8 +1,11 @@
 """HTTP client for an OpenAI-compatible chat-completions endpoint (a closed API or `vllm serve`).
 
-One request per answer. 429, 5xx, timeouts and connection errors are retried with exponential
-back-off and jitter, waiting at least what a Retry-After header asks; other failures, and running
-out of retries, raise :class:`TeacherError` naming the prompt row. The API key lives only in the
+One client for every caller that talks to such an endpoint: the distillation teacher
+(rlhf/distill/teacher_answers.py), the judge reward (rewards/builtin/judge.py) and the verdict's
+closed model (rlhf/compare.py). One request per answer. 429, 5xx, timeouts and connection errors
+are retried with exponential back-off and jitter, waiting at least what a Retry-After header asks;
+other failures, and running out of retries, raise :class:`EndpointError` naming the caller's
+item (``label``: "prompt row 3", "judge sample 5"). The API key lives only in the
 Authorization header: every message this module raises has it redacted, and httpx exceptions
 (which can quote header values) are never chained.
 """
@@ -19,30 +22,52 @@ from typing import Any
 
 import httpx
 
-from rlhf.config import ConfigError, TeacherConfig
+from rlhf.config import ConfigError
 
 
-class TeacherError(RuntimeError):
-    """The teacher could not answer a prompt row; the message names the row and the last error."""
+class EndpointError(RuntimeError):
+    """The endpoint could not answer one request; the message names the item and the last error."""
 
 
 @dataclass(frozen=True)
-class TeacherAnswer:
+class ChatAnswer:
     content: str
     finish_reason: str | None
     prompt_tokens: int | None  # as the API reported them; None when it sent no usage
     completion_tokens: int | None
+    latency_s: float | None = None  # the successful attempt's wall time; None in older caches
 
 
-def api_key_from_env(cfg: TeacherConfig) -> str | None:
-    """The key from the variable named by teacher.api_key_env (None: no key configured)."""
-    if cfg.api_key_env is None:
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go and how hard to try: the fields TeacherConfig, the judge's and the
+    verdict's closed model each set."""
+
+    base_url: str
+    timeout_s: float = 60.0  # per attempt, connect + read
+    max_concurrency: int = 8
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    owner: str = "teacher"  # the config key holding these settings, named in errors
+
+    @classmethod
+    def of(cls, cfg: Any, owner: str = "teacher") -> "Endpoint":
+        """The fields of any config object that has them (TeacherConfig, the judge's settings)."""
+        fields = [f for f in cls.__dataclass_fields__ if f != "owner"]
+        return cls(**{f: getattr(cfg, f) for f in fields}, owner=owner)
+
+
+def api_key_from_env(api_key_env: str | None, key_name: str = "teacher.api_key_env") -> str | None:
+    """The key from the environment variable named ``api_key_env`` (None: no key configured).
+    ``key_name`` is the config key that named it, for the error."""
+    if api_key_env is None:
         return None
-    key = os.environ.get(cfg.api_key_env, "").strip()
+    key = os.environ.get(api_key_env, "").strip()
     if not key:
         raise ConfigError(
-            f"teacher.api_key_env={cfg.api_key_env!r}: the environment variable is not set "
-            "(set it, or set teacher.api_key_env=null for a server without a key)"
+            f"{key_name}={api_key_env!r}: the environment variable is not set "
+            f"(set it, or set {key_name}=null for a server without a key)"
         )
     return key
 
@@ -77,10 +102,10 @@ def _retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-class TeacherClient:
-    """POSTs chat-completions requests with retries. Use as ``async with TeacherClient(...)``."""
+class ChatClient:
+    """POSTs chat-completions requests with retries. Use as ``async with ChatClient(...)``."""
 
-    def __init__(self, cfg: TeacherConfig, api_key: str | None, rng: random.Random | None = None):
+    def __init__(self, cfg: Endpoint, api_key: str | None, rng: random.Random | None = None):
         self.cfg = cfg
         self._key = api_key
         self.http_requests = 0  # attempts, retries included
@@ -92,7 +117,7 @@ class TeacherClient:
             limits=httpx.Limits(max_connections=cfg.max_concurrency),
         )
 
-    async def __aenter__(self) -> "TeacherClient":
+    async def __aenter__(self) -> "ChatClient":
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -101,49 +126,50 @@ class TeacherClient:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _fail(self, row: int, message: str) -> TeacherError:
-        return TeacherError(self._redact(f"prompt row {row}: {message}"))
+    def _fail(self, label: str, message: str) -> EndpointError:
+        return EndpointError(self._redact(f"{label}: {message}"))
 
-    async def complete(self, body: dict[str, Any], row: int) -> TeacherAnswer:
-        """One answer for ``body``; retries transient failures, raises TeacherError otherwise."""
+    async def complete(self, body: dict[str, Any], label: str) -> ChatAnswer:
+        """One answer for ``body``; retries transient failures, raises EndpointError otherwise."""
         url = f"{self.cfg.base_url.rstrip('/')}/chat/completions"
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
             retry_after = None
             self.http_requests += 1
+            t0 = time.monotonic()
             try:
                 resp = await self._http.post("chat/completions", json=body)
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 last = f"{type(e).__name__}: {e}"
             except httpx.HTTPError as e:
                 # Not from the exception chain: httpx errors can quote header values.
-                raise self._fail(row, f"request to {url} failed: {type(e).__name__}: {e}") from None
+                raise self._fail(label, f"request to {url} failed: {type(e).__name__}: {e}") from None
             else:
                 if resp.status_code == 200:
-                    return self._parse(resp, row)
+                    return self._parse(resp, label, time.monotonic() - t0)
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if not _retryable_status(resp.status_code):
-                    raise self._fail(row, f"{url} answered {last}")
+                    raise self._fail(label, f"{url} answered {last}")
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
             if attempt < self.cfg.max_retries:
                 self.retries += 1
                 await asyncio.sleep(retry_delay(attempt, retry_after, self.cfg.backoff_base_s,
                                                 self.cfg.backoff_max_s, self._rng))
         raise self._fail(
-            row, f"gave up after {self.cfg.max_retries + 1} attempts "
-                 f"(teacher.max_retries={self.cfg.max_retries}) on {url}; last error: {last}"
+            label, f"gave up after {self.cfg.max_retries + 1} attempts "
+                   f"({self.cfg.owner}.max_retries={self.cfg.max_retries}) on {url}; last error: {last}"
         )
 
-    def _parse(self, resp: httpx.Response, row: int) -> TeacherAnswer:
+    def _parse(self, resp: httpx.Response, label: str, latency_s: float) -> ChatAnswer:
         try:
             data = resp.json()
             choice = data["choices"][0]
             content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise self._fail(row, f"not a chat-completions response ({e!r}): {resp.text[:300]}") from None
+            raise self._fail(label, f"not a chat-completions response ({e!r}): {resp.text[:300]}") from None
         if not isinstance(content, str):
-            raise self._fail(row, f"the answer has no text content: {resp.text[:300]}")
+            raise self._fail(label, f"the answer has no text content: {resp.text[:300]}")
         usage = data.get("usage") or {}
-        return TeacherAnswer(content=content, finish_reason=choice.get("finish_reason"),
-                             prompt_tokens=usage.get("prompt_tokens"),
-                             completion_tokens=usage.get("completion_tokens"))
+        return ChatAnswer(content=content, finish_reason=choice.get("finish_reason"),
+                          prompt_tokens=usage.get("prompt_tokens"),
+                          completion_tokens=usage.get("completion_tokens"), latency_s=latency_s)
