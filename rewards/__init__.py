@@ -6,7 +6,9 @@ pool.py     a thread pool whose tasks can time out without taking a worker with 
 remote.py   reward.executor=ray: reward calls as Ray tasks over the cluster's CPUs
 answers.py  finding a final answer in text (GSM8K ``#### 42``, ``\\boxed{...}``, the last number)
 sandbox.py  untrusted code (a completion) run against tests in a contained subprocess
+agreement.py how often two rewards agree on the same completions (reward.agreement)
 builtin/    the built-in rewards, by name
+rubrics/    example rubrics for the judge reward (text templates with {placeholders})
 """
 
 from rewards.api import load_reward, per_sample

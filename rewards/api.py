@@ -26,7 +26,9 @@ A config spec names the function three ways (``RewardFnConfig.fn``):
 
 A class instead of a function is instantiated with the config's kwargs (for rewards that hold
 resources, such as a model actor); its instances are called like functions and ``close()`` is
-called when the runner shuts down.
+called when the runner shuts down. A constructor that declares ``run_dir`` or ``columns`` is also
+given those (:data:`CONTEXT`). An instance may define ``usage() -> dict[str, float]``, cumulative
+counters (requests, tokens, unparsable replies) the runner reports per step.
 """
 
 from __future__ import annotations
@@ -49,7 +51,13 @@ BUILTINS: dict[str, str] = {
     "length": "rewards.builtin.length:LengthPenalty",
     "code_exec": "rewards.builtin.code_exec:code_exec",
     "reward_model": "rewards.builtin.reward_model:RewardModel",
+    "judge": "rewards.builtin.judge:Judge",
 }
+
+# What the runner hands a class reward whose constructor declares a parameter of that name:
+# ``run_dir`` (the run folder, for caches and logs; None outside a run) and ``columns`` (the column
+# names calls will be passed; None when unknown).
+CONTEXT = ("run_dir", "columns")
 
 
 def per_sample(fn: SampleFn) -> BatchFn:
@@ -97,14 +105,15 @@ class LoadedReward:
 
 
 def load_reward(spec: str, kwargs: dict[str, Any] | None = None, weight: float = 1.0,
-                name: str | None = None) -> LoadedReward:
-    """Resolve ``spec`` (built-in name, ``module:attr`` or ``file.py:attr``) and bind ``kwargs``."""
+                name: str | None = None, context: dict[str, Any] | None = None) -> LoadedReward:
+    """Resolve ``spec`` (built-in name, ``module:attr`` or ``file.py:attr``) and bind ``kwargs``;
+    a class also gets the entries of ``context`` (:data:`CONTEXT`) its constructor declares."""
     kwargs = dict(kwargs or {})
     target = resolve(spec)
     owner = None
     if inspect.isclass(target):
         try:
-            owner = target(**kwargs)
+            owner = target(**kwargs, **_context_for(spec, target, kwargs, context or {}))
         except TypeError as e:
             raise TypeError(f"reward {spec!r}: cannot build it from kwargs {sorted(kwargs)}: {e}") from e
         batch_fn: BatchFn = owner
@@ -131,6 +140,18 @@ def load_reward(spec: str, kwargs: dict[str, Any] | None = None, weight: float =
         sample_fn=_accepting_known_columns(sample_fn) if sample_fn else None,
         owner=owner,
     )
+
+
+def _context_for(spec: str, cls: type, kwargs: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    given = {k: v for k, v in context.items() if k in CONTEXT and k in params}
+    clash = sorted(set(given) & set(kwargs))
+    if clash:
+        raise TypeError(f"reward {spec!r}: kwargs {clash} are set by the runner, not the config")
+    return given
 
 
 def check_specs(functions: Sequence[Any], columns: Sequence[str] | None = None) -> None:

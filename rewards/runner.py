@@ -18,6 +18,12 @@ keyword parameters against them and the kwargs (:func:`rewards.api.column_proble
 default that nothing fills is a ValueError before any function is built; ones left to their
 defaults are logged as one warning per function.
 
+A class-based reward with ``usage()`` (cumulative counters, e.g. the judge's requests, tokens and
+unparsable replies) has each call's increase reported as ``<name>/<counter>`` metrics
+(:attr:`RewardResult.counted`: they add up over dynamic sampling's draws), and :meth:`api_usage`
+sums the API requests and tokens of all of them for the ledger. ``reward.agreement`` names two
+functions whose agreement (rewards/agreement.py) is logged as ``agreement/<a>_vs_<b>``.
+
 When one function's failures + timeouts exceed ``cfg.max_failure_rate`` of the batch, ``score``
 raises :class:`RewardError` naming the function, the first error and the input that caused it.
 The total is the weighted sum over functions with weight != 0; it is None for a completion when
@@ -32,11 +38,13 @@ import numbers
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
 from rlhf.config import RewardConfig
+from rewards.agreement import agreement
 from rewards.api import (LoadedReward, column_problems, default_name, load_reward, missing_columns_message,
                          resolve)
 from rewards.pool import DaemonPool, Task
@@ -64,6 +72,16 @@ class RewardResult:
     total: list[float | None]  # weighted sum per completion; None when a weighted function gave None
     per_fn: dict[str, list[float | None]]  # every function's values, weight 0 included
     metrics: dict[str, float] = field(default_factory=dict)
+    counted: frozenset[str] = frozenset()  # metric keys that count events: they add up across calls
+
+
+@dataclass(frozen=True)
+class ApiUsage:
+    """Paid API use of the rewards that report it (``usage()``), cumulative since the runner started."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -87,10 +105,12 @@ class _Outcome:
 
 
 class RewardRunner:
-    def __init__(self, cfg: RewardConfig, columns: Sequence[str] | None = None):
+    def __init__(self, cfg: RewardConfig, columns: Sequence[str] | None = None,
+                 run_dir: str | Path | None = None):
         """``columns``: the column names ``score`` will be passed; None skips the check against them.
-        No functions is allowed (pure distillation, rlhf/validation.py's check_distill): every total is
-        then the empty sum, 0."""
+        ``run_dir``: the run folder, handed with ``columns`` to class rewards that ask for them
+        (rewards.api.CONTEXT). No functions is allowed (pure distillation, rlhf/validation.py's
+        check_distill): every total is then the empty sum, 0."""
         if cfg.timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
         if cfg.executor not in EXECUTORS:
@@ -100,12 +120,14 @@ class RewardRunner:
         self.functions: list[LoadedReward] = []
         all_kwargs = [_plain(f.kwargs) for f in cfg.functions]
         self._kwargs: dict[str, dict] = {}  # by function name: what a Ray task loads it with
+        self.agreement = _check_agreement(cfg)
+        context = {"run_dir": run_dir, "columns": list(columns) if columns is not None else None}
         if columns is not None:  # before any function is built (a reward model starts an actor)
             for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
                 _check_columns(f"reward.functions[{i}]", f.name or default_name(f.fn), f.fn, kwargs, columns)
         try:
             for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
-                loaded = load_reward(f.fn, kwargs, f.weight, f.name)
+                loaded = load_reward(f.fn, kwargs, f.weight, f.name, context)
                 if loaded.name in {g.name for g in self.functions}:
                     raise ValueError(
                         f"reward.functions[{i}] ({f.fn!r}): a function named {loaded.name!r} is "
@@ -118,6 +140,8 @@ class RewardRunner:
             raise
         self._pool = DaemonPool(max(1, cfg.num_workers))
         self._remote = RayTasks() if cfg.executor == "ray" else None
+        self._usage_seen: dict[str, dict[str, float]] = {f.name: self._usage_of(f) for f in self.functions
+                                                         if self._usage_of(f) is not None}
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardResult:
         n = len(completions)
@@ -160,7 +184,38 @@ class RewardRunner:
         total = weighted_total([(f.weight, per_fn[f.name]) for f in self.functions], n)
         metrics.update(total_metrics(total))
         metrics["reward/abandoned_tasks"] = float(self._pool.abandoned + self._abandoned_remote())
-        return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
+        if self.agreement:
+            a, b = self.agreement
+            agreed = agreement(per_fn[a], per_fn[b])
+            metrics[f"agreement/{a}_vs_{b}"] = agreed.agree
+            metrics[f"agreement/{a}_vs_{b}/pearson"] = agreed.pearson
+        counted = self._usage_metrics()
+        metrics.update(counted)
+        return RewardResult(total=total, per_fn=per_fn, metrics=metrics, counted=frozenset(counted))
+
+    def api_usage(self) -> ApiUsage:
+        """Requests and tokens paid so far (cache hits are not) by the rewards that report usage()."""
+        seen = [u for f in self.functions if (u := self._usage_of(f)) is not None]
+        return ApiUsage(*(int(sum(u.get(k, 0.0) for u in seen))
+                          for k in ("requests", "prompt_tokens", "completion_tokens")))
+
+    @staticmethod
+    def _usage_of(fn: LoadedReward) -> dict[str, float] | None:
+        usage = getattr(fn.owner, "usage", None)
+        return dict(usage()) if callable(usage) else None
+
+    def _usage_metrics(self) -> dict[str, float]:
+        """Each usage() counter's increase since the last call, as ``<name>/<counter>``. A call that
+        timed out may still count later: its increase lands in the next call's metrics."""
+        out = {}
+        for fn in self.functions:
+            now = self._usage_of(fn)
+            if now is None:
+                continue
+            before = self._usage_seen.get(fn.name, {})
+            out.update({f"{fn.name}/{k}": v - before.get(k, 0.0) for k, v in now.items()})
+            self._usage_seen[fn.name] = now
+        return out
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -228,6 +283,21 @@ def total_metrics(total: Sequence[float | None]) -> dict[str, float]:
     scored = [t for t in total if t is not None]
     return {"reward/total/mean": sum(scored) / len(scored) if scored else math.nan,
             "reward/total/none": float(len(total) - len(scored))}
+
+
+def _check_agreement(cfg: RewardConfig) -> tuple[str, str] | None:
+    """reward.agreement as (a, b), or None; a ValueError naming the key for anything else."""
+    if not cfg.agreement:
+        return None
+    names = [f.name or default_name(f.fn) for f in cfg.functions]
+    if len(cfg.agreement) != 2 or cfg.agreement[0] == cfg.agreement[1]:
+        raise ValueError(f"reward.agreement={list(cfg.agreement)}: name two different functions, e.g. "
+                         "[judge, math_answer]")
+    unknown = [a for a in cfg.agreement if a not in names]
+    if unknown:
+        raise ValueError(f"reward.agreement={list(cfg.agreement)}: {unknown} not among reward.functions "
+                         f"names {names}")
+    return cfg.agreement[0], cfg.agreement[1]
 
 
 def _plain(kwargs: Any) -> dict[str, Any]:

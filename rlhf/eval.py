@@ -48,7 +48,7 @@ def run_eval(cfg: Config) -> EvalResult:
     # Ray before the rewards: a reward_model reward starts its actor when it is built.
     logs = component_logs(cfg.trainer)
     start_ray(cfg.trainer, logs)
-    with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data)) as rewards:
+    with RewardRunner(cfg.reward, columns=reward_column_names(cfg.data), run_dir=start.run_dir) as rewards:
         engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
         try:
             check_storage(start.run_dir, model_path, engines=engines)

@@ -164,6 +164,12 @@ def prepare_teacher(cfg: Config, tokenizer, student_path: str, samples: list[str
     return path
 
 
+def record_judge(ledger: CostLedger, rewards: RewardRunner) -> None:
+    """A judge reward's paid requests and tokens so far into the ledger (its own line and price)."""
+    used = rewards.api_usage()
+    ledger.set_judge_usage(used.requests, used.prompt_tokens, used.completion_tokens)
+
+
 def train(cfg: Config) -> Path:
     batches = validate(cfg)  # every config error surfaces here, before anything loads
     seed_everything(cfg.trainer.seed)  # before prepare, as ever: building a built-in model reseeds torch
@@ -196,7 +202,7 @@ def train(cfg: Config) -> Path:
         ledger = CostLedger(run_dir, cfg.ledger, run_kind="opd" if cfg.algo.distill_coef > 0 else "grpo")
         # Ray before the rewards: a reward_model reward starts its actor when it is built.
         start_ray(cfg.trainer, component_logs(cfg.trainer))
-        rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data))
+        rewards = RewardRunner(cfg.reward, columns=reward_column_names(cfg.data), run_dir=run_dir)
         stack.callback(rewards.close)
         stack.callback(env.close)
         engines, learner, teacher = start_groups(cfg, model_path, teacher_path, stack)
@@ -338,6 +344,7 @@ def train(cfg: Config) -> Path:
             if teacher is not None:
                 ledger.add_teacher_scored(int(metrics["distill/teacher_tokens"]), metrics["timing/teacher"])
             ledger.add_trained(trained * cfg.algo.epochs_per_step)
+            record_judge(ledger, rewards)
             logger.log(step, metrics)
             print(progress_line(step - start_step, cfg.trainer.steps - start_step, metrics, started), flush=True)
 
@@ -350,6 +357,7 @@ def train(cfg: Config) -> Path:
         save(cfg.trainer.steps, mismatch)
         if cfg.trainer.export_at_end:
             learner.export(run_dir / "export", tokenizer_path=model_path)
+        record_judge(ledger, rewards)  # the final evaluation's judge calls too
         print(ledger.close())
     plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward.png")
     plot_timeline(read_timeline(run_dir / "timeline.jsonl"), run_dir / "timeline.png")

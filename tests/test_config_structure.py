@@ -67,6 +67,11 @@ OPTIONS: dict[str, dict] = {
     "reward/gsm8k": {"functions": [
         {"fn": "math_answer", "weight": 1.0, "kwargs": {"mode": "gsm8k"}, "name": None},
         {"fn": "math_answer", "weight": 0.0, "kwargs": {"mode": "last_number"}, "name": "last_number_correct"}]},
+    "reward/judge": {"timeout_s": 300.0, "agreement": ["judge", "math_answer"], "functions": [
+        {"fn": "judge", "weight": 1.0, "name": None, "kwargs": {
+            "rubric": "arithmetic_reference", "scale": [0, 1], "base_url": "http://127.0.0.1:8000/v1",
+            "model": "judge", "api_key_env": "JUDGE_API_KEY", "max_tokens": 64}},
+        {"fn": "math_answer", "weight": 0.0, "kwargs": {"mode": "last_number"}, "name": None}]},
     "reward/math": {},
     "rollout/vllm_cpu": {},
     "rollout/vllm_gpu": {"max_model_len": 2048, "kv_cache_gb": None, "gpu_memory_utilization": 0.5,

@@ -360,6 +360,10 @@ class RewardConfig:
     # task per call, 1 CPU each, spread over the cluster; class-based rewards such as math_answer
     # stay in the driver).
     executor: str = "threads"
+    # Two function names [a, b] (e.g. [judge, math_answer], b at weight 0): logs agreement/a_vs_b,
+    # the fraction of completions both scored where both pass (>= 0.5) or both fail, and
+    # agreement/a_vs_b/pearson, their values' correlation. Empty: none.
+    agreement: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -537,6 +541,9 @@ class LedgerConfig:
     # USD per 1M tokens of the teacher API (0 for a teacher you host: its hours count instead).
     teacher_prompt_price_per_m: float = 0.0
     teacher_completion_price_per_m: float = 0.0
+    # USD per 1M tokens of an LLM judge reward's API (reward `judge`; 0 for a judge you host).
+    judge_prompt_price_per_m: float = 0.0
+    judge_completion_price_per_m: float = 0.0
     # The closed API the tuned model replaces and its USD per 1M tokens (0: not compared). Default:
     # OpenAI gpt-4o at its list price, $2.50 input / $10.00 output per 1M tokens, as OpenAI's API
     # pricing page listed it from 2025-03 through at least 2026-06 (checked 2026-12-01). Set your own

@@ -118,7 +118,7 @@ def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rew
             kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
             kept_scores.append(group)
         for key, value in {**scored.metrics, **episodes.metrics}.items():
-            counted = key.endswith(_COUNTED) or key in ENV_COUNTED
+            counted = key.endswith(_COUNTED) or key in ENV_COUNTED or key in scored.counted
             metrics[key] = metrics.get(key, 0.0) + value if counted else value
         if len(kept_items) == want:
             break

@@ -1,7 +1,7 @@
 """Cost ledger: what a run consumed and what it cost, kept in ``<run folder>/ledger.json``.
 
 Every run (teacher collection, SFT, GRPO) counts tokens generated, tokens trained, teacher tokens
-bought, wall time and device-hours by device kind, and prices them with ``LedgerConfig``. With an
+bought, judge API tokens (an LLM judge reward), wall time and device-hours by device kind, and prices them with ``LedgerConfig``. With an
 open teacher on our own engines (on-policy distillation) it also counts the tokens the teacher
 scored, the seconds that took, and the teacher engines' hours; engines on devices of their own
 (``ledger.teacher_num_devices``) add their device-hours to the run's. The file
@@ -46,6 +46,11 @@ class LedgerTotals:
     teacher_tokens_scored: int = 0
     teacher_scoring_s: float = 0.0
     teacher_engine_hours: float = 0.0
+    # An LLM judge reward's API use (rewards/builtin/judge.py): requests paid for, cache hits not.
+    # Defaults let a ledger.json written before judges load (resume).
+    judge_requests: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
     wall_s: float = 0.0
     device_hours: dict[str, float] = field(default_factory=dict)
 
@@ -56,6 +61,7 @@ class CostReport:
 
     compute_usd: float
     teacher_usd: float
+    judge_usd: float
     total_usd: float
     tokens_per_s: float | None  # measured generation throughput; None if nothing was generated
     serving_usd_per_m: float | None  # our cost per 1M output tokens on this run's hardware
@@ -96,6 +102,8 @@ def cost_report(totals: LedgerTotals, cfg: LedgerConfig, device_kind: str) -> Co
     compute = device_cost_usd(totals.device_hours, cfg.device_hour_price)
     teacher = api_cost_usd(totals.teacher_prompt_tokens, totals.teacher_completion_tokens,
                            cfg.teacher_prompt_price_per_m, cfg.teacher_completion_price_per_m)
+    judge = api_cost_usd(totals.judge_prompt_tokens, totals.judge_completion_tokens,
+                         cfg.judge_prompt_price_per_m, cfg.judge_completion_price_per_m)
     tps = serving = closed = ratio = None
     if totals.tokens_generated > 0 and totals.generation_s > 0:
         tps = totals.tokens_generated / totals.generation_s
@@ -105,7 +113,8 @@ def cost_report(totals: LedgerTotals, cfg: LedgerConfig, device_kind: str) -> Co
         closed = cfg.closed_api_completion_price_per_m
         if serving is not None and serving > 0:
             ratio = closed / serving
-    return CostReport(compute_usd=compute, teacher_usd=teacher, total_usd=compute + teacher,
+    return CostReport(compute_usd=compute, teacher_usd=teacher, judge_usd=judge,
+                      total_usd=compute + teacher + judge,
                       tokens_per_s=tps, serving_usd_per_m=serving, closed_api_usd_per_m=closed,
                       closed_api_name=cfg.closed_api_name,
                       ratio=ratio)
@@ -124,9 +133,14 @@ def format_summary(totals: LedgerTotals, report: CostReport, device_kind: str) -
     if totals.teacher_tokens_scored or totals.teacher_engine_hours:
         lines.append(f"  teacher engines    {totals.teacher_tokens_scored:,} tokens scored in "
                      f"{totals.teacher_scoring_s:.1f} s; {totals.teacher_engine_hours:.4f} engine-hours")
+    if totals.judge_requests:
+        lines.append(f"  judge tokens       {totals.judge_prompt_tokens:,} prompt + "
+                     f"{totals.judge_completion_tokens:,} completion in {totals.judge_requests:,} requests "
+                     f"(${report.judge_usd:.4f})")
+    judge = f", judge API ${report.judge_usd:.4f}" if totals.judge_requests else ""
     lines += [
         f"  run cost           ${report.total_usd:.4f} (compute ${report.compute_usd:.4f}, "
-        f"teacher API ${report.teacher_usd:.4f})",
+        f"teacher API ${report.teacher_usd:.4f}{judge})",
     ]
     if report.serving_usd_per_m is None:
         lines.append("  serving cost       not measured (the run generated no tokens)")
@@ -194,6 +208,8 @@ class CostLedger:
         self._base_wall_s = self.totals.wall_s
         self._base_hours = dict(self.totals.device_hours)
         self._base_teacher_hours = self.totals.teacher_engine_hours
+        self._base_judge = (self.totals.judge_requests, self.totals.judge_prompt_tokens,
+                            self.totals.judge_completion_tokens)
         self._teachers, self._teachers_t0 = 0, 0.0  # set_teacher_engines
         self._clock = clock
         self._t0 = clock()
@@ -235,6 +251,15 @@ class CostLedger:
         self.totals.teacher_scoring_s += seconds
         self._maybe_save()
 
+    def set_judge_usage(self, requests: int, prompt_tokens: int, completion_tokens: int) -> None:
+        """The judge's API use in this session so far (cumulative, rewards.runner.ApiUsage), on top of
+        what earlier sessions of the run paid."""
+        base_r, base_p, base_c = self._base_judge
+        self.totals.judge_requests = base_r + requests
+        self.totals.judge_prompt_tokens = base_p + prompt_tokens
+        self.totals.judge_completion_tokens = base_c + completion_tokens
+        self._maybe_save()
+
     def set_teacher_engines(self, count: int) -> None:
         """From now on ``count`` teacher engines are up: their engine-hours accrue, and the
         device-hours of ``ledger.teacher_num_devices`` devices of their own."""
@@ -267,6 +292,8 @@ class CostLedger:
                 "device_hour_price": dict(self.cfg.device_hour_price),
                 "teacher_prompt_price_per_m": self.cfg.teacher_prompt_price_per_m,
                 "teacher_completion_price_per_m": self.cfg.teacher_completion_price_per_m,
+                "judge_prompt_price_per_m": self.cfg.judge_prompt_price_per_m,
+                "judge_completion_price_per_m": self.cfg.judge_completion_price_per_m,
                 "closed_api_name": self.cfg.closed_api_name,
                 "closed_api_prompt_price_per_m": self.cfg.closed_api_prompt_price_per_m,
                 "closed_api_completion_price_per_m": self.cfg.closed_api_completion_price_per_m,
