@@ -28,6 +28,10 @@ class SamplingSettings:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # A JSON schema (as JSON text) every completion must match, enforced by vLLM's structured outputs
+    # (a judge's response_format); None: free text. Never set for training rollouts: the learner
+    # scores the unconstrained distribution.
+    json_schema: str | None = None
 
 
 @dataclass

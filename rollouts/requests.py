@@ -61,6 +61,7 @@ def to_sampling_params(sampling: SamplingSettings) -> "SamplingParams":
     the CPU sampler (``gen.get_offset``), so engines are seeded as a whole instead.
     """
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(
         n=sampling.n,
@@ -71,6 +72,7 @@ def to_sampling_params(sampling: SamplingSettings) -> "SamplingParams":
         stop=list(sampling.stop),
         stop_token_ids=list(sampling.stop_token_ids),
         logprobs=0,
+        structured_outputs=None if sampling.json_schema is None else StructuredOutputsParams(json=sampling.json_schema),
     )
 
 

