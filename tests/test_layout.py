@@ -33,6 +33,7 @@ FLOORS = {
     "rlhf.plan": 4,
     "rlhf.train": 5,
     "rlhf.eval": 5,
+    "rlhf.compare": 5,
     "rlhf.cli": 5,
     "rlhf.distill.sft": 5,
     "rlhf.distill.chain": 5,

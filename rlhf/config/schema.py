@@ -551,8 +551,57 @@ class LedgerConfig:
     closed_api_name: str = "gpt-4o (OpenAI list price, 2026)"
     closed_api_prompt_price_per_m: float = 2.5
     closed_api_completion_price_per_m: float = 10.0
+    # The day those prices were read off the provider's page (printed beside them by rlhf.compare).
+    closed_api_price_date: str = "2026-12-01"
     # Seconds between rewrites of ledger.json while the run goes (0: every update).
     save_every_s: float = 5.0
+
+
+@dataclass
+class CompareConfig:
+    """The verdict (python -m rlhf.compare): the closed model against open models on held-out prompts.
+
+    The closed model's prices are ledger.closed_api_* (one price per closed API for the whole
+    project: the training ledger's ratio and the verdict agree); its label is ``name``."""
+
+    # The closed model's OpenAI-compatible endpoint root, e.g. "https://api.openai.com/v1"; None: no
+    # closed model, no verdict (the chain skips its compare stage and says so).
+    base_url: Optional[str] = None
+    # Model name sent in each request (and checked against the endpoint's GET /models).
+    model: Optional[str] = None
+    # NAME of the environment variable holding the key (the key itself is never stored or logged);
+    # None sends no Authorization header (a local server).
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    # Label in the report; None: `model`.
+    name: Optional[str] = None
+    # Requests to it, as teacher.*: in flight at once, per-attempt timeout (s), retries on 429/5xx/
+    # timeouts with back-off base * 2**attempt (jittered, capped at backoff_max_s).
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # Open models, each on our vLLM engines in turn (rollout.* engine settings): built-in names or
+    # local HF folders (an export). Empty: [model.name_or_path].
+    models: list[str] = field(default_factory=list)
+    # Their labels in the report, one per model; empty: each model as given.
+    labels: list[str] = field(default_factory=list)
+    # Held-out prompts: the first `prompts` of data's eval split, as trainer.eval_prompts.
+    prompts: int = 64
+    # Every side answers each prompt once with these (0: greedy, so answers are reproducible).
+    max_tokens: int = 256
+    temperature: float = 0.0
+    # The reward (its metrics name) measuring quality, from reward.functions; None:
+    # trainer.eval_reward, else the first function.
+    reward: Optional[str] = None
+    # A reward whose value is already the open answer's win score against the closed one (a
+    # pairwise judge whose reference column is `closed_answer`); None: a prompt is won (1), tied
+    # (0.5) or lost (0) as the open answer's `reward` is above, equal to or below the closed one's.
+    win_reward: Optional[str] = None
+    # Single requests timed on each side (one at a time) for the latency median and p95.
+    latency_requests: int = 8
+    # Hours a month the self-hosted deployment is paid for (24 x 365 / 12 = 730).
+    monthly_hours: float = 730.0
 
 
 @dataclass
@@ -568,5 +617,6 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # Print the plan (batch arithmetic, placement, memory estimate) and exit without loading weights.
     plan: bool = False

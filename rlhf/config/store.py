@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config.schema import (
     AlgoConfig,
+    CompareConfig,
     Config,
     DataConfig,
     EnvConfig,
@@ -33,6 +34,7 @@ GROUPS = {
     "teacher": TeacherConfig,
     "ledger": LedgerConfig,
     "sft": SFTConfig,
+    "compare": CompareConfig,
 }
 
 

@@ -59,3 +59,32 @@ def plot_timeline(spans: list[dict[str, Any]], out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_verdict(points: list[tuple[str, float, float, float]], out: Path, closed_label: str) -> Path:
+    """Quality (± stderr) against cost per 1M output tokens on a log axis, one point per model:
+    (label, usd_per_m, quality, stderr); the first point is the closed model."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, (label, cost, quality, stderr) in enumerate(points):
+        if not (cost > 0 and math.isfinite(quality)):
+            continue  # no point to draw: nothing measured or nothing scored
+        ax.errorbar([cost], [quality], yerr=[stderr if math.isfinite(stderr) else 0.0], fmt="D" if i == 0 else "o",
+                    capsize=4, color=f"C{i}", label=label)
+        ax.annotate(label, (cost, quality), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("USD per 1M output tokens (log)")
+    ax.set_ylabel("quality (mean reward ± stderr)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"open models vs {closed_label}")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

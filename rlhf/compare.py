@@ -1,0 +1,247 @@
+"""The verdict: is an open model as good as the closed one you pay for, and what does each cost?
+
+    python -m rlhf.compare compare.base_url=https://api.openai.com/v1 compare.model=gpt-4o \\
+        compare.models=[smollm2-135m-instruct,runs/x/export] compare.labels=[base,tuned] \\
+        compare.prompts=64 trainer.output_dir=runs/verdict
+
+The first ``compare.prompts`` held-out prompts of ``data`` go to the closed model over its API
+(compare.*, answers cached in ``<output_dir>/compare_cache.jsonl``: a rerun pays nothing; prices
+ledger.closed_api_*) and to each open model in ``compare.models`` on our vLLM engines (rollout.*;
+one model's engines at a time). Every answer is scored by the same ``reward`` functions, which also
+see the closed model's answer as the column ``closed_answer``. rlhf/run/verdict.py does the
+arithmetic (quality ± stderr, win rate with its 95% CI, cost per 1M output tokens, latency
+median/p95, break-even volume); the results go to ``compare.json``, ``compare.md`` and
+``compare.png`` in ``trainer.output_dir``, and one line to the console.
+
+Every bad input (no closed model, key variable unset, endpoint unreachable or not serving the model,
+an unknown reward, a model folder that does not exist, no price) is a ConfigError before any engine
+starts and before anything is paid for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.chat.client import Endpoint, api_key_from_env
+from rlhf.chat.served import check_served
+from rlhf.cli import hydra_main
+from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
+from rlhf.config import Config, ConfigError
+from rlhf.config.store import register_configs
+from rlhf.console import component_logs
+from rlhf.experience.answers import CLOSED_ANSWER, Answers, closed_answers, open_answers, score_answers
+from rlhf.experience.prompts import PromptDataset, PromptItem
+from rlhf.experience.scoring import reward_column_names
+from rlhf.models import SMOLLM2, TINY
+from rlhf.run.ledger import atomic_write_text, detect_device_kind, serving_usd_per_m
+from rlhf.run.plot import plot_verdict
+from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, console_line, estimate, latency,
+                              markdown, win_rate, win_scores)
+from rlhf.types import SamplingSettings
+from rlhf.validation import eval_reward, reward_names, validate
+from rewards.runner import RewardRunner
+from rollouts.group import EngineGroup
+
+register_configs()
+
+CACHE_FILE = "compare_cache.jsonl"
+JSON_FILE, MD_FILE, PNG_FILE = "compare.json", "compare.md", "compare.png"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the checks resolved: the open models (as given, and their labels), the rewards, the
+    device and the key (held in memory only)."""
+
+    models: list[str]
+    labels: list[str]
+    reward: str
+    win_reward: str | None
+    device_kind: str
+    api_key: str | None
+
+
+def is_model_folder(name: str) -> bool:
+    return name in (SMOLLM2, TINY) or (Path(name) / "config.json").is_file()
+
+
+def check_compare(cfg: Config) -> Setup:
+    """Every check that needs no engine, in the order a user fixes them; the endpoint last."""
+    c = cfg.compare
+    if not c.base_url:
+        raise ConfigError("compare.base_url is not set: the closed model's OpenAI-compatible endpoint "
+                          "(e.g. https://api.openai.com/v1)")
+    if not c.model:
+        raise ConfigError("compare.model is not set: the closed model's name at compare.base_url")
+    for key, low in [("prompts", 1), ("latency_requests", 1), ("max_tokens", 1), ("max_concurrency", 1),
+                     ("max_retries", 0)]:
+        if getattr(c, key) < low:
+            raise ConfigError(f"compare.{key}={getattr(c, key)} must be >= {low}")
+    for key in ("monthly_hours", "timeout_s"):
+        if not getattr(c, key) > 0:
+            raise ConfigError(f"compare.{key}={getattr(c, key)} must be > 0")
+    if c.max_tokens + cfg.data.max_prompt_tokens > cfg.rollout.max_model_len:
+        raise ConfigError(f"compare.max_tokens + data.max_prompt_tokens = {c.max_tokens} + "
+                          f"{cfg.data.max_prompt_tokens} exceeds rollout.max_model_len={cfg.rollout.max_model_len}")
+    if not cfg.ledger.closed_api_completion_price_per_m > 0:
+        raise ConfigError("ledger.closed_api_completion_price_per_m must be > 0: the closed model's list price "
+                          "per 1M output tokens (with ledger.closed_api_name and ledger.closed_api_price_date)")
+    if cfg.env.name is not None:
+        raise ConfigError(f"env.name={cfg.env.name!r}: the verdict asks single-turn questions (set env=none)")
+    models = list(c.models) or [cfg.model.name_or_path]
+    for i, m in enumerate(models):
+        if not is_model_folder(m):
+            raise ConfigError(f"compare.models[{i}]={m!r}: no such model folder (a built-in name, "
+                              f"{SMOLLM2} or {TINY}, or a local HF folder with config.json)")
+    if c.labels and len(c.labels) != len(models):
+        raise ConfigError(f"compare.labels has {len(c.labels)} labels for {len(models)} models")
+    labels = list(c.labels) or models
+    names = reward_names(cfg)
+    reward = c.reward or eval_reward(cfg)
+    for key, name in (("compare.reward" if c.reward else "trainer.eval_reward", reward),
+                      ("compare.win_reward", c.win_reward)):
+        if name is not None and name not in names:
+            raise ConfigError(f"{key}={name!r} is not a configured reward (reward.functions: {names})")
+    kind = detect_device_kind() if cfg.ledger.device_kind == "auto" else cfg.ledger.device_kind
+    if kind not in cfg.ledger.device_hour_price:
+        raise ConfigError(f"ledger.device_kind={kind!r} has no price in ledger.device_hour_price "
+                          f"(known: {sorted(cfg.ledger.device_hour_price)})")
+    key = api_key_from_env(c.api_key_env, "compare.api_key_env")
+    check_served(c.base_url, key, c.model, "compare")
+    return Setup(models, labels, reward, c.win_reward, kind, key)
+
+
+def held_out(cfg: Config, model_path: str) -> list[PromptItem]:
+    """The first compare.prompts held-out prompts, templated and tokenized for this model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    items = PromptDataset.from_config(cfg.data, tokenizer, split="eval").eval_items(cfg.compare.prompts)
+    if not items:
+        raise ConfigError(f"compare.prompts={cfg.compare.prompts}: data has no held-out prompts")
+    return items
+
+
+def machine() -> dict[str, Any]:
+    """Which hardware the open figures were measured on, and how busy it was."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+
+
+def run_compare(cfg: Config) -> Verdict:
+    validate(cfg)
+    setup = check_compare(cfg)  # before anything is paid for or started
+    cfg = prepare(cfg).cfg  # absolute paths: the engines' nodes share no working directory
+    c, out = cfg.compare, Path(cfg.trainer.output_dir)
+    paths = [model_folder(m, cfg.model.cache_dir) for m in setup.models]
+    items = [held_out(cfg, p) for p in paths]  # bad data fails before Ray starts
+    for i, its in enumerate(items[1:], start=1):
+        if [it.raw_prompt for it in its] != [it.raw_prompt for it in items[0]]:
+            raise ConfigError(f"compare.models[{i}]={setup.models[i]!r} keeps other held-out prompts than "
+                              f"compare.models[0] (data.max_prompt_tokens filters by each tokenizer)")
+    out.mkdir(parents=True, exist_ok=True)
+
+    closed = closed_answers(items[0], Endpoint.of(c, owner="compare"), setup.api_key, c.model,
+                            {"temperature": c.temperature, "max_tokens": c.max_tokens},
+                            cfg.data.system_prompt, c.latency_requests, out / CACHE_FILE)
+    print(f"closed model {c.model}: {len(closed.texts)} answers ({closed.cache_hits} from the cache, "
+          f"{closed.requests_paid} bought)", flush=True)
+
+    logs = component_logs(cfg.trainer)
+    start_ray(cfg.trainer, logs)
+    sampling = SamplingSettings(n=1, temperature=c.temperature, max_new_tokens=c.max_tokens,
+                                stop=tuple(cfg.rollout.stop))
+    opened: list[tuple[Answers, Any]] = []
+    with RewardRunner(cfg.reward, columns=[*reward_column_names(cfg.data), CLOSED_ANSWER]) as runner:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=cfg.model.trust_remote_code)
+        closed_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in closed.texts]
+        closed_scores = score_answers(runner, items[0], closed.texts, closed_ids, closed.texts)
+        for path, its in zip(paths, items):
+            engines = EngineGroup(cfg.rollout, path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
+            try:  # one model's engines at a time
+                check_storage(out, path, engines=engines)
+                answers, ids = open_answers(engines, its, sampling, c.latency_requests)
+            finally:
+                engines.shutdown()
+            opened.append((answers, score_answers(runner, its, answers.texts, ids, closed.texts)))
+            print(f"{path}: {len(answers.texts)} answers, {answers.tokens_per_s:.1f} tokens/s", flush=True)
+
+    verdict = build_verdict(cfg, setup, closed, closed_scores.per_fn, opened)
+    write_report(verdict, out, items[0], closed, [a for a, _ in opened])
+    print(console_line(verdict), flush=True)
+    return verdict
+
+
+def build_verdict(cfg: Config, setup: Setup, closed: Answers, closed_per_fn: dict[str, list],
+                  opened: list[tuple[Answers, Any]]) -> Verdict:
+    c, ledger = cfg.compare, cfg.ledger
+    hourly = ledger.device_hour_price[setup.device_kind]
+    closed_price = ledger.closed_api_completion_price_per_m
+    closed_q = closed_per_fn[setup.reward]
+    closed_v = ModelVerdict(label=c.name or c.model, model=c.model, scores=closed_q, answer_tokens=closed.tokens,
+                            quality=estimate(closed_q), usd_per_m=closed_price, latency=latency(closed.latencies_s))
+    models = []
+    for label, model, (answers, scored) in zip(setup.labels, setup.models, opened):
+        q = scored.per_fn[setup.reward]
+        wins = scored.per_fn[setup.win_reward] if setup.win_reward else win_scores(q, closed_q)
+        cost = serving_usd_per_m(hourly * ledger.num_devices, answers.tokens_per_s)
+        models.append(ModelVerdict(
+            label=label, model=model, scores=q, answer_tokens=answers.tokens, quality=estimate(q),
+            usd_per_m=cost, latency=latency(answers.latencies_s), tokens_per_s=answers.tokens_per_s,
+            wins=wins, win_rate=win_rate(wins),
+            break_even_m_tokens=break_even_m_tokens(hourly, ledger.num_devices, c.monthly_hours, closed_price, cost)))
+    return Verdict(
+        closed=closed_v, open=models, reward=setup.reward, win_from=setup.win_reward or "reward",
+        closed_price={"name": ledger.closed_api_name, "prompt_usd_per_m": ledger.closed_api_prompt_price_per_m,
+                      "completion_usd_per_m": closed_price, "date": ledger.closed_api_price_date},
+        device_kind=setup.device_kind, num_devices=ledger.num_devices, device_hour_usd=hourly,
+        monthly_hours=c.monthly_hours, prompts=len(closed_q),
+        extra={"machine": machine(), "closed_requests_paid": closed.requests_paid,
+               "closed_cache_hits": closed.cache_hits, "temperature": c.temperature, "max_tokens": c.max_tokens})
+
+
+def _finite(x: Any) -> Any:
+    """NaN as null: JSON has no NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_report(v: Verdict, out: Path, items: list[PromptItem], closed: Answers, opened: list[Answers]) -> None:
+    """compare.json (every figure and the per-prompt table), compare.md, compare.png."""
+    payload = asdict(v)
+    payload.update(payload.pop("extra"))
+    payload["prompts_text"] = [it.raw_prompt for it in items]
+    payload["closed"]["answers"] = closed.texts
+    for m, a in zip(payload["open"], opened):
+        m["answers"] = a.texts
+    atomic_write_text(out / JSON_FILE, json.dumps(_finite(payload), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / MD_FILE, markdown(v))
+    points = [(m.label, m.usd_per_m, m.quality.mean, m.quality.stderr) for m in [v.closed, *v.open]]
+    plot_verdict(points, out / PNG_FILE, v.closed.label)
+
+
+main = hydra_main(run_compare)
+
+
+if __name__ == "__main__":
+    main()

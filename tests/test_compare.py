@@ -1,0 +1,134 @@
+"""``python -m rlhf.compare`` end to end: the "closed" model is the tiny model behind vLLM's real
+OpenAI-compatible server (tests/conftest.py tiny_api_server, with a key), the open models the tiny
+model and a copy of its folder (an "export") on our engines; math_answer on the arithmetic data,
+4 prompts, 8 tokens. The tiny model is random, so the checks are the plumbing and the arithmetic:
+every figure in compare.json is recomputed here from its own per-prompt table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from rlhf.chat.client import Endpoint
+from rlhf.compare import CACHE_FILE, JSON_FILE, MD_FILE, PNG_FILE, check_compare, held_out, run_compare
+from rlhf.config import ConfigError
+from rlhf.config.store import register_configs, to_object
+from rlhf.experience.answers import closed_answers
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_ENV = "TEST_COMPARE_CLOSED_KEY"
+register_configs()
+
+
+def compare_config(tmp: Path, served, models: list[str], *extra: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_object(compose(config_name="config", overrides=[
+            "+experiment=tiny_smoke", f"model.name_or_path={models[0]}", f"trainer.output_dir={tmp}",
+            f"compare.base_url={served.base_url}", f"compare.model={served.model}", f"compare.api_key_env={KEY_ENV}",
+            f"compare.models=[{','.join(models)}]", "compare.labels=[base,tuned]", "compare.prompts=4",
+            "compare.max_tokens=8", "compare.latency_requests=2", "compare.max_retries=1",
+            "ledger.device_kind=cpu", "ledger.closed_api_name=tiny-closed", "ledger.closed_api_price_date=2026-12-01",
+            *extra]))
+
+
+@pytest.fixture(scope="module")
+def verdict_run(ray_session, tiny_api_server, tiny_model_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    export = tmp / "export"
+    shutil.copytree(tiny_model_path, export)  # any HF folder of the model stands in for a tuned export
+    mp = pytest.MonkeyPatch()
+    mp.setenv(KEY_ENV, tiny_api_server.key)
+    try:
+        cfg = compare_config(tmp / "run", tiny_api_server, [tiny_model_path, str(export)])
+        verdict = run_compare(cfg)
+        yield {"cfg": cfg, "verdict": verdict, "out": tmp / "run", "tmp": tmp}
+    finally:
+        mp.undo()
+
+
+def test_report_figures_are_the_per_prompt_arithmetic(verdict_run):
+    out = verdict_run["out"]
+    saved = json.loads((out / JSON_FILE).read_text())
+    assert (out / MD_FILE).is_file() and (out / PNG_FILE).stat().st_size > 0
+    assert saved["prompts"] == 4 and saved["reward"] == "math_answer" and saved["win_from"] == "reward"
+    closed = saved["closed"]["scores"]
+    assert len(closed) == 4 and saved["closed"]["usd_per_m"] == 10.0  # ledger's default list price
+    assert saved["closed_price"]["date"] == "2026-12-01" and saved["device_kind"] == "cpu"
+    assert [m["label"] for m in saved["open"]] == ["base", "tuned"]
+    for m in saved["open"]:
+        scores = m["scores"]
+        assert all(s in (0.0, 1.0) for s in scores)  # math_answer: right or wrong, nothing unscored here
+        mean = sum(scores) / 4
+        assert m["quality"]["mean"] == pytest.approx(mean, abs=1e-12)
+        sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / 3)
+        assert m["quality"]["stderr"] == pytest.approx(sd / 2, abs=1e-12)
+        # Win per prompt: 1 above the closed answer's score, 0.5 equal, 0 below.
+        wins = [1.0 if o > c else 0.5 if o == c else 0.0 for o, c in zip(scores, closed)]
+        assert m["wins"] == wins
+        rate = sum(wins) / 4
+        half = 1.959963984540054 * math.sqrt(sum((w - rate) ** 2 for w in wins) / 3) / 2
+        assert m["win_rate"]["rate"] == pytest.approx(rate, abs=1e-12)
+        assert m["win_rate"]["half_width"] == pytest.approx(half, abs=1e-12)
+        # Cost: $0.10/h on one CPU at the measured tokens/s.
+        assert m["usd_per_m"] == pytest.approx(0.10 / (m["tokens_per_s"] * 3600) * 1e6, rel=1e-12)
+        assert all(1 <= t <= 8 for t in m["answer_tokens"]) and m["latency"]["n"] == 2
+        # Break-even: $0.10 x 1 x 730 h = $73 a month / $10 per 1M = 7.3M tokens, unless the CPU's
+        # cost per token is above the API's ("never", null).
+        expected = None if m["usd_per_m"] >= 10.0 else 7.3
+        assert m["break_even_m_tokens"] == (pytest.approx(expected, rel=1e-12) if expected else None)
+    assert saved["closed"]["latency"]["n"] == 2 and saved["closed_requests_paid"] == 6  # 4 answers + 2 timed
+    assert saved["machine"]["cpu_count"] >= 1
+
+
+def test_a_rerun_buys_nothing_and_the_key_is_written_nowhere(verdict_run, tiny_api_server):
+    cfg, out = verdict_run["cfg"], verdict_run["out"]
+    lines = (out / CACHE_FILE).read_text().splitlines()
+    c = cfg.compare
+    again = closed_answers(held_out(cfg, c.models[0]), Endpoint.of(c, owner="compare"), tiny_api_server.key,
+                           c.model, {"temperature": c.temperature, "max_tokens": c.max_tokens}, None,
+                           c.latency_requests, out / CACHE_FILE)
+    assert (again.requests_paid, again.cache_hits) == (0, 6)
+    assert (out / CACHE_FILE).read_text().splitlines() == lines
+    assert again.texts == json.loads((out / JSON_FILE).read_text())["closed"]["answers"]
+    for path in verdict_run["tmp"].rglob("*"):
+        if path.is_file():
+            assert tiny_api_server.key.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("override, env, match", [
+    ("compare.base_url=null", True, r"compare\.base_url is not set"),
+    ("compare.model=null", True, r"compare\.model is not set"),
+    (None, False, rf"compare\.api_key_env='{KEY_ENV}': the environment variable is not set"),
+    ("compare.base_url=http://127.0.0.1:9/v1", True, r"compare\.base_url='http://127.0.0.1:9/v1': cannot reach"),
+    ("compare.model=gpt-nothing", True, r"compare\.model='gpt-nothing': .* does not serve it"),
+    ("compare.reward=judge_x", True, r"compare\.reward='judge_x' is not a configured reward"),
+    ("compare.win_reward=nope", True, r"compare\.win_reward='nope' is not a configured reward"),
+    ("compare.models=[/no/such/export,/no/other]", True, r"compare\.models\[0\]='/no/such/export': no such model folder"),
+    ("ledger.closed_api_completion_price_per_m=0", True, r"ledger\.closed_api_completion_price_per_m must be > 0"),
+])
+def test_bad_input_is_named_before_any_engine_starts(tiny_api_server, tiny_model_path, tmp_path, monkeypatch,
+                                                     override, env, match):
+    if env:
+        monkeypatch.setenv(KEY_ENV, tiny_api_server.key)
+    else:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    cfg = compare_config(tmp_path, tiny_api_server, [tiny_model_path, tiny_model_path],
+                         *([override] if override else []))
+    with pytest.raises(ConfigError, match=match) as err:
+        check_compare(cfg)
+    assert tiny_api_server.key not in str(err.value)
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_a_wrong_key_is_named(tiny_api_server, tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-0000")
+    cfg = compare_config(tmp_path, tiny_api_server, [tiny_model_path, tiny_model_path])
+    with pytest.raises(ConfigError, match=r"compare\.api_key_env: .* refused the key \(HTTP 401\)") as err:
+        check_compare(cfg)
+    assert "sk-wrong-key-0000" not in str(err.value)
