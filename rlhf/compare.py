@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.chat.client import Endpoint, api_key_from_env
-from rlhf.chat.served import check_served
 from rlhf.cli import hydra_main
 from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.config import Config, ConfigError
@@ -45,6 +44,7 @@ from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, consol
                               markdown, win_rate, win_scores)
 from rlhf.types import SamplingSettings
 from rlhf.validation import eval_reward, reward_names, validate
+from rewards.builtin.judge_http import check_served
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
 
@@ -113,7 +113,7 @@ def check_compare(cfg: Config) -> Setup:
         raise ConfigError(f"ledger.device_kind={kind!r} has no price in ledger.device_hour_price "
                           f"(known: {sorted(cfg.ledger.device_hour_price)})")
     key = api_key_from_env(c.api_key_env, "compare.api_key_env")
-    check_served(c.base_url, key, c.model, "compare")
+    check_served(Endpoint.of(c, owner="compare"), c.model, key)
     return Setup(models, labels, reward, c.win_reward, kind, key)
 
 
@@ -165,7 +165,8 @@ def run_compare(cfg: Config) -> Verdict:
     sampling = SamplingSettings(n=1, temperature=c.temperature, max_new_tokens=c.max_tokens,
                                 stop=tuple(cfg.rollout.stop))
     opened: list[tuple[Answers, Any]] = []
-    with RewardRunner(cfg.reward, columns=[*reward_column_names(cfg.data), CLOSED_ANSWER]) as runner:
+    with RewardRunner(cfg.reward, columns=[*reward_column_names(cfg.data), CLOSED_ANSWER],
+                      run_dir=out) as runner:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=cfg.model.trust_remote_code)
