@@ -120,7 +120,7 @@ class RewardRunner:
         self.functions: list[LoadedReward] = []
         all_kwargs = [_plain(f.kwargs) for f in cfg.functions]
         self._kwargs: dict[str, dict] = {}  # by function name: what a Ray task loads it with
-        self.agreement = _check_agreement(cfg)
+        self.agreement = check_agreement(cfg)
         context = {"run_dir": run_dir, "columns": list(columns) if columns is not None else None}
         if columns is not None:  # before any function is built (a reward model starts an actor)
             for i, (f, kwargs) in enumerate(zip(cfg.functions, all_kwargs)):
@@ -285,7 +285,7 @@ def total_metrics(total: Sequence[float | None]) -> dict[str, float]:
             "reward/total/none": float(len(total) - len(scored))}
 
 
-def _check_agreement(cfg: RewardConfig) -> tuple[str, str] | None:
+def check_agreement(cfg: RewardConfig) -> tuple[str, str] | None:
     """reward.agreement as (a, b), or None; a ValueError naming the key for anything else."""
     if not cfg.agreement:
         return None

@@ -22,7 +22,7 @@ from rlhf.learner.packing import sliding_windows
 from rlhf.learner.settings import check_sampling, check_settings
 from rlhf.models import check_model_named
 from rewards.api import check_specs, default_name
-from rewards.runner import EXECUTORS
+from rewards.runner import EXECUTORS, check_agreement
 from rollouts.engine import bound_cores
 from rollouts.env.api import load_env
 from rollouts.requests import sampling_from_config
@@ -83,6 +83,7 @@ def validate(cfg: Config) -> BatchPlan:
         bound_cores(cfg.rollout.cpu_threads_bind)
         plan_placement(cfg.trainer.placement, cfg.learner, cfg.rollout, teacher_engines(cfg))  # a bundle asking nothing
         check_specs(cfg.reward.functions, columns=reward_column_names(cfg.data))
+        check_agreement(cfg.reward)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_env(cfg)

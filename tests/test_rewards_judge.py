@@ -343,3 +343,18 @@ def test_ledger_written_before_judges_still_loads(tmp_path):
         del saved["totals"][key]
     (tmp_path / "ledger.json").write_text(json.dumps(saved))
     assert CostLedger(tmp_path, LedgerConfig(device_kind="cpu"), run_kind="grpo").totals.judge_requests == 0
+
+
+def test_validate_names_a_bad_agreement_before_anything_loads():
+    from hydra import compose, initialize_config_dir
+
+    from rlhf.config.store import register_configs, to_object
+    from rlhf.validation import validate
+
+    register_configs()
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = to_object(compose(config_name="config", overrides=[
+            "+experiment=tiny_smoke", "reward=judge", "reward.agreement=[judge,judge_typo]"]))
+    with pytest.raises(ConfigError, match=r"reward.agreement=\['judge', 'judge_typo'\]: \['judge_typo'\] not among"):
+        validate(cfg)
