@@ -132,3 +132,36 @@ def test_a_wrong_key_is_named(tiny_api_server, tiny_model_path, tmp_path, monkey
     with pytest.raises(ConfigError, match=r"compare\.base_url=.*answered HTTP 401") as err:
         check_compare(cfg)
     assert "sk-wrong-key-0000" not in str(err.value)
+
+
+# --- the chain's last stage (rlhf/distill/chain.py) ---------------------------------------------------
+
+
+def test_the_chain_skips_its_verdict_without_a_closed_model(tmp_path, capsys):
+    from rlhf.distill.chain import compare_stage_config, run_compare_stage
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_object(compose(config_name="config", overrides=["+experiment=tiny_smoke",
+                                                                 f"trainer.output_dir={tmp_path}"]))
+    stage = compare_stage_config(cfg, tmp_path)
+    assert stage is None
+    assert run_compare_stage(stage, tmp_path / "compare") is None
+    assert "compare: skipped, no closed model to compare with" in capsys.readouterr().out
+    assert not (tmp_path / "compare").exists()
+
+
+def test_the_chain_compares_its_start_model_and_final_export(tiny_api_server, tiny_model_path, tmp_path,
+                                                            monkeypatch):
+    from rlhf.distill.chain import check_compare_stage, compare_stage_config
+
+    monkeypatch.setenv(KEY_ENV, tiny_api_server.key)
+    cfg = compare_config(tmp_path / "other", tiny_api_server, [tiny_model_path], "compare.labels=[]")
+    stage = compare_stage_config(cfg, tmp_path)
+    assert stage.compare.models == [tiny_model_path, str(tmp_path / "grpo" / "export")]
+    assert stage.compare.labels == ["start", "tuned"]
+    assert stage.trainer.output_dir == str(tmp_path / "compare")
+    check_compare_stage(stage)  # the export does not exist yet: only the rest is checked up front
+    bad = compare_stage_config(compare_config(tmp_path, tiny_api_server, [tiny_model_path], "compare.labels=[]",
+                                              "compare.model=gpt-nothing"), tmp_path)
+    with pytest.raises(ConfigError, match=r"compare\.model='gpt-nothing'"):
+        check_compare_stage(bad)

@@ -10,6 +10,7 @@ One composed config drives every stage, each in its own folder under ``trainer.o
     opd/      metrics, checkpoints, export/, ledger.json                          (rlhf.train, distilling)
     grpo/     metrics, checkpoints, export/ (the final model), ledger.json        (rlhf.train)
     summary.json                                                                   (this module)
+    compare/  compare.json, compare.md, compare.png, compare_cache.jsonl          (rlhf.compare)
 
 The SFT stage reads ``collect/teacher.jsonl``. With an open teacher on our engines
 (``teacher.source=engines``) and ``algo.distill_coef > 0``, an on-policy distillation stage follows
@@ -19,7 +20,10 @@ is skipped when the chain runs again; an interrupted stage resumes (the collecti
 cache, SFT and GRPO from their last checkpoint: both run with ``trainer.resume=true``).
 
 The summary adds up the stages' costs and carries the GRPO stage's serving cost per 1M tokens next
-to the closed API's price (the ledger's ratio).
+to the closed API's price (the ledger's ratio). The last stage is the verdict (rlhf.compare): the
+chain's start model and its final export against the closed model of ``compare.*`` on the held-out
+prompts; with no closed model configured (compare.base_url, compare.model) it is skipped, and the
+chain says so. Its endpoint, key and rewards are checked before the first stage spends anything.
 """
 
 from __future__ import annotations
@@ -131,6 +135,46 @@ def stage_configs(cfg: Config, run_dir: Path) -> tuple[Config, Config | None, Co
     return sft_cfg, opd_cfg, grpo_cfg
 
 
+def compare_stage_config(cfg: Config, run_dir: Path) -> Config | None:
+    """The verdict's config: the start model and the final export (labels "start", "tuned" unless
+    compare.labels names two) in ``run_dir``/compare; None when no closed model is configured."""
+    c = cfg.compare
+    if not (c.base_url and c.model):
+        return None
+    labels = list(c.labels) if len(c.labels) == 2 else ["start", "tuned"]
+    return replace(
+        cfg,
+        compare=replace(c, models=[cfg.model.name_or_path, str(run_dir / "grpo" / "export")], labels=labels),
+        trainer=replace(cfg.trainer, output_dir=str(run_dir / "compare")),
+    )
+
+
+def check_compare_stage(compare_cfg: Config | None) -> None:
+    """Before anything is spent: the closed endpoint, its key, the rewards, the start model (the
+    export does not exist yet: rlhf.compare checks it when the stage runs)."""
+    from rlhf.compare import check_compare
+
+    if compare_cfg is not None:
+        c = compare_cfg.compare
+        check_compare(replace(compare_cfg, compare=replace(c, models=c.models[:1], labels=c.labels[:1])))
+
+
+def run_compare_stage(compare_cfg: Config | None, stage_dir: Path):
+    """The verdict as the chain's last stage; None (and a printed reason) when it is skipped."""
+    from rlhf.compare import run_compare
+
+    if compare_cfg is None:
+        print("compare: skipped, no closed model to compare with (set compare.base_url and compare.model)",
+              flush=True)
+        return None
+    if stage_done(stage_dir):
+        print(f"compare: complete in {stage_dir}, skipped", flush=True)
+        return None
+    verdict = run_compare(compare_cfg)
+    mark_done(stage_dir, {"report": str(stage_dir / "compare.md")})
+    return verdict
+
+
 def run_chain(cfg: Config) -> ChainSummary:
     """Run the stages not yet complete, in order; returns (and writes) the chain's cost summary."""
     from rlhf.distill.collect import collect_run
@@ -146,6 +190,8 @@ def run_chain(cfg: Config) -> ChainSummary:
     validate(grpo_cfg)
     if not cfg.trainer.export_at_end:
         raise ConfigError("trainer.export_at_end=false: the chain hands each stage's export to the next")
+    compare_cfg = compare_stage_config(cfg, run_dir)
+    check_compare_stage(compare_cfg)
 
     collect_dir = run_dir / "collect"
     if stage_done(collect_dir):
@@ -177,6 +223,7 @@ def run_chain(cfg: Config) -> ChainSummary:
     summary = summarise(run_dir, stages)
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
     print(format_chain_summary(summary), flush=True)
+    run_compare_stage(compare_cfg, run_dir / "compare")
     return summary
 
 
