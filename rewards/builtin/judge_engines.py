@@ -29,8 +29,11 @@ Placement: ``placement`` (one Ray scheduling strategy per engine, rlhf/cluster/p
 ``Placement.engines`` form) puts the engines in bundles someone reserved; None, the default and all
 a reward config can say, lets Ray start them wherever their ``num_cpus_per_engine`` /
 ``num_gpus_per_engine`` are free: the teacher's ``separate`` layout without a placement group of its
-own. Colocating them with the policy's bundles needs the trainer's placement plan to reserve them
-(as it does ``teacher.engines``) and hand the slots to the reward when it is built.
+own. The trainer builds its rewards before it reserves the policy's placement groups, so the
+judge's engines take their resources first: give them what those groups do not need (on GPUs, a
+GPU of their own or a fraction of one), or the reservation waits ``trainer.placement_timeout_s`` and
+fails naming the bundles. Colocating them with the policy's bundles needs the trainer's placement
+plan to reserve them (as it does ``teacher.engines``) and hand the slots to the reward when it is built.
 
 Needs a running Ray (the trainer starts it). ``close()`` stops the engines.
 """
