@@ -120,7 +120,7 @@ def pointwise_judge(text: str):
     if "down" in answer:
         return ("status", 500)
     if "slow" in answer:
-        return ("slow", 1.0, "Score: 5")
+        return ("slow", 3.0, "Score: 5")
     if "garbage" in answer:
         return "I cannot decide."
     if "over" in answer:
@@ -151,13 +151,13 @@ def rubric(tmp_path) -> str:
 
 def judge(server: JudgeServer, rubric: str | None, run_dir, **kw) -> Judge:
     settings = dict(model="judge-x", rubric=rubric, base_url=server.base_url, api_key_env=KEY_ENV,
-                    max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=0.5, run_dir=run_dir,
+                    max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5.0, run_dir=run_dir,
                     columns=["answer"])
     return Judge(**{**settings, **kw})
 
 
 def test_pointwise_scores_failures_are_counted_nones(server, rubric, tmp_path):
-    j = judge(server, rubric, tmp_path)
+    j = judge(server, rubric, tmp_path, timeout_s=1.5)  # 'slow' answers after 3 s: both tries time out
     completions = ["good", "bad", "garbage", "over", "down", "slow", "good flaky"]
     got = j(["q"] * 7, completions, answer=["1"] * 7)
     # 9 on [1, 10] -> 8/9; 2 -> 1/9; garbage and 11 unparsable; 500 twice and slow twice: errors.
@@ -219,8 +219,8 @@ def test_pairwise_asks_both_orders_and_cancels_position_bias(key, tmp_path):
         # biased judge says A both times -> (1 + 0) / 2 = 0.5, one inconsistent pair.
         assert got == [1.0, 0.0, 0.5, 0.5]
         assert j.usage()["inconsistent_pairs"] == 1 and j.usage()["requests"] == 8
-        firsts = [p["messages"][0]["content"] for p in server.posts[:2]]
-        assert firsts == ["Question: fair\nA: good\nB: meh", "Question: fair\nA: meh\nB: good"]
+        asked = {p["messages"][0]["content"] for p in server.posts}  # they arrive in any order
+        assert {"Question: fair\nA: good\nB: meh", "Question: fair\nA: meh\nB: good"} <= asked
     finally:
         server.close()
 

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -23,6 +23,7 @@ from rlhf.config import ConfigError, LedgerConfig, TeacherConfig
 from rlhf.chat.client import EndpointError, parse_retry_after, retry_delay
 from rlhf.distill.teacher_answers import CACHE_FILE, ask_teacher, from_jsonl
 from rlhf.run.ledger import CostLedger
+from tests.support.json_http import LoopbackServer, send_json
 
 KEY_ENV = "TEST_TEACHER_KEY"
 
@@ -80,30 +81,13 @@ class ChatServer:
                 })
 
             def _send(self, code, payload, headers=None):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
+                send_json(self, code, payload, headers)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.http = LoopbackServer(Handler)
+        self.base_url = self.http.base_url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @pytest.fixture

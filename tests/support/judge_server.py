@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
+
+from tests.support.json_http import LoopbackServer, send_json
 
 USAGE = (11, 3)  # prompt, completion tokens every successful answer reports
 
@@ -63,25 +65,11 @@ class JudgeServer:
                     return False
                 return True
 
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
+            def _send(self, code, payload, headers=None):
+                send_json(self, code, payload, headers)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.http = LoopbackServer(Handler)
+        self.base_url = self.http.base_url
 
     @property
     def requests(self) -> int:
@@ -89,5 +77,4 @@ class JudgeServer:
             return len(self.posts)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
