@@ -37,13 +37,14 @@ from rlhf.console import component_logs
 from rlhf.experience.answers import CLOSED_ANSWER, Answers, closed_answers, open_answers, score_answers
 from rlhf.experience.prompts import PromptDataset, PromptItem
 from rlhf.experience.scoring import reward_column_names
-from rlhf.models import SMOLLM2, TINY
+from rlhf.models import SMOLLM2, TINY, check_model_named
 from rlhf.run.ledger import atomic_write_text, detect_device_kind, serving_usd_per_m
 from rlhf.run.plot import plot_verdict
 from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, console_line, estimate, latency,
                               markdown, win_rate, win_scores)
 from rlhf.types import SamplingSettings
-from rlhf.validation import eval_reward, reward_names, validate
+from rlhf.validation import eval_reward, reward_names
+from rewards.api import check_specs
 from rewards.builtin.judge_http import check_served
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
@@ -74,6 +75,7 @@ def is_model_folder(name: str) -> bool:
 def check_compare(cfg: Config) -> Setup:
     """Every check that needs no engine, in the order a user fixes them; the endpoint last."""
     c = cfg.compare
+    check_model_named(cfg.model.name_or_path)
     if not c.base_url:
         raise ConfigError("compare.base_url is not set: the closed model's OpenAI-compatible endpoint "
                           "(e.g. https://api.openai.com/v1)")
@@ -102,6 +104,10 @@ def check_compare(cfg: Config) -> Setup:
     if c.labels and len(c.labels) != len(models):
         raise ConfigError(f"compare.labels has {len(c.labels)} labels for {len(models)} models")
     labels = list(c.labels) or models
+    try:  # every reward resolves and finds its columns, closed_answer among them (nothing is built)
+        check_specs(cfg.reward.functions, columns=reward_columns(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     names = reward_names(cfg)
     reward = c.reward or eval_reward(cfg)
     for key, name in (("compare.reward" if c.reward else "trainer.eval_reward", reward),
@@ -141,8 +147,12 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
 
 
+def reward_columns(cfg: Config) -> list[str]:
+    """What the rewards are passed: training's columns and the closed model's answer."""
+    return [*reward_column_names(cfg.data), CLOSED_ANSWER]
+
+
 def run_compare(cfg: Config) -> Verdict:
-    validate(cfg)
     setup = check_compare(cfg)  # before anything is paid for or started
     cfg = prepare(cfg).cfg  # absolute paths: the engines' nodes share no working directory
     c, out = cfg.compare, Path(cfg.trainer.output_dir)
@@ -165,7 +175,7 @@ def run_compare(cfg: Config) -> Verdict:
     sampling = SamplingSettings(n=1, temperature=c.temperature, max_new_tokens=c.max_tokens,
                                 stop=tuple(cfg.rollout.stop))
     opened: list[tuple[Answers, Any]] = []
-    with RewardRunner(cfg.reward, columns=[*reward_column_names(cfg.data), CLOSED_ANSWER],
+    with RewardRunner(cfg.reward, columns=reward_columns(cfg),
                       run_dir=out) as runner:
         from transformers import AutoTokenizer
 
@@ -195,7 +205,8 @@ def build_verdict(cfg: Config, setup: Setup, closed: Answers, closed_per_fn: dic
     closed_price = ledger.closed_api_completion_price_per_m
     closed_q = closed_per_fn[setup.reward]
     closed_v = ModelVerdict(label=c.name or c.model, model=c.model, scores=closed_q, answer_tokens=closed.tokens,
-                            quality=estimate(closed_q), usd_per_m=closed_price, latency=latency(closed.latencies_s))
+                            quality=estimate(closed_q), usd_per_m=closed_price, latency=latency(closed.latencies_s),
+                            rewards=dict(closed_per_fn))
     models = []
     for label, model, (answers, scored) in zip(setup.labels, setup.models, opened):
         q = scored.per_fn[setup.reward]
@@ -204,7 +215,7 @@ def build_verdict(cfg: Config, setup: Setup, closed: Answers, closed_per_fn: dic
         models.append(ModelVerdict(
             label=label, model=model, scores=q, answer_tokens=answers.tokens, quality=estimate(q),
             usd_per_m=cost, latency=latency(answers.latencies_s), tokens_per_s=answers.tokens_per_s,
-            wins=wins, win_rate=win_rate(wins),
+            wins=wins, win_rate=win_rate(wins), rewards=dict(scored.per_fn),
             break_even_m_tokens=break_even_m_tokens(hourly, ledger.num_devices, c.monthly_hours, closed_price, cost)))
     return Verdict(
         closed=closed_v, open=models, reward=setup.reward, win_from=setup.win_reward or "reward",

@@ -23,6 +23,9 @@ from rlhf.experience.answers import closed_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "TEST_COMPARE_CLOSED_KEY"
+# Reads the closed_answer column, as a pairwise judge would: the run's win score.
+NEEDS_SOLUTION = (ROOT / "tests" / "support" / "eval_rewards.py").as_posix() + ":needs_solution"
+PAIRWISE = (ROOT / "tests" / "support" / "compare_rewards.py").as_posix() + ":longer_than_closed"
 register_configs()
 
 
@@ -45,7 +48,9 @@ def verdict_run(ray_session, tiny_api_server, tiny_model_path, tmp_path_factory)
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, tiny_api_server.key)
     try:
-        cfg = compare_config(tmp / "run", tiny_api_server, [tiny_model_path, str(export)])
+        cfg = compare_config(tmp / "run", tiny_api_server, [tiny_model_path, str(export)],
+                             f"reward.functions=[{{fn: math_answer, kwargs: {{mode: last_number}}}}, "
+                             f"{{fn: '{PAIRWISE}', weight: 0}}]", "compare.win_reward=longer_than_closed")
         verdict = run_compare(cfg)
         yield {"cfg": cfg, "verdict": verdict, "out": tmp / "run", "tmp": tmp}
     finally:
@@ -56,8 +61,8 @@ def test_report_figures_are_the_per_prompt_arithmetic(verdict_run):
     out = verdict_run["out"]
     saved = json.loads((out / JSON_FILE).read_text())
     assert (out / MD_FILE).is_file() and (out / PNG_FILE).stat().st_size > 0
-    assert saved["prompts"] == 4 and saved["reward"] == "math_answer" and saved["win_from"] == "reward"
-    closed = saved["closed"]["scores"]
+    assert saved["prompts"] == 4 and saved["reward"] == "math_answer" and saved["win_from"] == "longer_than_closed"
+    closed, closed_answers_ = saved["closed"]["scores"], saved["closed"]["answers"]
     assert len(closed) == 4 and saved["closed"]["usd_per_m"] == 10.0  # ledger's default list price
     assert saved["closed_price"]["date"] == "2026-12-01" and saved["device_kind"] == "cpu"
     assert [m["label"] for m in saved["open"]] == ["base", "tuned"]
@@ -68,9 +73,12 @@ def test_report_figures_are_the_per_prompt_arithmetic(verdict_run):
         assert m["quality"]["mean"] == pytest.approx(mean, abs=1e-12)
         sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / 3)
         assert m["quality"]["stderr"] == pytest.approx(sd / 2, abs=1e-12)
-        # Win per prompt: 1 above the closed answer's score, 0.5 equal, 0 below.
-        wins = [1.0 if o > c else 0.5 if o == c else 0.0 for o, c in zip(scores, closed)]
-        assert m["wins"] == wins
+        assert m["rewards"]["math_answer"] == scores
+        # Win per prompt from the pairwise reward, which saw the closed answer to the same prompt:
+        # 1 for a longer answer, 0.5 as long, 0 shorter.
+        wins = [1.0 if len(a) > len(c) else 0.5 if len(a) == len(c) else 0.0
+                for a, c in zip(m["answers"], closed_answers_)]
+        assert m["wins"] == wins == m["rewards"]["longer_than_closed"]
         rate = sum(wins) / 4
         half = 1.959963984540054 * math.sqrt(sum((w - rate) ** 2 for w in wins) / 3) / 2
         assert m["win_rate"]["rate"] == pytest.approx(rate, abs=1e-12)
@@ -101,6 +109,31 @@ def test_a_rerun_buys_nothing_and_the_key_is_written_nowhere(verdict_run, tiny_a
             assert tiny_api_server.key.encode() not in path.read_bytes(), path
 
 
+def test_without_a_pairwise_reward_a_prompt_is_won_by_the_higher_score(tmp_path):
+    """build_verdict on a hand-made table (no engine): closed scores [1, 0, 1, 0], open [1, 1, 0, 0]
+    -> wins [0.5, 1, 0, 0.5], rate 0.5; deviations 0, 0.5, -0.5, 0 -> variance 0.5/3, stderr
+    sqrt(1/24), half width 1.96 x 0.2041 = 0.4001. Cost: $0.10/h at 20 tokens/s = 0.1 / 72000 x 1e6
+    = $1.3889 per 1M < $10 -> break-even 0.1 x 730 / 10 = 7.3M tokens a month."""
+    from rewards.runner import RewardResult
+    from rlhf.compare import Setup, build_verdict
+    from rlhf.config import Config
+    from rlhf.experience.answers import Answers
+
+    cfg = Config()
+    setup = Setup(["base"], ["base"], "math_answer", None, "cpu", None)
+    closed = Answers(["a"] * 4, [1] * 4, [0.2, 0.4])
+    opened = Answers(["b"] * 4, [2] * 4, [0.1, 0.3, 0.5], tokens_per_s=20.0)
+    v = build_verdict(cfg, setup, closed, {"math_answer": [1.0, 0.0, 1.0, 0.0]},
+                      [(opened, RewardResult(total=[], per_fn={"math_answer": [1.0, 1.0, 0.0, 0.0]}))])
+    m = v.open[0]
+    assert m.wins == [0.5, 1.0, 0.0, 0.5] and m.win_rate.rate == 0.5
+    assert m.win_rate.half_width == pytest.approx(1.959963984540054 * math.sqrt(1 / 24), rel=1e-12)
+    assert m.usd_per_m == pytest.approx(0.1 / 72000 * 1e6, rel=1e-12)
+    assert m.break_even_m_tokens == pytest.approx(7.3, rel=1e-12)
+    assert (m.latency.median_s, v.closed.latency.median_s) == (0.3, pytest.approx(0.3, rel=1e-12))
+    assert (v.win_from, v.closed.usd_per_m, v.closed_price["date"]) == ("reward", 10.0, "2026-12-01")
+
+
 @pytest.mark.parametrize("override, env, match", [
     ("compare.base_url=null", True, r"compare\.base_url is not set"),
     ("compare.model=null", True, r"compare\.model is not set"),
@@ -109,6 +142,8 @@ def test_a_rerun_buys_nothing_and_the_key_is_written_nowhere(verdict_run, tiny_a
     ("compare.model=gpt-nothing", True, r"compare\.model='gpt-nothing': .* serves \['tiny'\], not 'gpt-nothing'"),
     ("compare.reward=judge_x", True, r"compare\.reward='judge_x' is not a configured reward"),
     ("compare.win_reward=nope", True, r"compare\.win_reward='nope' is not a configured reward"),
+    (f"reward.functions=[{{fn: '{NEEDS_SOLUTION}'}}]", True,
+     r"reward\.functions\[0\] 'needs_solution' .*\['solution'\] have no default"),
     ("compare.models=[/no/such/export,/no/other]", True, r"compare\.models\[0\]='/no/such/export': no such model folder"),
     ("ledger.closed_api_completion_price_per_m=0", True, r"ledger\.closed_api_completion_price_per_m must be > 0"),
 ])

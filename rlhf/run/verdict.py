@@ -67,6 +67,7 @@ class ModelVerdict:
     wins: list[float | None] | None = None  # per prompt, against the closed model (open models)
     win_rate: WinRate | None = None
     break_even_m_tokens: float | None = None  # per month; None: never (open models)
+    rewards: dict[str, list[float | None]] = field(default_factory=dict)  # every reward, per prompt
 
 
 @dataclass
