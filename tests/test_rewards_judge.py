@@ -293,9 +293,12 @@ def runner(server: JudgeServer, rubric: str, run_dir, **reward) -> RewardRunner:
     return RewardRunner(cfg, columns=["answer"], run_dir=run_dir)
 
 
-def test_runner_reports_usage_per_call_agreement_and_api_usage(server, rubric, tmp_path):
-    with runner(server, rubric, tmp_path, agreement=["judge", "math_answer"]) as rewards:
+def test_runner_reports_usage_per_call_agreement_and_api_usage(server, tmp_path):
+    rubric = tmp_path / "with_answer.txt"
+    rubric.write_text("Question: {prompt}\nCorrect: {answer}\nAnswer: {completion}")
+    with runner(server, str(rubric), tmp_path, agreement=["judge", "math_answer"]) as rewards:
         scored = rewards.score(["q"] * 4, ["good 4", "bad 4", "good 5", "garbage 4"], {"answer": ["4"] * 4})
+        assert all("Correct: 4\n" in p["messages"][0]["content"] for p in server.posts)  # the column reached it
         m = scored.metrics
         # judge: 8/9, 1/9, 8/9, None; math_answer (last number == 4): 1, 1, 0, 1.
         # Both scored: 3 pairs; pass/fail agree on (good 4) only -> 1/3.
@@ -358,3 +361,11 @@ def test_validate_names_a_bad_agreement_before_anything_loads():
             "+experiment=tiny_smoke", "reward=judge", "reward.agreement=[judge,judge_typo]"]))
     with pytest.raises(ConfigError, match=r"reward.agreement=\['judge', 'judge_typo'\]: \['judge_typo'\] not among"):
         validate(cfg)
+
+
+def test_a_misspelt_setting_is_refused_by_validation_without_building_anything():
+    from rewards.api import check_specs
+
+    spec = RewardFnConfig(fn="judge", kwargs={"model": "m", "rubric": "support_helpfulness", "temprature": 0})
+    with pytest.raises(ValueError, match=r"reward.functions\[0\].kwargs \(fn='judge'\).*'temprature'"):
+        check_specs([spec])

@@ -46,7 +46,7 @@ def test_grpo_run_with_a_judge_logs_judge_metrics_and_ledger_line(ray_session, t
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = to_object(compose(config_name="config", overrides=[
                 "+experiment=tiny_smoke", "reward=judge", f"trainer.output_dir={tmp_path / 'run'}",
-                "trainer.steps=1", "trainer.eval_prompts=0", "trainer.prompts_per_step=2", "rollout.n=2",
+                "trainer.steps=1", "trainer.eval_prompts=0", "trainer.export_at_end=false", "trainer.prompts_per_step=2", "rollout.n=2",
                 f"reward.functions.0.kwargs.base_url={server.base_url}", "reward.functions.0.kwargs.model=judge-x",
                 f"reward.functions.0.kwargs.api_key_env={KEY_ENV}", "ledger.judge_prompt_price_per_m=1.0",
                 "ledger.judge_completion_price_per_m=4.0"]))
@@ -123,7 +123,7 @@ def test_grpo_run_with_the_served_tiny_model_as_judge(ray_session, tiny_api_serv
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = to_object(compose(config_name="config", overrides=[
             "+experiment=tiny_smoke", "reward=judge", f"trainer.output_dir={tmp_path / 'run'}",
-            "trainer.steps=1", "trainer.eval_prompts=0", "trainer.prompts_per_step=2", "rollout.n=2",
+            "trainer.steps=1", "trainer.eval_prompts=0", "trainer.export_at_end=false", "trainer.prompts_per_step=2", "rollout.n=2",
             f"reward.functions.0.kwargs.base_url={tiny_api_server.base_url}",
             f"reward.functions.0.kwargs.model={tiny_api_server.model}", "reward.functions.0.kwargs.max_tokens=8",
             f"reward.functions.0.kwargs.api_key_env={KEY_ENV}", "reward.functions.0.weight=0",

@@ -21,9 +21,10 @@ and that the endpoint answers and serves ``model``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,6 +108,19 @@ class JudgeSettings:
             raise bad("timeout_s", "must be > 0")
 
 
+def _signature() -> inspect.Signature:
+    """Judge's constructor as the settings' fields: the names and defaults are written once (in
+    JudgeSettings), and validation binds a config's kwargs to them before anything is built."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+               for name, default in (("run_dir", None), ("columns", None))]
+    for f in fields(JudgeSettings):
+        default = (f.default if f.default is not MISSING else
+                   f.default_factory() if f.default_factory is not MISSING else inspect.Parameter.empty)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return inspect.Signature(params)
+
+
 def settings_from_kwargs(kwargs: dict[str, Any]) -> JudgeSettings:
     """The typed settings from a config's kwargs; a malformed scale or criterion is named."""
     kwargs = dict(kwargs)
@@ -140,20 +154,9 @@ class _Job:
 class Judge:
     """The ``judge`` reward (class-based: the runner builds one and calls it per batch)."""
 
-    def __init__(self, model: str, rubric: str | None = None, criteria: list[dict] | None = None,
-                 mode: str = "pointwise", scale: Sequence[float] = (1.0, 10.0), structured: bool = False,
-                 reference_column: str = "reference", backend: str = "http", base_url: str | None = None,
-                 api_key_env: str | None = None, max_concurrency: int = 8, timeout_s: float = 60.0,
-                 max_retries: int = 3, backoff_base_s: float = 1.0, backoff_max_s: float = 30.0,
-                 temperature: float = 0.0, max_tokens: int = 256, engines: dict | None = None,
-                 dtype: str = "float32", log_samples: int = 2,
-                 run_dir: str | Path | None = None, columns: Sequence[str] | None = None):
-        s = settings_from_kwargs(dict(
-            model=model, rubric=rubric, criteria=criteria, mode=mode, scale=scale, structured=structured,
-            reference_column=reference_column, backend=backend, base_url=base_url, api_key_env=api_key_env,
-            max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries,
-            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, temperature=temperature,
-            max_tokens=max_tokens, engines=dict(engines or {}), dtype=dtype, log_samples=log_samples))
+    def __init__(self, run_dir: str | Path | None = None, columns: Sequence[str] | None = None, **kwargs: Any):
+        """``kwargs``: :class:`JudgeSettings`' fields; ``run_dir`` and ``columns`` come from the runner."""
+        s = settings_from_kwargs(kwargs)
         self.settings = s
         self.rubrics: list[Rubric] = []
         self.weights: list[float] = []
@@ -317,3 +320,8 @@ class Judge:
 
     def close(self) -> None:
         self.backend.close()
+
+
+# On __init__, not the class: an instance's own signature (its __call__, which takes the columns)
+# must stay what it is.
+Judge.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
