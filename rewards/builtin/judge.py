@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import threading
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,7 @@ CACHE_FILE = "judge_cache.jsonl"
 SAMPLES_FILE = "judge_samples.jsonl"
 MODES = tuple(MODE_SLOTS)
 BACKENDS = ("http", "engines")
+log = logging.getLogger(__name__)
 COUNTERS = ("requests", "cache_hits", "unparsable", "errors", "prompt_tokens", "completion_tokens",
             "inconsistent_pairs")
 
@@ -252,6 +254,9 @@ class Judge:
         bodies = [{"model": model, "messages": job.messages, **self._sampling} for job, _ in todo]
         labels = [f"judge sample {job.sample} ({job.order}, rubric {job.criterion})" for job, _ in todo]
         answers = self.backend.answer_all(bodies, labels) if todo else []
+        failed = [a for a in answers if isinstance(a, EndpointError)]
+        if failed:  # counted as Nones; say why once per call (the client keeps the key out of it)
+            log.warning("judge: %d of %d requests failed; first: %s", len(failed), len(todo), failed[0])
         with self._lock:
             self._counts["cache_hits"] += len(jobs) - len(todo)
             self._counts["requests"] += len(todo)
