@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.chat.client import Endpoint, api_key_from_env
+from rlhf.chat.client import Endpoint, api_key_from_env, check_served
 from rlhf.cli import hydra_main
 from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.config import Config, ConfigError
@@ -45,7 +45,6 @@ from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, consol
 from rlhf.types import SamplingSettings
 from rlhf.validation import eval_reward, reward_names
 from rewards.api import check_specs
-from rewards.builtin.judge_http import check_served
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
 

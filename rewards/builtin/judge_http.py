@@ -10,12 +10,9 @@ the Authorization header), at most ``max_concurrency`` at a time. The judge on o
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Protocol
 
-import httpx
-
-from rlhf.chat.client import ChatAnswer, ChatClient, Endpoint, EndpointError
-from rlhf.config import ConfigError
+from rlhf.chat.client import ChatAnswer, ChatClient, Endpoint, EndpointError, check_served
 
 
 class JudgeBackend(Protocol):
@@ -54,36 +51,3 @@ class HttpJudge:
 
     def close(self) -> None:
         pass
-
-
-def check_served(endpoint: Endpoint, model: str, api_key: str | None) -> None:
-    """GET {base_url}/models must answer and list ``model``: a ConfigError naming the endpoint
-    otherwise, raised before any engine starts. The key is never in the message."""
-    owner, url = endpoint.owner, f"{endpoint.base_url.rstrip('/')}/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def redact(text: str) -> str:
-        return text.replace(api_key, "***") if api_key else text
-
-    try:
-        resp = httpx.get(url, headers=headers, timeout=endpoint.timeout_s)
-    except httpx.HTTPError as e:  # not chained: httpx errors can quote header values
-        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: the endpoint is unreachable "
-                                 f"(GET {url}: {type(e).__name__}: {e})")) from None
-    if resp.status_code != 200:
-        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: GET {url} answered HTTP "
-                                 f"{resp.status_code}: {resp.text[:200]}"))
-    served = _model_ids(resp)
-    if served is None:
-        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: GET {url} did not answer a "
-                                 f"model list: {resp.text[:200]}"))
-    if model not in served:
-        raise ConfigError(f"{owner}.model={model!r}: {endpoint.base_url} serves {served}, not {model!r}")
-
-
-def _model_ids(resp: httpx.Response) -> list[str] | None:
-    try:
-        data: Any = resp.json()
-        return [str(m["id"]) for m in data["data"]]
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -5,7 +5,8 @@ One client for every caller that talks to such an endpoint: the distillation tea
 closed model (rlhf/compare.py). One request per answer. 429, 5xx, timeouts and connection errors
 are retried with exponential back-off and jitter, waiting at least what a Retry-After header asks;
 other failures, and running out of retries, raise :class:`EndpointError` naming the caller's
-item (``label``: "prompt row 3", "judge sample 5"). The API key lives only in the
+item (``label``: "prompt row 3", "judge sample 5"). :func:`check_served` asks GET /models, before
+any engine starts, whether the endpoint answers and serves the model. The API key lives only in the
 Authorization header: every message this module raises has it redacted, and httpx exceptions
 (which can quote header values) are never chained.
 """
@@ -173,3 +174,36 @@ class ChatClient:
         return ChatAnswer(content=content, finish_reason=choice.get("finish_reason"),
                           prompt_tokens=usage.get("prompt_tokens"),
                           completion_tokens=usage.get("completion_tokens"), latency_s=latency_s)
+
+
+def check_served(endpoint: Endpoint, model: str, api_key: str | None) -> None:
+    """GET {base_url}/models must answer and list ``model``: a ConfigError naming the endpoint
+    otherwise, raised before any engine starts. The key is never in the message."""
+    owner, url = endpoint.owner, f"{endpoint.base_url.rstrip('/')}/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def redact(text: str) -> str:
+        return text.replace(api_key, "***") if api_key else text
+
+    try:
+        resp = httpx.get(url, headers=headers, timeout=endpoint.timeout_s)
+    except httpx.HTTPError as e:  # not chained: httpx errors can quote header values
+        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: the endpoint is unreachable "
+                                 f"(GET {url}: {type(e).__name__}: {e})")) from None
+    if resp.status_code != 200:
+        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: GET {url} answered HTTP "
+                                 f"{resp.status_code}: {resp.text[:200]}"))
+    served = _model_ids(resp)
+    if served is None:
+        raise ConfigError(redact(f"{owner}.base_url={endpoint.base_url!r}: GET {url} did not answer a "
+                                 f"model list: {resp.text[:200]}"))
+    if model not in served:
+        raise ConfigError(f"{owner}.model={model!r}: {endpoint.base_url} serves {served}, not {model!r}")
+
+
+def _model_ids(resp: httpx.Response) -> list[str] | None:
+    try:
+        data: Any = resp.json()
+        return [str(m["id"]) for m in data["data"]]
+    except (ValueError, KeyError, TypeError):
+        return None
