@@ -1,13 +1,13 @@
 """Cost ledger: what a run consumed and what it cost, kept in ``<run folder>/ledger.json``.
 
 Every run (teacher collection, SFT, GRPO) counts tokens generated, tokens trained, teacher tokens
-bought, judge API tokens (an LLM judge reward), wall time and device-hours by device kind, and prices them with ``LedgerConfig``. With an
-open teacher on our own engines (on-policy distillation) it also counts the tokens the teacher
-scored, the seconds that took, and the teacher engines' hours; engines on devices of their own
-(``ledger.teacher_num_devices``) add their device-hours to the run's. The file
-is rewritten atomically as the run goes, so a crash leaves the last saved state, and a resumed run
-carries on from it. At the end ``summary()`` prints the run's cost and the cost per 1M output tokens
-of serving the tuned model on the same hardware, next to the closed API's price:
+bought, judge API tokens (an LLM judge reward), wall time and device-hours by device kind, and
+prices them with ``LedgerConfig``. With an open teacher on our own engines (on-policy distillation)
+it also counts the tokens the teacher scored, the seconds that took, and the teacher engines' hours;
+engines on devices of their own (``ledger.teacher_num_devices``) add their device-hours to the
+run's. The file is rewritten atomically as the run goes, so a crash leaves the last saved state, and
+a resumed run carries on from it. At the end ``summary()`` prints the run's cost and the cost per 1M
+output tokens of serving the tuned model on the same hardware, next to the closed API's price:
 
     serving USD per 1M tokens = price per hour / (tokens per second * 3600) * 1e6
 
