@@ -248,7 +248,10 @@ def write_report(v: Verdict, out: Path, items: list[PromptItem], closed: Answers
     atomic_write_text(out / JSON_FILE, json.dumps(_finite(payload), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / MD_FILE, markdown(v))
     points = [(m.label, m.usd_per_m, m.quality.mean, m.quality.stderr) for m in [v.closed, *v.open]]
-    plot_verdict(points, out / PNG_FILE, v.closed.label)
+    m = v.extra.get("machine", {})
+    where = (f"open models measured on {v.num_devices} x {v.device_kind}: {m.get('cpu')}, "
+             f"{m.get('cpu_count')} cores, load {m['load_average'][0]:.2f}") if m else ""
+    plot_verdict(points, out / PNG_FILE, v.closed.label, where)
 
 
 main = hydra_main(run_compare)

@@ -61,9 +61,11 @@ def plot_timeline(spans: list[dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def plot_verdict(points: list[tuple[str, float, float, float]], out: Path, closed_label: str) -> Path:
+def plot_verdict(points: list[tuple[str, float, float, float]], out: Path, closed_label: str,
+                 machine: str = "") -> Path:
     """Quality (± stderr) against cost per 1M output tokens on a log axis, one point per model:
-    (label, usd_per_m, quality, stderr); the first point is the closed model."""
+    (label, usd_per_m, quality, stderr); the first point is the closed model. ``machine`` (the
+    hardware the open models' costs were measured on) goes under the title."""
     import math
 
     import matplotlib
@@ -83,7 +85,7 @@ def plot_verdict(points: list[tuple[str, float, float, float]], out: Path, close
     ax.set_ylabel("quality (mean reward ± stderr)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"open models vs {closed_label}")
+    ax.set_title(f"open models vs {closed_label}" + (f"\n{machine}" if machine else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -226,6 +226,11 @@ def markdown(v: Verdict) -> str:
         "the normal approximation over prompts (rough for few prompts).",
         "- Latency: single requests one at a time (closed: over HTTP; open: one-prompt generates on our engines).",
     ]
+    m = v.extra.get("machine")
+    if isinstance(m, dict):
+        load = ", ".join(f"{x:.2f}" for x in m.get("load_average", []))
+        lines.append(f"- Open models measured on: {m.get('cpu')}, {m.get('cpu_count')} cores, load average {load} "
+                     "(1, 5, 15 min, at the end of the run).")
     missing = [f"{m.label}: {m.quality.missing}" for m in [v.closed, *v.open] if m.quality.missing]
     if missing:
         lines.append(f"- Prompts the quality reward could not score (left out): {', '.join(missing)}.")
