@@ -2,9 +2,10 @@
 
 The GRPO run on the tiny model uses conf/reward/judge.yaml pointed at a scripted judge on 127.0.0.1
 (tests/support/judge_server.py) that grades the way math_answer does, so their agreement is 1 by
-construction. The tests marked slow use the session's tiny-model vLLM server (tests/conftest.py
-tiny_api_server, ~30-60 s to start on 2 cores): its replies are random text, so they check the
-counters and token accounting, not the grades.
+construction. The others use the session's tiny-model vLLM server (tests/conftest.py tiny_api_server,
+~30-60 s to start on 2 cores, started once for this file and test_compare.py); the GRPO run against
+it is marked slow. Its replies are random text, so they check the counters and token accounting,
+not the grades.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_grpo_run_with_a_judge_logs_judge_metrics_and_ledger_line(ray_session, t
             assert key.encode() not in path.read_bytes(), path
 
 
-# --- vLLM's real server (slow: it starts in ~30-60 s) ------------------------------------------
+# --- vLLM's real server (one per session, tests/conftest.py; test_compare.py starts it anyway) ---
 
 
 def served_tokens(base_url: str) -> tuple[float, float]:
@@ -84,7 +85,6 @@ def served_tokens(base_url: str) -> tuple[float, float]:
     return total("prompt_tokens"), total("generation_tokens")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("structured", [False, True])
 def test_pointwise_against_vllm_counts_what_the_server_served(tiny_api_server, tmp_path, monkeypatch, structured):
     monkeypatch.setenv(KEY_ENV, tiny_api_server.key)
