@@ -24,14 +24,14 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rlhf.chat.client import Endpoint, api_key_from_env, check_served
 from rlhf.cli import hydra_main
 from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
-from rlhf.config import Config, ConfigError
+from rlhf.config import Config, ConfigError, RewardConfig
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
 from rlhf.experience.answers import CLOSED_ANSWER, Answers, closed_answers, open_answers, score_answers
@@ -151,6 +151,12 @@ def reward_columns(cfg: Config) -> list[str]:
     return [*reward_column_names(cfg.data), CLOSED_ANSWER]
 
 
+def quality_only(cfg: Config, reward: str) -> RewardConfig:
+    """cfg.reward with only the function named ``reward`` (and no agreement between two)."""
+    keep = [f for f, name in zip(cfg.reward.functions, reward_names(cfg)) if name == reward]
+    return replace(cfg.reward, functions=keep, agreement=[])
+
+
 def run_compare(cfg: Config) -> Verdict:
     setup = check_compare(cfg)  # before anything is paid for or started
     cfg = prepare(cfg).cfg  # absolute paths: the engines' nodes share no working directory
@@ -174,13 +180,15 @@ def run_compare(cfg: Config) -> Verdict:
     sampling = SamplingSettings(n=1, temperature=c.temperature, max_new_tokens=c.max_tokens,
                                 stop=tuple(cfg.rollout.stop))
     opened: list[tuple[Answers, Any]] = []
-    with RewardRunner(cfg.reward, columns=reward_columns(cfg),
-                      run_dir=out) as runner:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=cfg.model.trust_remote_code)
-        closed_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in closed.texts]
+    tok = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=cfg.model.trust_remote_code)
+    closed_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in closed.texts]
+    # The closed answers by the quality reward alone: the others (a pairwise judge reading
+    # closed_answer) would compare each closed answer with itself, paid judge calls for nothing.
+    with RewardRunner(quality_only(cfg, setup.reward), columns=reward_columns(cfg), run_dir=out) as runner:
         closed_scores = score_answers(runner, items[0], closed.texts, closed_ids, closed.texts)
+    with RewardRunner(cfg.reward, columns=reward_columns(cfg), run_dir=out) as runner:
         for path, its in zip(paths, items):
             engines = EngineGroup(cfg.rollout, path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
             try:  # one model's engines at a time

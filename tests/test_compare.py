@@ -64,6 +64,9 @@ def test_report_figures_are_the_per_prompt_arithmetic(verdict_run):
     assert saved["prompts"] == 4 and saved["reward"] == "math_answer" and saved["win_from"] == "longer_than_closed"
     closed, closed_answers_ = saved["closed"]["scores"], saved["closed"]["answers"]
     assert len(closed) == 4 and saved["closed"]["usd_per_m"] == 10.0  # ledger's default list price
+    # The closed answers are scored by the quality reward alone: the pairwise one would compare each
+    # closed answer with itself (a paid judge's calls for nothing).
+    assert list(saved["closed"]["rewards"]) == ["math_answer"]
     assert saved["closed_price"]["date"] == "2026-12-01" and saved["device_kind"] == "cpu"
     assert [m["label"] for m in saved["open"]] == ["base", "tuned"]
     for m in saved["open"]:
