@@ -10,7 +10,7 @@ Several ``criteria`` (each a rubric and a weight) combine as a weighted mean.
 Nothing fails silently: an unparsable or out-of-scale reply, and a request that failed after its
 retries, is a None counted in ``usage()`` (``unparsable``, ``errors``), never a 0. Answers are
 cached in ``<run_dir>/judge_cache.jsonl`` by judge model + rendered rubric + sampling settings, so a
-resumed run never pays twice; the first ``log_samples`` samples of each call go to
+resumed run never pays twice, and identical questions within one call are asked once; the first ``log_samples`` samples of each call go to
 ``<run_dir>/judge_samples.jsonl`` for a person to read (judges are gamed). The API key is read from
 the variable ``api_key_env`` names and lives only in the request header.
 
@@ -243,29 +243,33 @@ class Judge:
     def _ask(self, jobs: list[_Job]) -> None:
         """Fill each job's reply from the cache or the backend; a failed request leaves it None."""
         model = self.backend.model
-        keys = [request_key(model, job.messages, self._sampling, 0) for job in jobs]
-        todo = []
-        for job, key in zip(jobs, keys):
+        # One request per distinct question: a group's identical completions (common for short
+        # answers) are judged once, as the cache would answer them on a rerun.
+        todo: dict[str, list[_Job]] = {}
+        for job in jobs:
+            key = request_key(model, job.messages, self._sampling, 0)
             hit = self._cache.get(key) if self._cache is not None else None
             if hit is not None:
                 job.reply = hit.content
             else:
-                todo.append((job, key))
-        bodies = [{"model": model, "messages": job.messages, **self._sampling} for job, _ in todo]
-        labels = [f"judge sample {job.sample} ({job.order}, rubric {job.criterion})" for job, _ in todo]
+                todo.setdefault(key, []).append(job)
+        firsts = [same[0] for same in todo.values()]
+        bodies = [{"model": model, "messages": job.messages, **self._sampling} for job in firsts]
+        labels = [f"judge sample {job.sample} ({job.order}, rubric {job.criterion})" for job in firsts]
         answers = self.backend.answer_all(bodies, labels) if todo else []
         failed = [a for a in answers if isinstance(a, EndpointError)]
         if failed:  # counted as Nones; say why once per call (the client keeps the key out of it)
             log.warning("judge: %d of %d requests failed; first: %s", len(failed), len(todo), failed[0])
         with self._lock:
-            self._counts["cache_hits"] += len(jobs) - len(todo)
+            self._counts["cache_hits"] += len(jobs) - len(todo)  # answered without a request of their own
             self._counts["requests"] += len(todo)
-            for (job, key), answer in zip(todo, answers):
+            for (key, same), answer in zip(todo.items(), answers):
                 if isinstance(answer, EndpointError):
-                    self._counts["errors"] += 1
+                    self._counts["errors"] += len(same)  # every sample asking it gets a counted None
                     continue
                 assert isinstance(answer, ChatAnswer), type(answer)
-                job.reply = answer.content
+                for job in same:
+                    job.reply = answer.content
                 self._counts["prompt_tokens"] += answer.prompt_tokens or 0
                 self._counts["completion_tokens"] += answer.completion_tokens or 0
                 if self._cache is not None:
