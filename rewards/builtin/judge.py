@@ -10,9 +10,10 @@ Several ``criteria`` (each a rubric and a weight) combine as a weighted mean.
 Nothing fails silently: an unparsable or out-of-scale reply, and a request that failed after its
 retries, is a None counted in ``usage()`` (``unparsable``, ``errors``), never a 0. Answers are
 cached in ``<run_dir>/judge_cache.jsonl`` by judge model + rendered rubric + sampling settings, so a
-resumed run never pays twice, and identical questions within one call are asked once; the first ``log_samples`` samples of each call go to
-``<run_dir>/judge_samples.jsonl`` for a person to read (judges are gamed). The API key is read from
-the variable ``api_key_env`` names and lives only in the request header.
+resumed run never pays twice, and identical questions within one call are asked once; the first
+``log_samples`` samples of each call go to ``<run_dir>/judge_samples.jsonl`` for a person to read
+(judges are gamed). The API key is read from the variable ``api_key_env`` names and lives only in
+the request header.
 
 Everything that can be checked is checked when the reward is built, before any engine starts: the
 settings, the rubric's placeholders against the columns the runner will pass, the key variable,
