@@ -38,7 +38,7 @@ from rlhf.experience.answers import CLOSED_ANSWER, Answers, closed_answers, open
 from rlhf.experience.prompts import PromptDataset, PromptItem
 from rlhf.experience.scoring import reward_column_names
 from rlhf.models import SMOLLM2, TINY, check_model_named
-from rlhf.run.ledger import atomic_write_text, detect_device_kind, serving_usd_per_m
+from rlhf.run.ledger import atomic_write_text, priced_device_kind, serving_usd_per_m
 from rlhf.run.plot import plot_verdict
 from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, console_line, estimate, latency,
                               markdown, win_rate, win_scores)
@@ -113,10 +113,7 @@ def check_compare(cfg: Config) -> Setup:
                       ("compare.win_reward", c.win_reward)):
         if name is not None and name not in names:
             raise ConfigError(f"{key}={name!r} is not a configured reward (reward.functions: {names})")
-    kind = detect_device_kind() if cfg.ledger.device_kind == "auto" else cfg.ledger.device_kind
-    if kind not in cfg.ledger.device_hour_price:
-        raise ConfigError(f"ledger.device_kind={kind!r} has no price in ledger.device_hour_price "
-                          f"(known: {sorted(cfg.ledger.device_hour_price)})")
+    kind = priced_device_kind(cfg.ledger)
     key = api_key_from_env(c.api_key_env, "compare.api_key_env")
     check_served(Endpoint.of(c, owner="compare"), c.model, key)
     return Setup(models, labels, reward, c.win_reward, kind, key)

@@ -166,6 +166,15 @@ def detect_device_kind() -> str:
     return short_device_name(torch.cuda.get_device_name(0))
 
 
+def priced_device_kind(cfg: LedgerConfig) -> str:
+    """ledger.device_kind ("auto": this machine's), refused by name when it has no price."""
+    kind = detect_device_kind() if cfg.device_kind == "auto" else cfg.device_kind
+    if kind not in cfg.device_hour_price:
+        raise ConfigError(f"ledger.device_kind={kind!r} has no price in ledger.device_hour_price "
+                          f"(known: {sorted(cfg.device_hour_price)})")
+    return kind
+
+
 def short_device_name(name: str) -> str:
     """The price-table key of a GPU name: its model code ("NVIDIA A100-SXM4-80GB" -> "a100")."""
     name = name.lower()
@@ -193,13 +202,7 @@ class CostLedger:
                  clock: Callable[[], float] = time.monotonic):
         self.path = Path(run_dir) / LEDGER_FILE
         self.cfg = cfg
-        self.device_kind = detect_device_kind() if cfg.device_kind == "auto" else cfg.device_kind
-        # Fail before the run starts, not in the final summary.
-        if self.device_kind not in cfg.device_hour_price:
-            raise ConfigError(
-                f"ledger.device_kind={self.device_kind!r} has no price in ledger.device_hour_price "
-                f"(known: {sorted(cfg.device_hour_price)})"
-            )
+        self.device_kind = priced_device_kind(cfg)  # fails before the run starts, not in the final summary
         for key in ("num_devices", "teacher_num_devices"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"ledger.{key}={getattr(cfg, key)} must be >= 0")
