@@ -19,7 +19,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import httpx
 
@@ -160,6 +160,27 @@ class ChatClient:
             label, f"gave up after {self.cfg.max_retries + 1} attempts "
                    f"({self.cfg.owner}.max_retries={self.cfg.max_retries}) on {url}; last error: {last}"
         )
+
+    async def complete_all(self, requests: Sequence[tuple[dict[str, Any], str]],
+                           on_answer: Callable[[int, ChatAnswer], None]) -> None:
+        """Every (body, label), at most ``max_concurrency`` in flight; ``on_answer(i, answer)`` as each
+        arrives (cache it there: a later failure loses nothing received). The first failure cancels
+        the rest, so nothing more is paid for, and is raised."""
+        gate = asyncio.Semaphore(self.cfg.max_concurrency)
+
+        async def one(i: int, body: dict[str, Any], label: str) -> None:
+            async with gate:
+                answer = await self.complete(body, label)
+            on_answer(i, answer)
+
+        tasks = [asyncio.create_task(one(i, body, label)) for i, (body, label) in enumerate(requests)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def _parse(self, resp: httpx.Response, label: str, latency_s: float) -> ChatAnswer:
         try:

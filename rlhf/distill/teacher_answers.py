@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from rlhf.config import ConfigError, TeacherConfig
 from rlhf.chat.cache import ResponseCache, request_key
-from rlhf.chat.client import ChatClient, Endpoint, api_key_from_env
+from rlhf.chat.client import ChatAnswer, ChatClient, Endpoint, api_key_from_env
 from rlhf.run.ledger import CostLedger, atomic_write_text
 
 # fn(prompts, completions, **columns) -> one float (or None: cannot score) per completion.
@@ -116,31 +116,22 @@ async def _fetch(jobs: dict[str, tuple[int, dict[str, Any]]], cfg: TeacherConfig
                  api_key: str | None, cache: ResponseCache, stats: CollectStats,
                  ledger: CostLedger | None) -> None:
     """Ask for every (key -> (row, body)) job, at most max_concurrency at once, caching each answer."""
-    sem = asyncio.Semaphore(cfg.max_concurrency)
+    keys = list(jobs)
+
+    def got(i: int, answer: ChatAnswer) -> None:
+        cache.put(keys[i], answer, cfg.model)
+        stats.paid += 1
+        if answer.prompt_tokens is None or answer.completion_tokens is None:
+            stats.missing_usage += 1
+        pt, ct = answer.prompt_tokens or 0, answer.completion_tokens or 0
+        stats.prompt_tokens += pt
+        stats.completion_tokens += ct
+        if ledger is not None:
+            ledger.add_teacher(pt, ct)
+
     async with ChatClient(Endpoint.of(cfg), api_key) as client:
-
-        async def one(key: str, row: int, body: dict[str, Any]) -> None:
-            async with sem:
-                answer = await client.complete(body, f"prompt row {row}")
-            cache.put(key, answer, cfg.model)
-            stats.paid += 1
-            if answer.prompt_tokens is None or answer.completion_tokens is None:
-                stats.missing_usage += 1
-            pt, ct = answer.prompt_tokens or 0, answer.completion_tokens or 0
-            stats.prompt_tokens += pt
-            stats.completion_tokens += ct
-            if ledger is not None:
-                ledger.add_teacher(pt, ct)
-
-        tasks = [asyncio.create_task(one(key, row, body)) for key, (row, body) in jobs.items()]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            # Stop paying for the rest; answers already received are in the cache.
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        try:  # a failure stops paying for the rest; answers already received are in the cache
+            await client.complete_all([(body, f"prompt row {row}") for row, body in jobs.values()], got)
         finally:
             stats.http_requests += client.http_requests
             stats.retries += client.retries

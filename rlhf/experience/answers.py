@@ -65,28 +65,23 @@ async def _closed(items, endpoint, api_key, model, sampling, system_prompt, late
     timed_keys = [request_key(model, messages[i], sampling, LATENCY_SAMPLE) for i in timed]
     hits = sum(cache.get(k) is not None for k in keys + timed_keys)
     paid = 0
+    todo = [(i, k) for i, k in enumerate(keys) if cache.get(k) is None]
+
+    def got(j: int, answer: ChatAnswer) -> None:
+        nonlocal paid
+        cache.put(todo[j][1], answer, model)
+        paid += 1
+
+    def request(i: int) -> tuple[dict[str, Any], str]:
+        return {"model": model, "messages": messages[i], **sampling}, f"{endpoint.owner} prompt {i}"
+
     async with ChatClient(endpoint, api_key) as client:
-        sem = asyncio.Semaphore(endpoint.max_concurrency)
-
-        async def one(i: int, key: str) -> None:
-            nonlocal paid
-            async with sem:
-                answer = await client.complete({"model": model, "messages": messages[i], **sampling},
-                                               f"{endpoint.owner} prompt {i}")
-            cache.put(key, answer, model)
-            paid += 1
-
-        tasks = [asyncio.create_task(one(i, k)) for i, k in enumerate(keys) if cache.get(k) is None]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # stop paying for the rest; answers received are in the cache
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        # Answers received before a failure stay in the cache: a rerun does not pay for them again.
+        await client.complete_all([request(i) for i, _ in todo], got)
         for i, key in zip(timed, timed_keys):  # one at a time: a latency, not a queue
             if cache.get(key) is None:
-                await one(i, key)
+                cache.put(key, await client.complete(*request(i)), model)
+                paid += 1
     answers: list[ChatAnswer] = [cache.entries[k] for k in keys]
     latencies = [cache.entries[k].latency_s for k in timed_keys]
     if any(s is None for s in latencies):
