@@ -35,6 +35,17 @@ class SamplingSettings:
 
 
 @dataclass
+class Segment:
+    """An earlier training sample of an agent episode whose history was rewritten between calls
+    (rollouts/gateway/): its own prompt and sampled tokens, trained with the episode's advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # sampler's on model tokens, 0.0 on appended (masked) tokens
+    token_mask: list[int] | None = None  # as Completion.token_mask
+
+
+@dataclass
 class Completion:
     """One sampled completion of one prompt."""
 
@@ -52,6 +63,19 @@ class Completion:
     # The teacher's log-prob of each completion token (on-policy distillation, rollouts/opd_teacher.py),
     # len == len(completion_ids); None: not scored by a teacher.
     teacher_logprobs: list[float] | None = None
+    # An agent episode's earlier segments (history rewritten between its calls: rollouts/gateway/);
+    # this completion is its last. Each is one more training row sharing this row's advantage.
+    segments: list[Segment] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # From JSON (a checkpoint's pending batches) they arrive as dicts.
+        self.segments = [s if isinstance(s, Segment) else Segment(**s) for s in self.segments]
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the engines sampled for it, its earlier segments' included (observations excluded)."""
+        own = len(self.completion_ids) if self.token_mask is None else sum(self.token_mask)
+        return own + sum(len(s.completion_ids) if s.token_mask is None else sum(s.token_mask) for s in self.segments)
 
 
 @dataclass
@@ -70,7 +94,7 @@ class RolloutBatch:
     @property
     def num_output_tokens(self) -> int:
         """Tokens the engines sampled (observation tokens of multi-turn completions excluded)."""
-        return sum(len(c.completion_ids) if c.token_mask is None else sum(c.token_mask) for c in self.completions)
+        return sum(c.sampled_tokens for c in self.completions)
 
 
 @dataclass

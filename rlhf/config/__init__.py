@@ -10,6 +10,7 @@ dataclasses. Beside it, each with one job:
 
 from rlhf.config.schema import (
     MISSING,
+    AgentConfig,
     AlgoConfig,
     ArithmeticTaskConfig,
     CompareConfig,
@@ -18,6 +19,7 @@ from rlhf.config.schema import (
     DataConfig,
     EngineConfig,
     EnvConfig,
+    GatewayConfig,
     LearnerConfig,
     LedgerConfig,
     LoraConfig,
@@ -32,6 +34,7 @@ from rlhf.config.schema import (
 
 __all__ = [
     "MISSING",
+    "AgentConfig",
     "AlgoConfig",
     "ArithmeticTaskConfig",
     "CompareConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "DataConfig",
     "EngineConfig",
     "EnvConfig",
+    "GatewayConfig",
     "LearnerConfig",
     "LedgerConfig",
     "LoraConfig",

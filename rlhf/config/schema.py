@@ -605,6 +605,61 @@ class CompareConfig:
 
 
 @dataclass
+class GatewayConfig:
+    """The OpenAI-compatible gateway an agent's application talks to (rollouts/gateway/)."""
+
+    # Address it listens on; None: the driver node's address as Ray registered it (127.0.0.1 unless
+    # trainer.ray_bind_host or a cluster says otherwise): the episodes' keys are the only way in.
+    host: Optional[str] = None
+    # 0: any free port.
+    port: int = 0
+    # The model id /v1/models lists; a request may name any model (the application's own name for
+    # the closed model keeps working), it is served by the policy.
+    model_name: str = "policy"
+    # vLLM's tool parser that turns the model's tool-call text into OpenAI tool_calls ("hermes":
+    # <tool_call>{...}</tool_call>, what rollouts/env/tools.py's tools and Qwen-style models write).
+    tool_parser: str = "hermes"
+    # A request's own temperature / top_p / top_k / seed: "override" (logged in gateway/client_sampling,
+    # the trainer's rollout.* sampling is used) or "refuse" (a 400 error naming the field).
+    client_sampling: str = "override"
+    # Seconds a request waits for the other live episodes' requests before its batch goes to the
+    # engines (a batch also goes as soon as every live episode is waiting on the model).
+    batch_wait_s: float = 0.05
+    # Requests per engine batch at most.
+    max_batch: int = 256
+
+
+@dataclass
+class AgentConfig:
+    """The application that produces episodes through the gateway (rlhf/experience/agents.py)."""
+
+    # A Python callable ``agent(client, row) -> float | None`` (sync with an openai.OpenAI client, or
+    # async def with an openai.AsyncOpenAI one): a built-in name ("calculator"), "pkg.mod:fn" or
+    # "path/to/file.py:fn". None: no agent (rollouts come from env.name, or are single-turn).
+    name: Optional[str] = None
+    # An external program instead of a callable, as an argv list: it reads OPENAI_BASE_URL and
+    # OPENAI_API_KEY from its environment and the prompt row as JSON on stdin; a number on its last
+    # line of stdout is its reward.
+    command: Optional[list[str]] = None
+    # Keyword arguments of the callable (passed after client and row).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Seconds one episode may take; past it the episode ends (its key stops working), counted in
+    # agent/timeouts, and its reward is None.
+    timeout_s: float = 120.0
+    # Model calls per episode at most; a call past it gets an OpenAI-style error (agent/over_budget).
+    max_calls: int = 8
+    # Episodes running at once.
+    concurrency: int = 32
+    # Weight of the agent's own reward (returned, printed or posted to the gateway) in the total,
+    # as a reward named "agent" beside reward.functions, which score the episode's final reply.
+    reward_weight: float = 1.0
+    # Where callables run: "threads" (in the driver process) or "ray" (Ray tasks, placed by
+    # ``resources``: e.g. {agents: 0.01} pins them to nodes started with that custom resource).
+    executor: str = "threads"
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -613,6 +668,8 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
