@@ -285,7 +285,9 @@ def train(cfg: Config) -> Path:
             rewards_t = rewards_matrix(got.scores.total, cfg.rollout.n)  # [G, n], NaN where a reward failed
             advantages = compute_advantages(rewards_t, cfg.algo.advantage, eps=cfg.algo.eps)
             rollouts = RolloutBatch(completions=got.completions, n=cfg.rollout.n)
-            batch = build_train_batch(rollouts, advantages, rewards_t, pad_id)
+            # An agent episode's extra segments are extra rows: padded to split across mini-batches and ranks.
+            batch = build_train_batch(rollouts, advantages, rewards_t, pad_id,
+                                      row_multiple=batches.mini_batches_per_step * batches.num_ranks)
             # timing/train: the learner's whole share of the step (reference pass, old log-probs,
             # the engines' sleep and wake, the updates); timing/reference: its reference pass.
             with timeline.span("train", step, metrics):

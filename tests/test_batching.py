@@ -9,7 +9,7 @@ import torch
 
 from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.experience.heldout import summarise
-from rlhf.types import Completion, RolloutBatch
+from rlhf.types import Completion, RolloutBatch, Segment
 
 
 def completion(i: int, prompt: list[int], out: list[int]) -> Completion:
@@ -40,6 +40,36 @@ def test_build_train_batch_pads_and_masks_completion_tokens():
     assert b.advantages.tolist() == [0.5, -0.5]
     # The NaN reward's row carries no loss weight.
     assert b.sample_weight.tolist() == [1.0, 0.0]
+
+
+def test_an_episodes_earlier_segment_is_a_row_of_its_own_with_the_episodes_advantage():
+    # Episode 0 rewrote its history once: segment [1,2] -> [3] (mask 1), then its last segment
+    # [1,4] -> [5, 6, 7] with 6 an appended (tool) token. Episode 1 is one segment [1,2] -> [8].
+    first = completion(0, [1, 4], [5, 6, 7])
+    first.token_mask = [1, 0, 1]
+    first.segments = [Segment(prompt_ids=[1, 2], completion_ids=[3], logprobs=[-0.5])]
+    rollouts = RolloutBatch(completions=[first, completion(0, [1, 2], [8])], n=2)
+    adv, rewards = torch.tensor([[0.7, -0.7]]), torch.tensor([[1.0, 0.0]])
+    # 3 rows; row_multiple=2 (e.g. 2 learner ranks) pads a 4th, a copy of the shortest row
+    # (row 0, one token; ties go to the first) with advantage 0 and weight 0.
+    b = build_train_batch(rollouts, adv, rewards, pad_id=0, row_multiple=2)
+    assert b.input_ids.tolist() == [[1, 2, 3, 0, 0], [1, 4, 5, 6, 7], [1, 2, 8, 0, 0], [1, 2, 3, 0, 0]]
+    assert b.response_mask.tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 0, 1], [0, 0, 1, 0, 0], [0, 0, 1, 0, 0]]
+    assert b.advantages.tolist() == pytest.approx([0.7, 0.7, -0.7, 0.0])
+    assert b.sample_weight.tolist() == [1.0, 1.0, 1.0, 0.0]
+    # The segment's sampler log-prob sits on its token; the appended token's is zeroed.
+    assert b.sampler_logprobs[0, 2].item() == -0.5 and b.sampler_logprobs[1, 3].item() == 0.0
+
+
+def test_segments_survive_a_checkpoints_json():
+    from dataclasses import asdict
+
+    c = completion(0, [1], [2])
+    c.segments = [Segment(prompt_ids=[1], completion_ids=[3, 4], logprobs=[-1.0, 0.0], token_mask=[1, 0])]
+    back = Completion(**asdict(c))
+    assert back.segments == c.segments and isinstance(back.segments[0], Segment)
+    # Sampled tokens: 1 of its own, 1 of the segment's (the masked one was appended, not sampled).
+    assert back.sampled_tokens == 2
 
 
 def test_build_train_batch_rejects_wrong_advantage_count():

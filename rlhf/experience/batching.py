@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from rlhf.types import RolloutBatch, TrainBatch
+from rlhf.types import Completion, RolloutBatch, TrainBatch
 
 
 def rewards_matrix(total: list[float | None], n: int) -> torch.Tensor:
@@ -35,18 +35,33 @@ def pad_sequences(
 
 
 def build_train_batch(
-    rollouts: RolloutBatch, advantages: torch.Tensor, rewards: torch.Tensor, pad_id: int
+    rollouts: RolloutBatch, advantages: torch.Tensor, rewards: torch.Tensor, pad_id: int, row_multiple: int = 1
 ) -> TrainBatch:
     """Pad prompt+completion sequences to one length; rows follow the rollout order. A completion's
     ``token_mask`` (multi-turn) zeroes response_mask and sampler log-probs on observation tokens.
     Teacher log-probs (on-policy distillation) are placed like the sampler's: every completion
     carries them, or none does.
 
+    An agent episode's earlier ``segments`` (its history was rewritten between calls) are rows of
+    their own just before it, each with its advantage and weight (step-wise: one reward for the
+    whole episode). Then, only when segments made the row count uneven, rows of weight 0 (copies of
+    the shortest row) pad it to a multiple of ``row_multiple`` (mini-batches x learner ranks).
+
     advantages, rewards: [G, n] (rewards NaN where the reward failed: such rows get weight 0).
     """
     completions = rollouts.completions
     if advantages.numel() != len(completions):
         raise ValueError(f"{advantages.numel()} advantages for {len(completions)} completions")
+    if any(c.segments for c in completions):
+        if any(c.teacher_logprobs is not None for c in completions):
+            raise ValueError("agent episodes with several segments cannot be scored by a teacher (algo.distill_coef)")
+        completions, owner = _segment_rows(completions)
+        advantages, rewards = advantages.reshape(-1)[owner], rewards.reshape(-1)[owner]
+        if pad := -len(completions) % row_multiple:
+            shortest = min(range(len(completions)), key=lambda i: len(completions[i].completion_ids))
+            completions = completions + [completions[shortest]] * pad
+            advantages = torch.cat([advantages, torch.zeros(pad)])
+            rewards = torch.cat([rewards, torch.full((pad,), math.nan)])
     input_ids, attention_mask, response_mask = pad_sequences(
         [c.prompt_ids + c.completion_ids for c in completions], [len(c.prompt_ids) for c in completions], pad_id
     )
@@ -88,6 +103,22 @@ def build_train_batch(
         teacher_logprobs=teacher,
         sample_weight=(~torch.isnan(rewards.reshape(-1))).to(torch.float32),
     )
+
+
+def _segment_rows(completions: list[Completion]) -> tuple[list[Completion], torch.Tensor]:
+    """Each completion's earlier segments as completions of their own, just before it, and for
+    every row the index of the completion (episode) it belongs to."""
+    rows: list[Completion] = []
+    owner: list[int] = []
+    for i, c in enumerate(completions):
+        for s in c.segments:
+            rows.append(Completion(prompt_index=c.prompt_index, prompt_ids=s.prompt_ids, completion_ids=s.completion_ids,
+                                   logprobs=s.logprobs, finish_reason="stop", text="", policy_version=c.policy_version,
+                                   token_mask=s.token_mask))
+            owner.append(i)
+        rows.append(c)
+        owner.append(i)
+    return rows, torch.tensor(owner, dtype=torch.long)
 
 
 def mini_batches(batch: TrainBatch, count: int, seed: int) -> list[TrainBatch]:
