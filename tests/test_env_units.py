@@ -263,7 +263,7 @@ def test_env_eval_reward_is_valid_with_an_environment():
 def test_tools_go_into_the_template_or_the_system_message(tokenizer):
     import copy
 
-    from rlhf.experience.prompts import with_tools
+    from rollouts.env.tools import with_tools
 
     tools = env_tools(CalculatorEnv)
     hi = [{"role": "user", "content": "Hi"}]

@@ -30,7 +30,7 @@ import numpy as np
 
 from rlhf.config import ConfigError, DataConfig
 from rlhf.experience.tasks import arithmetic, gsm8k
-from rollouts.env.tools import describe_tools
+from rollouts.env.tools import tools_in_system, with_tools
 
 log = logging.getLogger(__name__)
 
@@ -249,28 +249,7 @@ def _render(cfg: DataConfig, tokenizer: Any, prompt: Any, where: str,
     if cfg.apply_chat_template:
         text = with_tools(tokenizer, messages, tools)
     elif len(messages) == 1 or (len(messages) == 2 and cfg.system_prompt is not None):
-        text = "\n\n".join(m["content"] for m in (_tools_in_system(messages, tools) if tools else messages))
+        text = "\n\n".join(m["content"] for m in (tools_in_system(messages, tools) if tools else messages))
     else:
         raise DataError(f"{where}: a multi-turn chat prompt needs data.apply_chat_template=true")
     return text, users[-1]
-
-
-def with_tools(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> str:
-    """The chat template's prompt with the tools in the template's own tool format; a template
-    that has none (it renders the same with and without them, e.g. SmolLM2's) gets them described
-    in the system message instead (rollouts/env/tools.py's describe_tools)."""
-    plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not tools:
-        return plain
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    if text != plain:
-        return text
-    return tokenizer.apply_chat_template(_tools_in_system(messages, tools), tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _tools_in_system(messages: list[dict], tools: list[dict]) -> list[dict]:
-    text = describe_tools(tools)
-    if messages[0]["role"] == "system":
-        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]

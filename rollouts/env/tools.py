@@ -83,6 +83,32 @@ def describe_tools(schemas: list[dict[str, Any]]) -> str:
             "and wait for its result. When you know the answer, reply without a tool call.")
 
 
+def with_tools(tokenizer: Any, messages: list[dict], tools: list[dict] | None,
+               add_generation_prompt: bool = True) -> str:
+    """The chat template's text of ``messages`` with the tools in the template's own tool format; a
+    template that has none (it renders the same with and without them, e.g. SmolLM2's) gets them
+    described in the system message instead (:func:`describe_tools`). Prompt data and the gateway
+    (rollouts/gateway/) both render through here, so a model sees tools the same way in both."""
+    plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not tools:
+        return plain
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    if text != plain:
+        return text
+    return tokenizer.apply_chat_template(tools_in_system(messages, tools), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def tools_in_system(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` with the tools described at the end of the system message (one is added first
+    when there is none)."""
+    text = describe_tools(tools)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": (messages[0]["content"] or "") + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def parse_tool_call(text: str) -> tuple[str, dict[str, Any]] | None | str:
     """The first tool call in ``text`` as (name, arguments); None when there is none; an error
     message (str) when there is one that does not parse."""
