@@ -22,42 +22,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
+from rlhf.specs import local_spec, portable_spec
 from rewards.api import LoadedReward, load_reward
 from rewards.pool import Task, run_maybe_async, settle
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 _loaded: dict[tuple[str, str], LoadedReward] = {}  # per worker process: (spec, kwargs) -> function
-
-
-def portable_spec(spec: str) -> str:
-    """``spec`` as a worker on any node can resolve it: a reward file inside the project relative to
-    the project root (the worker resolves it against its own copy), any other file absolute."""
-    where, sep, attr = spec.rpartition(":")
-    if not sep or not (where.endswith(".py") or "/" in where or "\\" in where):
-        return spec  # a built-in name or an importable module
-    path = Path(where).expanduser().resolve()
-    try:
-        return f"{path.relative_to(PROJECT_ROOT).as_posix()}:{attr}"
-    except ValueError:
-        return f"{path}:{attr}"
-
-
-def _resolve_here(spec: str) -> str:
-    where, sep, attr = spec.rpartition(":")
-    if sep and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
-        return f"{PROJECT_ROOT / where}:{attr}"
-    return spec
 
 
 def call_reward(spec: str, kwargs: dict, per_sample: bool, args: tuple, columns: dict):
     """The body of one task: yields a start marker, then the reward's output for ``args``."""
     key = (spec, json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _loaded:
-        _loaded[key] = load_reward(_resolve_here(spec), kwargs)
+        _loaded[key] = load_reward(local_spec(spec), kwargs)
     fn = _loaded[key]
     yield None  # started: the per-call timeout runs from here, as a pool thread's does
     target = fn.sample_fn if per_sample else fn.batch_fn

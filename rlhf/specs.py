@@ -1,7 +1,8 @@
 """Naming a Python object in config: a built-in name, ``pkg.module:attr`` or ``path/to/file.py:attr``.
 
-Rewards (rewards/api.py) and environments (rollouts/env/api.py) are both loaded this way; each
-passes its own table of built-ins and the word its errors use ("reward", "env"). Imports nothing
+Rewards (rewards/api.py), environments (rollouts/env/api.py) and agents (rlhf/experience/agent_api.py)
+are all loaded this way; each passes its own table of built-ins and the word its errors use
+("reward", "env", "agent"). A Ray task names what it runs by :func:`portable_spec`. Imports nothing
 of ours, so any floor may use it.
 """
 
@@ -13,6 +14,8 @@ import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolve_spec(spec: str, builtins: dict[str, str], kind: str) -> Any:
@@ -41,6 +44,27 @@ def resolve_spec(spec: str, builtins: dict[str, str], kind: str) -> Any:
         raise AttributeError(
             f"{kind} {spec!r}: {where!r} has no attribute {attr!r} (it has: {', '.join(public)})"
         ) from None
+
+
+def portable_spec(spec: str) -> str:
+    """``spec`` as a Ray worker on any node can resolve it: a file inside the project relative to the
+    project root (the worker resolves it against its own copy), any other file absolute."""
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not (where.endswith(".py") or "/" in where or "\\" in where):
+        return spec  # a built-in name or an importable module
+    path = Path(where).expanduser().resolve()
+    try:
+        return f"{path.relative_to(PROJECT_ROOT).as_posix()}:{attr}"
+    except ValueError:
+        return f"{path}:{attr}"
+
+
+def local_spec(spec: str) -> str:
+    """A :func:`portable_spec` as this process resolves it: a relative file against its project root."""
+    where, sep, attr = spec.rpartition(":")
+    if sep and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+        return f"{PROJECT_ROOT / where}:{attr}"
+    return spec
 
 
 def _import_file(spec: str, path: Path, kind: str) -> Any:

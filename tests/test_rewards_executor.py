@@ -10,7 +10,7 @@ import time
 import pytest
 
 from rlhf.config import RewardConfig, RewardFnConfig
-from rewards.remote import PROJECT_ROOT, portable_spec
+from rlhf.specs import PROJECT_ROOT, portable_spec
 from rewards.runner import RewardError, RewardRunner
 
 FLAKY = (PROJECT_ROOT / "tests" / "support" / "flaky_rewards.py").as_posix()

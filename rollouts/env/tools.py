@@ -154,16 +154,20 @@ class ToolEnv:
         if isinstance(call, str):
             self.tool_errors += 1
             return f"Error: {call}", None, False
-        name, arguments = call
+        return self.call_tool(*call), None, False
+
+    def call_tool(self, name: str, arguments: dict[str, Any]) -> str:
+        """The tool's result as text, or the error the model sees (an unknown tool, a bad call);
+        counted. Also what an application's own tool loop runs (rollouts/env/builtin/calculator_agent.py)."""
         fn = self._by_name.get(name)
         if fn is None:
             self.tool_errors += 1
-            return f"Error: no tool named {name!r} (tools: {', '.join(self._by_name)})", None, False
+            return f"Error: no tool named {name!r} (tools: {', '.join(self._by_name)})"
         try:
-            return str(fn(**arguments)), None, False
+            return str(fn(**arguments))
         except Exception as e:  # the model's bad call, not our bug: it sees the error and may retry
             self.tool_errors += 1
-            return f"Error: {type(e).__name__}: {e}", None, False
+            return f"Error: {type(e).__name__}: {e}"
 
     def score(self, answer: str, item: dict[str, Any]) -> float | None:
         raise NotImplementedError(f"{type(self).__name__} must define score(answer, item)")
