@@ -43,21 +43,26 @@ def call_reward(spec: str, kwargs: dict, per_sample: bool, args: tuple, columns:
 
 
 class RayTasks:
-    """Submits reward calls as Ray tasks and settles their futures as they finish (``poll``)."""
+    """Runs calls of ``body`` (a generator yielding a start marker, then its result) as Ray tasks and
+    settles their futures as they finish (``poll``). Reward calls by default (``submit_reward``);
+    agent episodes too (rlhf/experience/agents.py). ``key``: the config key its errors name."""
 
-    def __init__(self) -> None:
+    def __init__(self, body=call_reward, num_cpus: float = 1, resources: dict[str, float] | None = None,
+                 key: str = "reward.executor") -> None:
         import ray
 
         if not ray.is_initialized():  # never let a task start an unconfigured local Ray
-            raise ValueError("reward.executor=ray needs Ray started first (rlhf.cluster.connect.init_ray)")
-        # One CPU per call: verifiers are CPU-bound. No retries: a crashed call is a failure, as in
-        # the thread pool, not a silent second attempt.
-        self._task = ray.remote(num_cpus=1, max_retries=0)(call_reward)
+            raise ValueError(f"{key}=ray needs Ray started first (rlhf.cluster.connect.init_ray)")
+        # Rewards ask one CPU per call: verifiers are CPU-bound. No retries: a crashed call is a
+        # failure, as in the thread pool, not a silent second attempt.
+        self._task = ray.remote(num_cpus=num_cpus, max_retries=0, resources=resources or None)(body)
         self.abandoned = 0  # tasks cancelled past their timeout since start
 
-    def submit(self, fn: LoadedReward, kwargs: dict, per_sample: bool, args: tuple, columns: dict) -> Task:
-        ref = self._task.remote(portable_spec(fn.spec), kwargs, per_sample, args, columns)
-        return Task(call=None, ref=ref)
+    def submit(self, *args: Any) -> Task:
+        return Task(call=None, ref=self._task.remote(*args))
+
+    def submit_reward(self, fn: LoadedReward, kwargs: dict, per_sample: bool, args: tuple, columns: dict) -> Task:
+        return self.submit(portable_spec(fn.spec), kwargs, per_sample, args, columns)
 
     def poll(self, tasks: list[Task], timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for news; mark started tasks, settle finished ones."""
@@ -74,8 +79,8 @@ class RayTasks:
             try:
                 value = ray.get(next(task.ref))
             except StopIteration:
-                settle(task.future, error=RuntimeError("the reward task ended without a result"))
-            except RayTaskError as e:  # the function raised: report its own exception
+                settle(task.future, error=RuntimeError("the Ray task ended without a result"))
+            except RayTaskError as e:  # the call raised: report its own exception
                 settle(task.future, error=e.cause if isinstance(e.cause, BaseException) else e)
             except Exception as e:  # noqa: BLE001 - its worker died, or Ray failed it: a failure
                 settle(task.future, error=e)
@@ -92,6 +97,9 @@ class RayTasks:
         settle(task.future, error=error)
         ray.cancel(task.ref, force=True)
         self.abandoned += 1
+
+    def close(self) -> None:
+        """Nothing to release: Ray owns the workers (a cancelled task took its own with it)."""
 
     def cancel(self, tasks: list[Task]) -> None:
         import ray

@@ -223,7 +223,7 @@ class RewardRunner:
 
     def _submit(self, fn: LoadedReward, per_sample: bool, args: tuple, columns: dict) -> Task:
         if self._remote is not None and fn.owner is None:  # class-based rewards keep to the driver
-            return self._remote.submit(fn, self._kwargs[fn.name], per_sample, args, columns)
+            return self._remote.submit_reward(fn, self._kwargs[fn.name], per_sample, args, columns)
         return self._pool.submit(_bind(fn.sample_fn if per_sample else fn.batch_fn, *args, columns))
 
     def _abandoned_remote(self) -> int:

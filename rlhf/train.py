@@ -8,7 +8,9 @@ evaluation, checkpoint, HF export and plots of the run (reward.png, timeline.png
 
 With an environment (``env.name``, rollouts/env/) a rollout is several turns, the model's and the
 environment's, one batched generate per turn (rlhf/experience/episodes.py); its observation tokens are masked
-out of the loss. Without one it is the same loop run for one turn.
+out of the loss. Without one it is the same loop run for one turn. With an agent (``agent.name`` or
+``agent.command``) the application makes the episodes instead, calling the policy through an
+OpenAI-compatible gateway in front of the engines (rlhf/experience/agents.py, rollouts/gateway/).
 
 With a teacher (on-policy distillation, algo.distill_coef > 0) an open model on engines of its own
 (rollouts/opd_teacher.py) scores every sampled token after the rewards, and each token's advantage
@@ -61,6 +63,7 @@ from rlhf.config import Config
 from rlhf.config.batches import total_updates
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
+from rlhf.experience.agents import AgentRuntime, agent_configured
 from rlhf.experience.batching import build_train_batch, mini_batches, rewards_matrix
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import evaluate
@@ -232,6 +235,10 @@ def train(cfg: Config) -> Path:
         timeline = Timeline(run_dir)
         stack.callback(timeline.close)
         sampling = sampling_from_config(cfg.rollout)
+        episodes_from = env  # the environment's turn loop (or single turn), or an agent through the gateway
+        if agent_configured(cfg.agent):
+            episodes_from = AgentRuntime.start(cfg, engines, tokenizer, sampling)
+            stack.callback(episodes_from.close)  # before the engines shut down (LIFO)
 
         def run_eval(step: int) -> None:
             if not eval_items:
@@ -239,8 +246,7 @@ def train(cfg: Config) -> Path:
             with timeline.span("eval", step, m := {}):
                 result = evaluate(engines, eval_items, rewards, cfg.trainer.eval_samples,
                                   cfg.trainer.eval_temperature, cfg.rollout.max_new_tokens,
-                                  reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop), env=env,
-                                  env_weight=cfg.env.reward_weight)
+                                  reward=eval_reward(cfg), stop=tuple(cfg.rollout.stop), env=episodes_from)
             logger.log(step, {**result.metrics(), **m})
             print(f"eval @ step {step}: {result.describe()}", flush=True)
 
@@ -264,8 +270,8 @@ def train(cfg: Config) -> Path:
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
         producer = RolloutProducer(
-            lambda step, version, prompts=None: collect_step(cfg, step, version, data, engines, rewards, env,
-                                                             sampling, timeline, teacher, prompts),
+            lambda step, version, prompts=None: collect_step(cfg, step, version, data, engines, rewards,
+                                                             episodes_from, sampling, timeline, teacher, prompts),
             first_step=start_step + 1, last_step=cfg.trainer.steps,
         )
         stack.callback(producer.close)

@@ -16,6 +16,9 @@ from rlhf.cluster.placement import plan_placement
 from rlhf.config import Config, ConfigError, EngineConfig
 from rlhf.config.batches import BatchPlan, plan_batches, total_updates
 from rlhf.console import CONSOLE_MODES
+from rlhf.experience.agent_api import EXECUTORS as AGENT_EXECUTORS
+from rlhf.experience.agent_api import check_command, load_agent
+from rlhf.experience.agents import AGENT_REWARD, agent_configured
 from rlhf.experience.scoring import ENV_REWARD, reward_column_names
 from rlhf.learner.lora import check_adapter_serving, check_lora
 from rlhf.learner.packing import sliding_windows
@@ -39,6 +42,8 @@ def validate(cfg: Config) -> BatchPlan:
         "trainer.console": (cfg.trainer.console, CONSOLE_MODES),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
         "reward.executor": (cfg.reward.executor, EXECUTORS),
+        "agent.executor": (cfg.agent.executor, AGENT_EXECUTORS),
+        "gateway.client_sampling": (cfg.gateway.client_sampling, ("override", "refuse")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -87,6 +92,7 @@ def validate(cfg: Config) -> BatchPlan:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_env(cfg)
+    check_agent(cfg)
     names = reward_names(cfg)
     if cfg.trainer.eval_reward is not None and cfg.trainer.eval_reward not in names:
         raise ConfigError(f"trainer.eval_reward={cfg.trainer.eval_reward!r} is not one of the rewards {names}")
@@ -187,9 +193,11 @@ def teacher_engines(cfg: Config) -> EngineConfig | None:
 
 
 def has_task_reward(cfg: Config) -> bool:
-    """Whether any reward is optimised: a reward function or the environment's with a weight != 0."""
+    """Whether any reward is optimised: a reward function, the environment's or the agent's with a
+    weight != 0."""
     env = cfg.env.name is not None and cfg.env.reward_weight != 0
-    return env or any(f.weight != 0 for f in cfg.reward.functions)
+    agent = agent_configured(cfg.agent) and cfg.agent.reward_weight != 0
+    return env or agent or any(f.weight != 0 for f in cfg.reward.functions)
 
 
 def check_distill(cfg: Config) -> None:
@@ -230,7 +238,7 @@ def check_distill(cfg: Config) -> None:
     if algo.dynamic_sampling:
         raise ConfigError("algo.dynamic_sampling drops groups whose rewards are all equal, and with no task reward "
                           "(every reward weight 0) every group is: turn it off for pure distillation")
-    if cfg.trainer.eval_prompts > 0 and not cfg.reward.functions and cfg.env.name is None:
+    if cfg.trainer.eval_prompts > 0 and not cfg.reward.functions and cfg.env.name is None and not agent_configured(cfg.agent):
         raise ConfigError(
             f"trainer.eval_prompts={cfg.trainer.eval_prompts} needs a reward to tell right answers, and "
             "reward.functions is empty: set trainer.eval_prompts=0, or add a reward with weight 0 (evaluated "
@@ -239,9 +247,10 @@ def check_distill(cfg: Config) -> None:
 
 def reward_names(cfg: Config) -> list[str]:
     """The name each reward function has in metrics (its ``name``, else derived from ``fn``), and
-    "env" for an environment's reward."""
+    "env" for an environment's reward, "agent" for an agent's."""
     names = [f.name or default_name(f.fn) for f in cfg.reward.functions]
-    return names + ([ENV_REWARD] if cfg.env.name is not None else [])
+    return (names + ([ENV_REWARD] if cfg.env.name is not None else [])
+            + ([AGENT_REWARD] if agent_configured(cfg.agent) else []))
 
 
 def check_env(cfg: Config) -> None:
@@ -275,6 +284,49 @@ def check_env(cfg: Config) -> None:
     if clash:
         raise ConfigError(f"a reward function is named {ENV_REWARD!r}, the name of env.name={env.name!r}'s "
                           "reward: give it another `name`")
+
+
+def check_agent(cfg: Config) -> None:
+    """The agent resolves to a callable taking (client, row, **agent.kwargs), or its command to a
+    program; its limits can work; it is the run's only source of episodes (nothing is started)."""
+    agent = cfg.agent
+    if not agent_configured(agent):
+        return
+    if agent.name is not None and agent.command is not None:
+        raise ConfigError(f"agent.name={agent.name!r} and agent.command={list(agent.command)!r} are both set: an "
+                          "agent is a callable or a command, not both")
+    if cfg.env.name is not None:
+        raise ConfigError(f"env.name={cfg.env.name!r} is set beside the agent (agent.name / agent.command): the "
+                          "agent's application makes the episodes, so there is no environment turn loop; set "
+                          "env=none")
+    try:
+        if agent.name is not None:
+            load_agent(agent.name, dict(agent.kwargs or {}))
+        else:
+            check_command(agent.command)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if agent.command is not None and agent.kwargs:
+        raise ConfigError(f"agent.kwargs {sorted(agent.kwargs)} are a callable's; agent.command gets the row on "
+                          "stdin and the gateway in its environment: pass settings as its arguments")
+    if agent.command is not None and agent.executor == "ray":
+        raise ConfigError("agent.executor=ray runs callables as Ray tasks; agent.command runs on the driver's node "
+                          "(agent.executor=threads): wrap the program in a callable to place it")
+    for key in ("max_calls", "concurrency"):
+        if getattr(agent, key) < 1:
+            raise ConfigError(f"agent.{key}={getattr(agent, key)} must be >= 1")
+    if not agent.timeout_s > 0:
+        raise ConfigError(f"agent.timeout_s={agent.timeout_s} must be > 0")
+    if agent.resources and agent.executor != "ray":
+        raise ConfigError(f"agent.resources={dict(agent.resources)} place Ray tasks: set agent.executor=ray, or "
+                          "drop them")
+    if any(not (isinstance(v, (int, float)) and v > 0) for v in agent.resources.values()):
+        raise ConfigError(f"agent.resources={dict(agent.resources)}: each amount must be a number > 0")
+    if AGENT_REWARD in [f.name or default_name(f.fn) for f in cfg.reward.functions]:
+        raise ConfigError(f"a reward function is named {AGENT_REWARD!r}, the name of the agent's own reward: "
+                          "give it another `name`")
+    if not math.isfinite(agent.reward_weight):
+        raise ConfigError(f"agent.reward_weight={agent.reward_weight} must be a finite number")
 
 
 def eval_reward(cfg: Config) -> str:

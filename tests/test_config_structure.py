@@ -33,6 +33,8 @@ FILES = sorted(p for p in CONF.glob("*/*.yaml") if p.parent.name != "experiment"
 
 # What each option changes from the schema defaults, as composed (parents included).
 OPTIONS: dict[str, dict] = {
+    "agent/calculator": {"name": "calculator", "kwargs": {"answer_column": "answer", "max_turns": 3}, "max_calls": 3},
+    "agent/none": {},
     "algo/dapo": {"loss_agg": "token_mean", "clip_high": 0.28, "dynamic_sampling": True},
     "algo/dr_grpo": {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm",
                      "norm_length": "${rollout.max_new_tokens}"},
@@ -47,6 +49,7 @@ OPTIONS: dict[str, dict] = {
     "env/calculator": {"name": "calculator", "kwargs": {"answer_column": "answer"}, "max_turns": 3,
                        "max_tool_tokens": 64, "max_total_tokens": 256},
     "env/none": {},
+    "gateway/default": {},
     "learner/gpu_zero2": {"backend": "nccl", "num_threads": 4, "num_cpus_per_rank": 2.0, "num_gpus_per_rank": 1.0},
     "learner/gpu_zero3": {"num_ranks": 2, "zero_stage": 3, "backend": "nccl", "num_threads": 4,
                           "num_cpus_per_rank": 2.0, "num_gpus_per_rank": 1.0},

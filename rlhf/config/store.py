@@ -6,11 +6,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config.schema import (
+    AgentConfig,
     AlgoConfig,
     CompareConfig,
     Config,
     DataConfig,
     EnvConfig,
+    GatewayConfig,
     LearnerConfig,
     LedgerConfig,
     ModelConfig,
@@ -30,6 +32,8 @@ GROUPS = {
     "algo": AlgoConfig,
     "reward": RewardConfig,
     "env": EnvConfig,
+    "agent": AgentConfig,
+    "gateway": GatewayConfig,
     "trainer": TrainerConfig,
     "teacher": TeacherConfig,
     "ledger": LedgerConfig,

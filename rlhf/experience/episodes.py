@@ -125,6 +125,14 @@ class Episodes:
     last_turns: list[str] = field(default_factory=list)
     # Per completion: why it ended unrewarded (Trajectory.unfinished), None when it did not.
     unfinished: list[str | None] = field(default_factory=list)
+    # The name ``env_rewards`` go by among the rewards: "env", or "agent" (rlhf/experience/agents.py).
+    reward_name: str = "env"
+    # Per completion (agent episodes): why its episode failed (timeouts, errors, no_calls), None when it
+    # did not. A failed row's total reward is None, whatever the reward functions say: it carries no loss.
+    failed: list[str | None] = field(default_factory=list)
+    # Per completion (agent episodes): the episode's messages as text, the rewards' ``transcript``
+    # column; None: the completion's own text is its transcript.
+    transcripts: list[str] | None = None
 
 
 def run_episodes(engines, prompt_ids: list[list[int]], items: list[dict[str, Any]], sampling: SamplingSettings,

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from rlhf.experience.episodes import EnvRuntime, env_items, run_episodes
+from rlhf.experience.agents import AgentRuntime, own_reward, roll_out
+from rlhf.experience.episodes import EnvRuntime
 from rlhf.experience.scoring import score_episodes
 from rlhf.types import SamplingSettings
 
@@ -82,16 +83,18 @@ def summarise(correct: list[list[bool | None]], rewards: list[float | None], len
 
 
 def evaluate(engines, items, reward_runner, samples: int, temperature: float, max_new_tokens: int,
-             reward: str, threshold: float = 1.0, stop: tuple[str, ...] = (), env: EnvRuntime | None = None,
-             env_weight: float = 1.0) -> EvalResult:
+             reward: str, threshold: float = 1.0, stop: tuple[str, ...] = (),
+             env: EnvRuntime | AgentRuntime | None = None, env_weight: float | None = None) -> EvalResult:
     """Roll out ``samples`` trajectories for each prompt item (one turn without ``env``, as in
-    training otherwise: rlhf/experience/episodes.py); accuracy from the reward named ``reward`` ("env": the
-    environment's own reward)."""
+    training otherwise: rlhf/experience/episodes.py; an agent's episodes through its gateway,
+    sampling as told here: rlhf/experience/agents.py); accuracy from the reward named ``reward``
+    ("env", "agent": the episodes' own reward, weighted by ``env_weight``, else by its config's)."""
     sampling = SamplingSettings(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, stop=stop)
     env = env or EnvRuntime.single_turn()
-    episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env)
+    episodes = roll_out(env, engines, items, sampling)
     rollouts = episodes.rollouts
-    scored = score_episodes(reward_runner, items, episodes, env_weight, env.factory is not None)
+    with_own, weight = own_reward(env)
+    scored = score_episodes(reward_runner, items, episodes, weight if env_weight is None else env_weight, with_own)
     if reward not in scored.per_fn:
         raise KeyError(f"trainer.eval_reward={reward!r} is not a configured reward ({sorted(scored.per_fn)})")
     values = scored.per_fn[reward]

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 from rlhf.algo import group_has_signal
 from rlhf.config import Config
-from rlhf.experience.episodes import ENV_COUNTED, EnvRuntime, env_items, run_episodes
+from rlhf.experience.agents import AGENT_COUNTED, AgentRuntime, own_reward, roll_out
+from rlhf.experience.episodes import ENV_COUNTED, EnvRuntime
 from rlhf.experience.prompts import PromptItem
 from rlhf.experience.scoring import score_episodes
 from rlhf.run.timeline import Timeline
@@ -77,11 +78,11 @@ def _scores_from_json(saved: dict | list) -> Scores:
 _COUNTED = ("/failures", "/timeouts", "/none")
 
 
-def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime,
+def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime | AgentRuntime,
                  sampling: SamplingSettings, timeline: Timeline, teacher: TeacherEngines | None = None,
                  prompts: list[PromptItem] | None = None) -> Collected:
     """The batch of ``step``: draw prompts, roll out (one turn, or several with an environment:
-    rlhf/experience/episodes.py) and score (rlhf/experience/scoring.py); with dynamic sampling,
+    rlhf/experience/episodes.py; an agent's episodes through the gateway: rlhf/experience/agents.py) and score (rlhf/experience/scoring.py); with dynamic sampling,
     refill zero-variance groups; with a ``teacher``, have it score the kept completions' tokens
     (distill/teacher_tokens, timing/teacher). ``prompts``: a saved batch's, regenerated on resume
     (RolloutProducer.restore): the first draw takes them instead of new ones (dynamic sampling's
@@ -101,12 +102,12 @@ def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rew
     for draw in range(draws):
         items = prompts if draw == 0 and prompts is not None else data.next_batch(want - len(kept_items))
         with timeline.span("generate", step, metrics):
-            episodes = run_episodes(engines, [it.prompt_ids for it in items], env_items(items), sampling, env,
-                                    seed=derive_seed(cfg.rollout.seed, step, draw))
+            episodes = roll_out(env, engines, items, sampling, seed=derive_seed(cfg.rollout.seed, step, draw))
         rollouts = episodes.rollouts
         generated += rollouts.num_output_tokens
         with timeline.span("score", step, metrics):
-            scored = score_episodes(rewards, items, episodes, cfg.env.reward_weight, env.factory is not None)
+            with_own, weight = own_reward(env)
+            scored = score_episodes(rewards, items, episodes, weight, with_own)
         scores = Scores(scored.total, scored.per_fn)
         for g, item in enumerate(items):
             group = scores.rows(g * n, (g + 1) * n)
@@ -118,7 +119,8 @@ def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rew
             kept_rollouts.extend(rollouts.completions[g * n : (g + 1) * n])
             kept_scores.append(group)
         for key, value in {**scored.metrics, **episodes.metrics}.items():
-            counted = key.endswith(_COUNTED) or key in ENV_COUNTED or key in scored.counted
+            counted = (key.endswith(_COUNTED) or key in ENV_COUNTED or key in AGENT_COUNTED or key in scored.counted
+                       or key.startswith("gateway/"))
             metrics[key] = metrics.get(key, 0.0) + value if counted else value
         if len(kept_items) == want:
             break

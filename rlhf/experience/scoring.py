@@ -8,9 +8,10 @@
   turns are tool calls and observations are the environment's text (a calculator result is a number
   ``math_answer`` would otherwise read as the answer). The whole trajectory's text is the
   ``transcript`` column.
-- The environment's reward joins the functions' as one named "env", weighted by env.reward_weight,
-  under the runner's one None rule (rewards/runner.py's weighted_total): a None under a non-zero
-  weight makes the total None, never 0.
+- The environment's reward joins the functions' as one named "env", weighted by env.reward_weight
+  (an agent's as "agent", by agent.reward_weight), under the runner's one None rule
+  (rewards/runner.py's weighted_total): a None under a non-zero weight makes the total None, never 0.
+- A failed agent episode (rlhf/experience/agents.py) has every reward None: its row carries no loss.
 - The step's reward metrics under the field's usual names (:func:`reward_metrics`).
 """
 
@@ -62,18 +63,30 @@ def expand_for_rewards(items: list[PromptItem], rollouts: RolloutBatch) -> tuple
 def score_episodes(reward_runner: RewardRunner, items: list[PromptItem], episodes: Episodes, env_weight: float,
                    with_env: bool) -> RewardResult:
     """The reward functions on each trajectory's last model turn (the whole trajectory's text is
-    their ``transcript`` column), plus the env reward as a function named "env" weighted by
-    ``env_weight`` (with ``with_env``)."""
+    their ``transcript`` column), plus the episodes' own reward as a function named by
+    ``episodes.reward_name`` ("env", "agent") weighted by ``env_weight`` (with ``with_env``). A
+    failed agent episode's rewards are all None: it gave nothing to score."""
     prompts, _, columns = expand_for_rewards(items, episodes.rollouts)
+    if episodes.transcripts is not None:
+        columns["transcript"] = list(episodes.transcripts)
     scored = reward_runner.score(prompts, list(episodes.last_turns), columns)
-    if not with_env:
-        return scored
-    env = episodes.env_rewards
-    total = weighted_total([(1.0, scored.total), (env_weight, env)], len(env))
-    got = [e for e in env if e is not None]
-    metrics = {**scored.metrics, f"reward/{ENV_REWARD}/mean": sum(got) / len(got) if got else math.nan,
-               **total_metrics(total)}
-    return replace(scored, total=total, per_fn={**scored.per_fn, ENV_REWARD: list(env)}, metrics=metrics)
+    if with_env:
+        env = episodes.env_rewards
+        total = weighted_total([(1.0, scored.total), (env_weight, env)], len(env))
+        got = [e for e in env if e is not None]
+        metrics = {**scored.metrics, f"reward/{episodes.reward_name}/mean": sum(got) / len(got) if got else math.nan,
+                   **total_metrics(total)}
+        scored = replace(scored, total=total, per_fn={**scored.per_fn, episodes.reward_name: list(env)}, metrics=metrics)
+    if any(episodes.failed):
+        keep = [not why for why in episodes.failed]
+        total = _kept(scored.total, keep)
+        scored = replace(scored, total=total, per_fn={name: _kept(values, keep) for name, values in scored.per_fn.items()},
+                         metrics={**scored.metrics, **total_metrics(total)})
+    return scored
+
+
+def _kept(values: list, keep: list[bool]) -> list:
+    return [v if k else None for v, k in zip(values, keep, strict=True)]
 
 
 def reward_metrics(scores: Scores, completions: list[Completion], n: int) -> dict[str, float]:
