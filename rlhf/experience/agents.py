@@ -181,6 +181,9 @@ def _episodes(runtime: AgentRuntime, items, n: int, records: list, outcomes: lis
         "agent/reward_none": float(sum(r is None for r in rewards)),
         "agent/calls_mean": sum(r.calls for r in recs) / len(recs) if recs else 0.0,
         "agent/segments_mean": sum(len(r.segments) for r in recs) / len(recs) if recs else 0.0,
+        # Tokens the gateway appended between calls (tool results, turn headers): masked out of the loss.
+        "agent/observation_tokens_mean": sum(m == 0 for r in recs for s in r.segments for m in s.mask) / len(recs)
+        if recs else 0.0,
         **runtime.gateway.metrics(),
     }
     return Episodes(

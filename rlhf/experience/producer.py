@@ -120,7 +120,7 @@ def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rew
             kept_scores.append(group)
         for key, value in {**scored.metrics, **episodes.metrics}.items():
             counted = (key.endswith(_COUNTED) or key in ENV_COUNTED or key in AGENT_COUNTED or key in scored.counted
-                       or key.startswith("gateway/"))
+                       or key.startswith("gateway/") and not key.endswith("_mean"))  # the gateway's counters
             metrics[key] = metrics.get(key, 0.0) + value if counted else value
         if len(kept_items) == want:
             break

@@ -1,8 +1,8 @@
 """An external agent (agent.command): the row as JSON on stdin, the gateway in OPENAI_BASE_URL /
 OPENAI_API_KEY / OPENAI_MODEL, its reward on the last line of stdout. argv[1] picks what it does:
 
-calls   two model calls through the openai SDK, a calculator result appended between them; prints 1
-        when the final reply has a digit, else 0 (tests/support/agents.py two_calls' logic)
+calls   two model calls through the openai SDK, a calculator result appended between them; prints the
+        share of ASCII letters in the final reply (tests/support/agents.py two_calls' reward)
 echo    no call: prints what it was given, then 0.25
 silent  no call, no number printed
 fail    writes to stderr and exits 1
@@ -28,7 +28,8 @@ if mode == "calls":
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "tool", "tool_call_id": "call_0", "content": "89"}]
     second = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
-    print(float(any(ch.isdigit() for ch in second.choices[0].message.content or "")))
+    text = second.choices[0].message.content or ""
+    print(sum(ch.isascii() and ch.isalpha() for ch in text) / len(text) if text else 0.0)
 elif mode == "echo":
     print(f"key of {len(os.environ['OPENAI_API_KEY'])} characters at {os.environ['OPENAI_BASE_URL']}; "
           f"answer {row['answer']}")

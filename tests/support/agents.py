@@ -8,9 +8,11 @@ reply, appends the result as a tool message (as an app does after a tool call) a
 from __future__ import annotations
 
 import itertools
-import threading
+import sys
 import time
+from pathlib import Path
 
+from rlhf.experience.agent_api import AgentSpec, play
 from rollouts.env.builtin.calculator import calculate
 from rollouts.env.tools import tool_schema
 
@@ -22,16 +24,22 @@ def one_argument(client):
     """Wrong signature: an agent is called as agent(client, row, **kwargs)."""
 
 
+def letter_share(text: str | None) -> float:
+    """The reward of the test agents: the share of ASCII letters in the final reply. The tiny random
+    model's replies vary in it, so groups have signal."""
+    return sum(ch.isascii() and ch.isalpha() for ch in text) / len(text) if text else 0.0
+
+
 def two_calls(client, row, max_tokens: int = 8) -> float:
     """Two model calls, the second continuing the first with a calculator result between them;
-    reward 1.0 when the final reply contains a digit (the tiny model writes some about half the time)."""
+    rewarded by letter_share of the final reply."""
     messages = [{"role": "user", "content": row["prompt"]}]
     first = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS, max_tokens=max_tokens)
     reply = first.choices[0].message
     messages.append({"role": "assistant", "content": reply.content})
     messages.append({"role": "tool", "tool_call_id": "call_0", "content": calculate("12 * 7 + 5")})
     second = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS, max_tokens=max_tokens)
-    return float(any(ch.isdigit() for ch in second.choices[0].message.content or ""))
+    return letter_share(second.choices[0].message.content)
 
 
 async def two_calls_async(client, row, max_tokens: int = 8) -> float:
@@ -41,7 +49,7 @@ async def two_calls_async(client, row, max_tokens: int = 8) -> float:
     messages.append({"role": "assistant", "content": first.choices[0].message.content})
     messages.append({"role": "tool", "tool_call_id": "call_0", "content": calculate("12 * 7 + 5")})
     second = await client.chat.completions.create(model="policy", messages=messages, tools=TOOLS, max_tokens=max_tokens)
-    return float(any(ch.isdigit() for ch in second.choices[0].message.content or ""))
+    return letter_share(second.choices[0].message.content)
 
 
 def raises(client, row):
@@ -49,7 +57,7 @@ def raises(client, row):
     raise RuntimeError("the application broke")
 
 
-def hangs(client, row, release: threading.Event | None = None):
+def hangs(client, row):
     """Calls once, then never returns (within any test's agent.timeout_s)."""
     client.chat.completions.create(model="policy", messages=[{"role": "user", "content": row["prompt"]}], max_tokens=2)
     time.sleep(3600)
@@ -63,13 +71,27 @@ def returns_text(client, row):
     return "1.0"
 
 
-_turn = itertools.count()
-# Per started episode, in turn: what the dispatcher runs. Two in eight fail in each way below, so a
-# batch of 16 episodes (4 prompts x 4 samples) has 10 that train, whichever rows they land on.
-PLAN = ("two_calls", "two_calls", "raises", "hangs", "never_calls", "two_calls", "two_calls", "two_calls")
+_started = itertools.count()
+SCRIPT = Path(__file__).with_name("agent_script.py")
+# What the k-th episode started in this process runs (``dispatch``): PLAN[k] for the first 16 (each
+# failure below once or twice), then the three kinds that train, in turn. A run's totals are exact
+# whichever batch (step or evaluation) an episode lands in: 3 errors (2 raise, 1 exits 1), 1 timeout,
+# 2 that never call the model.
+PLAN = ("two_calls", "two_calls_async", "command", "hangs", "raises", "never_calls", "command_fails", "two_calls",
+        "two_calls", "two_calls_async", "command", "two_calls", "raises", "never_calls", "two_calls", "two_calls")
+LATER = ("two_calls", "two_calls_async", "command")
 
 
 def dispatch(client, row) -> float | None:
-    """One training run exercises every way an agent ends: PLAN[k % 8] for the k-th episode started
-    in this process."""
-    return globals()[PLAN[next(_turn) % len(PLAN)]](client, row)
+    """One training run exercises every kind of agent and every way one ends. The async and the
+    command agents run through agent_api.play as agent.name / agent.command would, with this
+    episode's base URL and key."""
+    k = next(_started)
+    what = PLAN[k] if k < len(PLAN) else LATER[k % len(LATER)]
+    base_url, key = str(client.base_url).rstrip("/"), client.api_key
+    if what == "two_calls_async":
+        return play(AgentSpec(name=f"{__file__}:two_calls_async", timeout_s=60), base_url, key, row)
+    if what in ("command", "command_fails"):
+        mode = "calls" if what == "command" else "fail"
+        return play(AgentSpec(command=(sys.executable, str(SCRIPT), mode), timeout_s=60), base_url, key, row)
+    return globals()[what](client, row)
