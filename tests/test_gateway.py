@@ -11,6 +11,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 import urllib.request
 
 import openai
@@ -480,3 +481,21 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(served):
 def test_listens_on_loopback_only_by_default(served):
     gw, _ = served()
     assert gw._server.server_address[0] == "127.0.0.1" and gw.base_url.startswith("http://127.0.0.1:")
+
+
+def test_closing_an_episode_fails_its_waiting_request(served):
+    # Two open episodes and a long wait: A's request waits for B's, which never comes; closing A
+    # fails A's request with "episode ended" and sends nothing to the engines.
+    gw, engines = served(batch_wait_s=600.0)
+    a, _ = gw.open(), gw.open()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=post(gw, a, {"model": "x", "messages": USER})))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not gw.batcher._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    record = gw.close(a)
+    thread.join()
+    status, body = result["r"]
+    assert status == 401 and body["error"]["code"] == "episode_ended"
+    assert engines.calls == [] and record.calls == 0 and record.segments == []

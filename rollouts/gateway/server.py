@@ -177,7 +177,10 @@ class Gateway:
             if path == "/v1/episodes/reward":
                 return 200, self._post_reward(ep, payload), False
             return self._chat(ep, payload)
-        except ApiError as err:
+        except Exception as err:
+            if not isinstance(err, ApiError):  # our bug: answered and counted, the server goes on
+                log.exception("gateway: %s %s failed", method, path)
+                err = ApiError(500, "internal", f"the gateway failed: {type(err).__name__}: {err}", type="server_error")
             self.count_error(err.kind)
             if ep is not None:
                 with self._lock:
