@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of (1)")
     p.add_argument("--overhead-calls", type=int, default=20, help="calls of each side in (2)")
+    p.add_argument("--batch-wait-s", type=float, default=0.05, help="gateway.batch_wait_s of the batched side")
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     return p.parse_args()
 
@@ -43,24 +44,27 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def episode(base_url: str, key: str, index: int, calls: int, errors: list) -> None:
-    """An agent: each call sends the whole history back with one more user turn."""
+def episode(gateway, key: str, index: int, calls: int, errors: list) -> None:
+    """An agent: each call sends the whole history back with one more user turn. Its episode is
+    closed as soon as it is done (as the agent runner does), so the others stop waiting for it."""
     import openai
 
     try:
-        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
         messages = [{"role": "user", "content": f"Episode {index}: what is {index} + {index + 1}?"}]
         for _ in range(calls):
             reply = client.chat.completions.create(model="policy", messages=messages).choices[0].message
             messages += [reply.model_dump(exclude_none=True), {"role": "user", "content": "Check it once more."}]
     except Exception as err:  # reported by the caller: a failed episode makes the timing meaningless
         errors.append(err)
+    finally:
+        gateway.close(key)
 
 
 def run_episodes(gateway, episodes: int, calls: int) -> float:
     keys = [gateway.open(seed=i) for i in range(episodes)]
     errors: list = []
-    threads = [threading.Thread(target=episode, args=(gateway.base_url, k, i, calls, errors))
+    threads = [threading.Thread(target=episode, args=(gateway, k, i, calls, errors))
                for i, k in enumerate(keys)]
     start = time.perf_counter()
     for t in threads:
@@ -68,8 +72,6 @@ def run_episodes(gateway, episodes: int, calls: int) -> float:
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
-    for k in keys:
-        gateway.close(k)
     if errors:
         raise RuntimeError(f"{len(errors)} episodes failed; the first: {errors[0]!r}")
     return seconds
@@ -93,7 +95,7 @@ def main() -> None:
     group = EngineGroup(RolloutConfig(num_engines=1, max_model_len=2048, kv_cache_gb=args.kv_cache_gb,
                                       timeout_s=600.0), model_path, "float32")
     sampling = SamplingSettings(n=1, temperature=1.0, max_new_tokens=args.max_new_tokens)
-    batched = Gateway(group, tokenizer, sampling, GatewayConfig(), 2048)
+    batched = Gateway(group, tokenizer, sampling, GatewayConfig(batch_wait_s=args.batch_wait_s), 2048)
     alone = Gateway(group, tokenizer, sampling, GatewayConfig(max_batch=1), 2048)
     try:
         run_episodes(batched, 2, 1)  # warm-up: vLLM's first forwards on CPU pay one-off set-up
@@ -104,7 +106,7 @@ def main() -> None:
         batch_metrics = batched.metrics()
         b, a = min(times["batched"]), min(times["alone"])
         print(f"(1) {args.episodes} episodes x {args.calls} calls, {args.max_new_tokens} new tokens, "
-              f"{args.model}: batched {b:.2f} s (mean batch {batch_metrics['gateway/batch_size_mean']:.1f} "
+              f"{args.model}: batched (batch_wait_s={args.batch_wait_s}) {b:.2f} s (mean batch {batch_metrics['gateway/batch_size_mean']:.1f} "
               f"requests), one at a time {a:.2f} s; one-at-a-time / batched = {a / b:.2f}x")
 
         greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)

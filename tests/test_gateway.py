@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -278,11 +279,14 @@ def test_async_client(served):
 
     async def call():
         async with openai.AsyncOpenAI(base_url=gw.base_url, api_key=key, max_retries=0) as c:
-            return await c.chat.completions.create(model="x", messages=USER, max_tokens=2)
+            return await c.chat.completions.create(model="x", messages=USER, max_tokens=2, stop=["zz"])
 
     r = asyncio.run(call())
-    # max_tokens=2 < the trainer's 4: the smaller wins.
-    assert engines.calls[0][1].max_new_tokens == 2 and r.usage.completion_tokens <= 2
+    # max_tokens=2 < the trainer's 4: the smaller wins; the request's stop joins the trainer's (none);
+    # an episode opened without a seed is sampled unseeded.
+    (_, sampling, seed, _), = engines.calls
+    assert sampling.max_new_tokens == 2 and sampling.stop == ("zz",) and seed is None
+    assert r.usage.completion_tokens <= 2
     assert r.choices[0].message.content == engines.calls[0][3].completions[0].text
 
 
@@ -481,6 +485,19 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(served):
 def test_listens_on_loopback_only_by_default(served):
     gw, _ = served()
     assert gw._server.server_address[0] == "127.0.0.1" and gw.base_url.startswith("http://127.0.0.1:")
+    # This machine's own outward address (a UDP "connect" sends nothing) does not reach the port.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))
+        outward = probe.getsockname()[0]
+    except OSError:
+        outward = None
+    finally:
+        probe.close()
+    if outward is None or outward.startswith("127."):
+        pytest.skip("this machine has no non-loopback address to try")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((outward, gw.port), timeout=10).close()
 
 
 def test_closing_an_episode_fails_its_waiting_request(served):

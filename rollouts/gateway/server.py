@@ -266,7 +266,7 @@ class Gateway:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise bad_request(f"invalid request: {where}: {first.get('msg')}", where or None) from None
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise bad_request(f"n={body.get('n')}: the gateway samples one reply per call (n=1); "
                               "call again for more", "n")
         for name in ("max_tokens", "max_completion_tokens"):
