@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import socket
 import threading
 import time
@@ -411,7 +412,8 @@ def post(gw, key, body: dict, path="/v1/chat/completions"):
     return raw(gw, "POST", path, key, json.dumps(body).encode())
 
 
-def test_bad_input_gets_its_openai_error_and_is_counted(served):
+def test_bad_input_gets_its_openai_error_and_is_counted(served, caplog):
+    caplog.set_level(logging.DEBUG)
     gw, engines = served(client_sampling="refuse")
     key = gw.open(max_calls=1)
     ok = {"model": "x", "messages": USER}
@@ -440,6 +442,7 @@ def test_bad_input_gets_its_openai_error_and_is_counted(served):
     m = gw.metrics()
     assert {k: m[f"gateway/errors/{k}"] for k in kinds} == kinds
     assert len(engines.calls) == 1  # nothing bad reached the engines
+    assert "gateway" in caplog.text and key not in caplog.text  # requests are logged (debug), keys never
 
 
 def test_episode_ended_fails_with_the_openai_sdk_error(served):

@@ -9,6 +9,7 @@ each call that does not continue starts another (rollouts/gateway/context.py).
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 
 from rlhf.types import Completion, Segment
@@ -74,6 +75,7 @@ class Episode:
     reward_posted: bool = False
     errors: dict[str, int] = field(default_factory=dict)
     ended: bool = False
+    call_lock: threading.Lock = field(default_factory=threading.Lock)  # held through each of its calls
 
     def segment_ids(self) -> tuple[list[int], list[int]] | None:
         if not self.segments:

@@ -22,6 +22,7 @@ import math
 import secrets
 import threading
 import warnings
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,7 +32,7 @@ from rollouts.gateway.batcher import Batcher, Request
 from rollouts.gateway.context import PreviousCall, Renderer
 from rollouts.gateway.episode import Episode, EpisodeRecord
 from rollouts.gateway.errors import ApiError, bad_request
-from rollouts.gateway.messages import Message, canonical_arguments, normalise, tools_key, tools_of
+from rollouts.gateway.messages import normalise, tools_key, tools_of
 from rollouts.gateway.tool_calls import ReplyFormatter
 from rollouts.gateway.wire import completion_body, models_body, sse_chunks
 from rollouts.requests import max_prompt_len
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 CLIENT_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias")
 _MAX_BODY = 32 << 20
+_ENDED_KEPT = 1 << 16
 
 
 class _Metrics:
@@ -92,8 +94,9 @@ class Gateway:
         self._metrics = _Metrics()
         self._lock = threading.Lock()
         self._episodes: dict[str, Episode] = {}
-        self._call_locks: dict[str, threading.Lock] = {}
-        self._ended: set[str] = set()
+        # Keys of ended episodes, for the "episode ended" error; the oldest are forgotten past
+        # _ENDED_KEPT (their calls then get "unknown key", also a 401) so a long run's memory stays flat.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._opened = 0
         self.batcher = Batcher(engines, sampling, cfg.batch_wait_s, cfg.max_batch, self._metrics.batch)
         bind = cfg.host if cfg.host is not None else host
@@ -114,7 +117,6 @@ class Gateway:
         key = "sk-ep-" + secrets.token_urlsafe(24)
         with self._lock:
             self._episodes[key] = Episode(key, self._opened, seed, max_calls)
-            self._call_locks[key] = threading.Lock()
             self._opened += 1
         self.batcher.opened(key)
         return key
@@ -127,8 +129,9 @@ class Gateway:
             if ep is None:
                 raise KeyError("close: no open episode has this key" + (" (it ended already)" if key in self._ended else ""))
             ep.ended = True
-            self._ended.add(key)
-            self._call_locks.pop(key, None)
+            self._ended[key] = None
+            if len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
             record = ep.record()
         self.batcher.closed(key, _ended())
         return record
@@ -208,12 +211,8 @@ class Gateway:
         max_new_tokens = min(asked or self.sampling.max_new_tokens, self.sampling.max_new_tokens)
         stop = body.get("stop") or []
         stop = tuple([stop] if isinstance(stop, str) else stop) + tuple(self.sampling.stop)
-        with self._lock:
-            call_lock = self._call_locks.get(ep.key)
-        if call_lock is None:
-            raise _ended()
         # One call of an episode at a time: each continues from the one before.
-        with call_lock:
+        with ep.call_lock:
             if ep.ended:
                 raise _ended()
             if ep.max_calls is not None and ep.calls >= ep.max_calls:
@@ -234,9 +233,7 @@ class Gateway:
                 raise pending.error
             sampled = pending.result
             message, finish = self.formatter.message(sampled.text, sampled.finish_reason, request)
-            reply = Message("assistant", message["content"] or "",
-                            tuple((c["function"]["name"], canonical_arguments(c["function"]["arguments"]))
-                                  for c in message.get("tool_calls", ())))
+            (reply,) = normalise([message])
             with self._lock:
                 if ep.ended:  # closed while its request was in the engines: not recorded
                     raise _ended()
