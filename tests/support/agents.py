@@ -52,6 +52,17 @@ async def two_calls_async(client, row, max_tokens: int = 8) -> float:
     return letter_share(second.choices[0].message.content)
 
 
+def on_node(client, row, log_dir: str) -> float:
+    """two_calls, having written the Ray node it runs on into a file of its own under ``log_dir``."""
+    import os
+    import uuid
+
+    import ray
+
+    Path(log_dir, f"{os.getpid()}-{uuid.uuid4().hex}").write_text(ray.get_runtime_context().get_node_id())
+    return two_calls(client, row)
+
+
 def raises(client, row):
     client.chat.completions.create(model="policy", messages=[{"role": "user", "content": row["prompt"]}], max_tokens=2)
     raise RuntimeError("the application broke")

@@ -323,6 +323,42 @@ def sft_two_nodes() -> dict:
     return result
 
 
+@scenario("agents_on_their_own_node")
+def agents_on_their_own_node() -> dict:
+    """An agent run (agent.executor=ray, agent.resources={agents: 0.01}) on two worker nodes: one of
+    1 CPU holds the learner rank and the engine (placement colocated), one with no CPU but the
+    custom resource ``agents`` takes the agent tasks. The gateway listens on the driver's node
+    address; the agents (tests/support/agents.py on_node) write down the node they ran on."""
+    import tempfile
+
+    import ray
+
+    from rlhf.run.metrics import read_metrics
+    from rlhf.train import train
+    from tests.support.runs import compose
+
+    tmp = Path(tempfile.mkdtemp(prefix="sim-agents-"))
+    run, seen = tmp / "run", tmp / "nodes"
+    seen.mkdir()
+    agents = Path(__file__).with_name("agents.py").as_posix()
+    with sim_cluster([{"num_cpus": 1, "resources": {"node_a": 1}}, {"num_cpus": 0, "resources": {"agents": 1}}]):
+        agents_node = [n["NodeID"] for n in ray.nodes() if "agents" in n["Resources"]]
+        train(compose("+experiment=tiny_smoke", "trainer.steps=1", "trainer.eval_prompts=0", "trainer.tensorboard=false",
+                      "trainer.export_at_end=false", "reward.functions=[{fn: math_answer, weight: 0.0}]",
+                      f"agent.name={agents}:on_node", f"+agent.kwargs.log_dir={seen}", "agent.executor=ray",
+                      "+agent.resources.agents=0.01", "agent.timeout_s=120", f"trainer.output_dir={run}"))
+    placement = json.loads((run / "placement.json").read_text())
+    (step,) = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
+    return {
+        "agents_node": agents_node,
+        "agent_task_nodes": sorted({p.read_text() for p in seen.iterdir()}),
+        "agent_episodes": len(list(seen.iterdir())),
+        "engine_nodes": [n["node_id"] for n in placement["engines"]],
+        "rank_nodes": [n["node_id"] for n in placement["learner_ranks"]],
+        "metrics": {k: v for k, v in step.items() if k.startswith(("agent/", "gateway/", "reward/", "loss"))},
+    }
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
