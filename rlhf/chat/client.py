@@ -132,6 +132,22 @@ class ChatClient:
 
     async def complete(self, body: dict[str, Any], label: str) -> ChatAnswer:
         """One answer for ``body``; retries transient failures, raises EndpointError otherwise."""
+        resp, latency_s = await self._post(body, label)
+        return self._parse(resp, label, latency_s)
+
+    async def post(self, body: dict[str, Any], label: str) -> tuple[dict[str, Any], float]:
+        """The endpoint's whole response to ``body`` as JSON (tool calls and all: what a relay passes
+        on) and the successful attempt's seconds; retries as ``complete`` does."""
+        resp, latency_s = await self._post(body, label)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise self._fail(label, f"the answer is not JSON: {resp.text[:300]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise self._fail(label, f"not a chat-completions response: {resp.text[:300]}")
+        return data, latency_s
+
+    async def _post(self, body: dict[str, Any], label: str) -> tuple[httpx.Response, float]:
         url = f"{self.cfg.base_url.rstrip('/')}/chat/completions"
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
@@ -147,7 +163,7 @@ class ChatClient:
                 raise self._fail(label, f"request to {url} failed: {type(e).__name__}: {e}") from None
             else:
                 if resp.status_code == 200:
-                    return self._parse(resp, label, time.monotonic() - t0)
+                    return resp, time.monotonic() - t0
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if not _retryable_status(resp.status_code):
                     raise self._fail(label, f"{url} answered {last}")

@@ -37,6 +37,9 @@ class EpisodeRecord:
     posted_reward: float | None
     reward_posted: bool
     errors: dict[str, int]
+    # Tokens over the episode's calls: every call's whole prompt (what an API bills), and its reply.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def to_completion(self, prompt_index: int) -> Completion | None:
         """The last segment as the Completion (token_mask None when every id was sampled), the
@@ -75,6 +78,8 @@ class Episode:
     reward_posted: bool = False
     errors: dict[str, int] = field(default_factory=dict)
     ended: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     call_lock: threading.Lock = field(default_factory=threading.Lock)  # held through each of its calls
 
     def segment_ids(self) -> tuple[list[int], list[int]] | None:
@@ -104,10 +109,15 @@ class Episode:
         self.transcript, self.final_text = transcript, final_text
         return new and len(self.segments) > 1
 
+    def add_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def record(self) -> EpisodeRecord:
         """A copy: later calls (refused once ended) never change a record already handed out."""
         return EpisodeRecord(self.key, self.calls, copy.deepcopy(self.segments), self.final_text,
-                             copy.deepcopy(self.transcript), self.posted_reward, self.reward_posted, dict(self.errors))
+                             copy.deepcopy(self.transcript), self.posted_reward, self.reward_posted, dict(self.errors),
+                             self.prompt_tokens, self.completion_tokens)

@@ -46,7 +46,7 @@ _MAX_BODY = 32 << 20
 _ENDED_KEPT = 1 << 16
 
 
-class _Metrics:
+class GatewayMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, float] = {}
@@ -91,14 +91,18 @@ class Gateway:
         self.cfg, self.sampling, self.max_model_len = cfg, sampling, max_model_len
         self.formatter = ReplyFormatter(cfg.tool_parser, tokenizer)
         self.renderer = Renderer(tokenizer)
-        self._metrics = _Metrics()
+        self._metrics = GatewayMetrics()
+        self.batcher = Batcher(engines, sampling, cfg.batch_wait_s, cfg.max_batch, self._metrics.batch)
+        self._listen(cfg, host)
+
+    def _listen(self, cfg: GatewayConfig, host: str) -> None:
+        """The episodes' bookkeeping, then the HTTP server in a daemon thread."""
         self._lock = threading.Lock()
         self._episodes: dict[str, Episode] = {}
         # Keys of ended episodes, for the "episode ended" error; the oldest are forgotten past
         # _ENDED_KEPT (their calls then get "unknown key", also a 401) so a long run's memory stays flat.
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._opened = 0
-        self.batcher = Batcher(engines, sampling, cfg.batch_wait_s, cfg.max_batch, self._metrics.batch)
         bind = cfg.host if cfg.host is not None else host
         self._server = ThreadingHTTPServer((bind, cfg.port), _handler(self))
         self._server.daemon_threads = True
@@ -133,7 +137,7 @@ class Gateway:
             if len(self._ended) > _ENDED_KEPT:
                 self._ended.popitem(last=False)
             record = ep.record()
-        self.batcher.closed(key, _ended())
+        self.batcher.closed(key, ended_error())
         return record
 
     def count_error(self, kind: str) -> None:
@@ -159,7 +163,7 @@ class Gateway:
         with self._lock:
             ep = self._episodes.get(key)
             if ep is None:
-                raise _ended() if key in self._ended else ApiError(
+                raise ended_error() if key in self._ended else ApiError(
                     401, "unknown_key", "the API key is not an open episode's key", code="invalid_api_key")
             return ep
 
@@ -199,7 +203,7 @@ class Gateway:
             raise bad_request(f"reward is {reward!r}; expected a finite number or null", "reward")
         with self._lock:
             if ep.ended:
-                raise _ended()
+                raise ended_error()
             ep.posted_reward, ep.reward_posted = None if reward is None else float(reward), True
         return {"object": "episode.reward", "reward": reward}
 
@@ -214,7 +218,7 @@ class Gateway:
         # One call of an episode at a time: each continues from the one before.
         with ep.call_lock:
             if ep.ended:
-                raise _ended()
+                raise ended_error()
             if ep.max_calls is not None and ep.calls >= ep.max_calls:
                 raise ApiError(400, "over_budget", f"this episode's budget of {ep.max_calls} model calls is spent",
                                code="call_budget_exceeded")
@@ -236,9 +240,10 @@ class Gateway:
             (reply,) = normalise([message])
             with self._lock:
                 if ep.ended:  # closed while its request was in the engines: not recorded
-                    raise _ended()
+                    raise ended_error()
                 new = ep.record_call(plan, sampled, PreviousCall(messages, key_tools, reply), sampled.text,
                                      [*body["messages"], message], message["content"] or "")
+                ep.add_usage(len(plan.context_ids), len(sampled.completion_ids))
             if new:
                 self._metrics.add("gateway/segments_new")
         out = completion_body(self.cfg.model_name, message, finish, len(plan.context_ids), len(sampled.completion_ids))
@@ -294,7 +299,7 @@ class Gateway:
         return request
 
 
-def _ended() -> ApiError:
+def ended_error() -> ApiError:
     return ApiError(401, "ended", "episode ended: this key's episode is over and takes no more calls",
                     code="episode_ended")
 

@@ -41,7 +41,9 @@ def vllm_api_server(model_path: str, served_name: str, key: str, log: Path,
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager",
-           "--kv-cache-memory-bytes", str(kv_bytes)]
+           "--kv-cache-memory-bytes", str(kv_bytes),
+           # Tools served as a closed API serves them (an application's tool calls relayed to it).
+           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     with open(log, "wb") as out:
         # Own process group, so teardown stops the server and its engine process together.
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
