@@ -12,10 +12,14 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# A file's module is in sys.modules before it has run; another thread must not take it half-made
+# (agents load their callable in each episode's thread).
+_FILE_IMPORT = threading.RLock()
 
 
 def resolve_spec(spec: str, builtins: dict[str, str], kind: str) -> Any:
@@ -31,7 +35,8 @@ def resolve_spec(spec: str, builtins: dict[str, str], kind: str) -> Any:
         )
     where, attr = spec.rsplit(":", 1)
     if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(spec, Path(where), kind)
+        with _FILE_IMPORT:
+            module = _import_file(spec, Path(where), kind)
     else:
         try:
             module = importlib.import_module(where)
