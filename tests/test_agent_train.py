@@ -17,7 +17,7 @@ AGENTS = (Path(__file__).parent / "support" / "agents.py").as_posix()
 
 def test_agents_of_every_kind_train_and_their_failures_are_counted(ray_session, tiny_model_path, tmp_path):
     """tests/support/agents.py dispatch: sync, async and command agents making two calls with a
-    calculator result between them, and agents that raise, hang past agent.timeout_s, exit 1 or
+    calculator result between them (returning, printing or posting their reward), and agents that raise, hang past agent.timeout_s, exit 1 or
     never call the model (PLAN: 3 errors, 1 timeout, 2 without a call over the run). Two steps
     of 4 prompts x 4 samples and two evaluations of 2 x 2 all finish."""
     cfg = compose("+experiment=tiny_smoke", f"trainer.output_dir={tmp_path / 'run'}", f"agent.name={AGENTS}:dispatch",
@@ -36,6 +36,8 @@ def test_agents_of_every_kind_train_and_their_failures_are_counted(ray_session, 
         assert m["agent/observation_tokens_mean"] > 0 and m["agent/calls_mean"] > 1
         assert m["mismatch/abs_logprob_diff_max"] < 1e-2, m["mismatch/abs_logprob_diff_max"]
         assert math.isfinite(m["loss"]) and 0.0 <= m["reward/agent/mean"] <= 1.0
+        # Every episode that did not fail has a reward, posted ones included.
+        assert m["agent/reward_none"] == m["agent/errors"] + m["agent/timeouts"] + m["agent/no_calls"]
         # Every call of the step's 16 episodes went through the gateway, batched with the others'.
         assert m["gateway/requests"] >= 16 and m["gateway/batch_size_mean"] > 1
         # Sampled tokens only: 16 episodes x 2 calls x 8 tokens at most (tool results excluded).

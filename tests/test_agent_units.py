@@ -65,7 +65,7 @@ def test_the_agent_experiment_validates_and_reads_accuracy_from_the_agent():
     # Everything but the episodes' source is calculator_arithmetic's, so the two compare.
     env = compose("+experiment=calculator_arithmetic")
     assert (cfg.data, cfg.rollout, cfg.reward) == (env.data, env.rollout, env.reward)
-    assert cfg.trainer == replace(env.trainer, eval_reward="agent")
+    assert cfg.trainer == replace(env.trainer, eval_reward="agent", output_dir=cfg.trainer.output_dir)  # a timestamp
 
 
 # --- one episode: play ------------------------------------------------------------------------

@@ -9,7 +9,8 @@ gateway batches the calls of the open ones together.
 
 The episode's own reward (the env slot, a reward named "agent" weighted by agent.reward_weight):
 what the callable returned, else the number a command printed last, else the reward the application
-posted to the gateway; None when there is none (agent/reward_none). reward.functions score the last
+posted to the gateway; None when there is none (agent/reward_none counts every None, failed episodes'
+included). reward.functions score the last
 reply (``last_turns``); a reward that reads ``transcript`` gets the episode's messages as text.
 
 Limits: an episode past agent.timeout_s (from its start) is abandoned and its key closed, so its
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
@@ -101,17 +103,16 @@ class AgentRuntime:
             return self
         if self._gateway_for is None:
             raise ValueError("this AgentRuntime was given one gateway only: it cannot sample otherwise")
-        if sampling not in self._others:
-            other = AgentRuntime(self.cfg, self._gateway_for(sampling), sampling, self.filler_id,
-                                 self.spec.model_name)
-            other.tasks.close()
-            other.tasks = self.tasks  # one pool for both: their episodes never run at once
-            self._others[sampling] = other
-        return self._others[sampling]
+        key = replace(sampling, n=1)
+        if key not in self._others:
+            # Its own threads: with trainer.max_staleness > 0 an evaluation runs beside the next batch.
+            self._others[key] = AgentRuntime(self.cfg, self._gateway_for(key), key, self.filler_id,
+                                             self.spec.model_name)
+        return self._others[key]
 
     def close(self) -> None:
         for other in self._others.values():
-            other.gateway.shutdown()
+            other.close()
         self.gateway.shutdown()
         self.tasks.close()
 
@@ -166,7 +167,7 @@ def _episodes(runtime: AgentRuntime, items, n: int, records: list, outcomes: lis
         why = ("timeouts" if isinstance(outcome, TimeoutError) else "errors" if isinstance(outcome, BaseException)
                else "no_calls" if c is None else None)
         if isinstance(outcome, BaseException) and first_error is None:
-            first_error = f"{type(outcome).__name__}: {outcome}"
+            first_error = _described(outcome)
         completions.append(c if c is not None else _placeholder(items[j // n], j // n, runtime.filler_id))
         failed.append(why)
         rewards.append(None if why else _reward(outcome, rec))
@@ -196,6 +197,13 @@ def _episodes(runtime: AgentRuntime, items, n: int, records: list, outcomes: lis
         failed=failed,
         transcripts=[transcript_text(r.transcript) for r in records],
     )
+
+
+def _described(error: BaseException) -> str:
+    """The error and where it was raised (the innermost frame: usually the agent's own line)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 def _reward(outcome: float | None, rec: EpisodeRecord) -> float | None:
@@ -244,6 +252,10 @@ class ThreadAgents:
     never joined."""
 
     def __init__(self, size: int) -> None:
+        # The client library imported here, once: episodes' threads importing it at the same time
+        # may see each other's half-imported modules.
+        import openai  # noqa: F401
+
         self.pool = DaemonPool(size, name="agent")
 
     def submit(self, spec: AgentSpec, base_url: str, key: str, row: dict[str, Any]) -> Task:

@@ -8,8 +8,10 @@ reply, appends the result as a tool message (as an app does after a tool call) a
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
+import urllib.request  # at import, not in an episode's thread: a module half-imported there is seen by the others
 from pathlib import Path
 
 from rlhf.experience.agent_api import AgentSpec, play
@@ -63,6 +65,19 @@ def on_node(client, row, log_dir: str) -> float:
     return two_calls(client, row)
 
 
+def posts(client, row) -> None:
+    """two_calls, its reward posted to the gateway (as an app that learns the outcome later would)
+    instead of returned."""
+    reward = two_calls(client, row)
+    request = urllib.request.Request(f"{str(client.base_url).rstrip('/')}/episodes/reward", method="POST",
+                                     data=json.dumps({"reward": reward}).encode(),
+                                     headers={"Authorization": f"Bearer {client.api_key}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200, answer.status
+    return None
+
+
 def raises(client, row):
     client.chat.completions.create(model="policy", messages=[{"role": "user", "content": row["prompt"]}], max_tokens=2)
     raise RuntimeError("the application broke")
@@ -87,10 +102,10 @@ SCRIPT = Path(__file__).with_name("agent_script.py")
 # What the k-th episode started in this process runs (``dispatch``): PLAN[k] for the first 16 (each
 # failure below once or twice), then the three kinds that train, in turn. A run's totals are exact
 # whichever batch (step or evaluation) an episode lands in: 3 errors (2 raise, 1 exits 1), 1 timeout,
-# 2 that never call the model.
-PLAN = ("two_calls", "two_calls_async", "command", "hangs", "raises", "never_calls", "command_fails", "two_calls",
-        "two_calls", "two_calls_async", "command", "two_calls", "raises", "never_calls", "two_calls", "two_calls")
-LATER = ("two_calls", "two_calls_async", "command")
+# 2 that never call the model. The others return their reward, print it (command) or post it (posts).
+PLAN = ("two_calls", "two_calls_async", "command", "hangs", "raises", "never_calls", "command_fails", "posts",
+        "two_calls", "two_calls_async", "command", "two_calls", "raises", "never_calls", "posts", "two_calls")
+LATER = ("two_calls", "two_calls_async", "command", "posts")
 
 
 def dispatch(client, row) -> float | None:
