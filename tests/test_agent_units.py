@@ -174,3 +174,44 @@ def test_transcript_text_shows_roles_and_tool_calls():
     text = transcript_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
                             {"role": "tool", "tool_call_id": "c", "content": "4"}])
     assert text == f"user: hi\n\nassistant: \n{__import__('json').dumps(calls)}\n\ntool: 4"
+
+
+# --- a batch from the episodes' records ----------------------------------------------------------
+
+def record(calls: int, ids: list[int] | None = None, mask: list[int] | None = None, posted: float | None = None,
+           final: str = "4"):
+    from rollouts.gateway.episode import EpisodeRecord, SegmentTrace
+
+    segments = [] if ids is None else [SegmentTrace([1, 2], ids, mask or [1] * len(ids), [-0.5] * len(ids), "stop",
+                                                    list(range(calls)))]
+    return EpisodeRecord("k", calls, segments, final, [{"role": "assistant", "content": final}], posted,
+                         posted is not None, {})
+
+
+def test_records_become_rows_with_the_agents_reward_and_failures_counted():
+    from rlhf.experience.agents import assemble_episodes
+    from rlhf.experience.prompts import PromptItem
+
+    item = PromptItem([7, 8, 9], "What is 2 + 2?", "What is 2 + 2?", {"answer": "4"})
+    records = [record(2, [5, 6, 5], [1, 0, 1]), record(1, [5], posted=0.5), record(1, [5], posted=0.5),
+               record(1, [5]), record(0), record(0), record(2, None, posted=1.0)]
+    outcomes = [1.0, None, 0.25, RuntimeError("broke"), TimeoutError("late"), None, None]
+    got = assemble_episodes([item], 7, records, outcomes, filler_id=2, gateway_metrics={"gateway/requests": 8.0})
+    # Returned beats posted (row 2); posted when nothing was returned (row 1); none at all (row 3, it
+    # raised). A relayed episode (row 6: calls, no token ids) keeps its posted reward and is no failure.
+    assert got.env_rewards == [1.0, 0.5, 0.25, None, None, None, 1.0]
+    # A timeout before a missing call (row 4 made none either); row 5 never called and raised nothing.
+    assert got.failed == [None, None, None, "errors", "timeouts", "no_calls", None]
+    m = got.metrics
+    assert (m["agent/errors"], m["agent/timeouts"], m["agent/no_calls"], m["agent/reward_none"]) == (1, 1, 1, 3)
+    # Calls 2+1+1+1+0+0+2 = 7 over 7 episodes; one segment each in rows 0-3, none after: 4/7; one
+    # appended token (row 0's mask 0) over 7 episodes.
+    assert m["agent/calls_mean"] == 1.0 and m["agent/segments_mean"] == 4 / 7
+    assert m["agent/observation_tokens_mean"] == 1 / 7 and m["gateway/requests"] == 8.0
+    rows = got.rollouts.completions
+    assert rows[0].token_mask == [1, 0, 1] and rows[0].prompt_ids == [1, 2]
+    # No token ids (rows 4-6): the item's prompt and one filler token, which trains nothing (weight 0
+    # when failed; evaluation only for a relayed one).
+    for c in rows[4:]:
+        assert (c.prompt_ids, c.completion_ids, c.logprobs, c.finish_reason) == ([7, 8, 9], [2], [0.0], "abort")
+    assert got.reward_name == "agent" and got.last_turns == ["4"] * 7 and got.transcripts == ["assistant: 4"] * 7

@@ -98,11 +98,11 @@ class AgentRuntime:
         return cls(cfg.agent, gateway_for(sampling), sampling, filler, cfg.gateway.model_name, gateway_for)
 
     def with_sampling(self, sampling: SamplingSettings) -> AgentRuntime:
-        """This agent against a gateway that samples with ``sampling`` (n aside: one per call)."""
-        if self.sampling is not None and replace(sampling, n=1) == replace(self.sampling, n=1):
+        """This agent against a gateway that samples with ``sampling`` (n aside: one per call); itself
+        when it was given one gateway and no way to build others (a relay to a closed API samples as
+        that API does)."""
+        if self._gateway_for is None or replace(sampling, n=1) == replace(self.sampling, n=1):
             return self
-        if self._gateway_for is None:
-            raise ValueError("this AgentRuntime was given one gateway only: it cannot sample otherwise")
         key = replace(sampling, n=1)
         if key not in self._others:
             # Its own threads: with trainer.max_staleness > 0 an evaluation runs beside the next batch.
@@ -157,18 +157,24 @@ def run_agent_episodes(runtime: AgentRuntime, items, n: int, seed: int | None = 
     finally:
         for o in live.values():  # interrupted: no episode may stay open on the gateway
             gw.close(o.key)
-    return _episodes(runtime, items, n, records, outcomes, time.perf_counter() - started)
+    return assemble_episodes(items, n, records, outcomes, runtime.filler_id, runtime.gateway.metrics(),
+                             time.perf_counter() - started)
 
 
-def _episodes(runtime: AgentRuntime, items, n: int, records: list, outcomes: list, seconds: float) -> Episodes:
+def assemble_episodes(items, n: int, records: list[EpisodeRecord], outcomes: list[float | BaseException | None],
+                      filler_id: int, gateway_metrics: dict[str, float], seconds: float = 0.0) -> Episodes:
+    """The batch from each episode's gateway record and its agent's outcome (its reward, or what it
+    raised), rows in episode order; the module docstring's rules."""
     completions, rewards, failed, first_error = [], [], [], None
     for j, (rec, outcome) in enumerate(zip(records, outcomes, strict=True)):
         c = rec.to_completion(j // n)
         why = ("timeouts" if isinstance(outcome, TimeoutError) else "errors" if isinstance(outcome, BaseException)
-               else "no_calls" if c is None else None)
+               else "no_calls" if rec.calls == 0 else None)
         if isinstance(outcome, BaseException) and first_error is None:
             first_error = _described(outcome)
-        completions.append(c if c is not None else _placeholder(items[j // n], j // n, runtime.filler_id))
+        # No token ids: no call, or calls relayed to another endpoint (rollouts/gateway/relay.py), which
+        # keeps them; evaluation only reads such an episode's reply and reward.
+        completions.append(c if c is not None else _placeholder(items[j // n], j // n, filler_id))
         failed.append(why)
         rewards.append(None if why else _reward(outcome, rec))
     counts = {f"agent/{why}": float(failed.count(why)) for why in FAILURES}
@@ -185,7 +191,7 @@ def _episodes(runtime: AgentRuntime, items, n: int, records: list, outcomes: lis
         # Tokens the gateway appended between calls (tool results, turn headers): masked out of the loss.
         "agent/observation_tokens_mean": sum(m == 0 for r in recs for s in r.segments for m in s.mask) / len(recs)
         if recs else 0.0,
-        **runtime.gateway.metrics(),
+        **gateway_metrics,
     }
     return Episodes(
         rollouts=RolloutBatch(completions, n=n, generate_s=seconds),
