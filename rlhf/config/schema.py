@@ -416,6 +416,10 @@ class TrainerConfig:
     # The reward (its metrics name) whose value >= 1 makes an answer correct; None: the first of
     # reward.functions. One reward: a length penalty beside it must not change what counts as correct.
     eval_reward: Optional[str] = None
+    # What python -m rlhf.eval runs an agent (agent.*) against: "engines" (the policy through the
+    # gateway) or "closed" (the closed API at compare.base_url / compare.model, through a relay that
+    # records what the application saw and the tokens billed), with the same agent and rewards.
+    eval_against: str = "engines"
     # Checkpoint every save_every steps (0: only the final one); keep the last keep_last.
     save_every: int = 0
     keep_last: int = 2

@@ -47,11 +47,22 @@ if TYPE_CHECKING:
 AGENT_REWARD = "agent"  # the agent reward's name among the reward functions' (metrics, eval_reward)
 FAILURES = ("timeouts", "errors", "no_calls")  # why an episode carries no reward, in precedence order
 # Agent metrics that count events: summed over dynamic-sampling draws (the gateway's are counters too).
-AGENT_COUNTED = (*(f"agent/{why}" for why in FAILURES), "agent/reward_none")
+AGENT_COUNTED = (*(f"agent/{why}" for why in FAILURES), "agent/reward_none", "agent/prompt_tokens",
+                 "agent/completion_tokens")
 
 
 def agent_configured(cfg: AgentConfig) -> bool:
     return cfg.name is not None or cfg.command is not None
+
+
+def gateway_host(cfg) -> str:
+    """Where a gateway listens: gateway.host, else this node's address as Ray registered it
+    (127.0.0.1 on one machine). ``cfg``: the whole Config."""
+    if cfg.gateway.host is not None:
+        return cfg.gateway.host
+    from rlhf.cluster.node import this_node
+
+    return this_node().ip
 
 
 class AgentRuntime:
@@ -85,11 +96,7 @@ class AgentRuntime:
         on one machine), and the agent ready to run against it. ``cfg``: the whole Config."""
         from rollouts.gateway import Gateway
 
-        host = cfg.gateway.host
-        if host is None:
-            from rlhf.cluster.node import this_node
-
-            host = this_node().ip
+        host = gateway_host(cfg)
 
         def gateway_for(s: SamplingSettings) -> Gateway:
             return Gateway(engines, tokenizer, s, cfg.gateway, cfg.rollout.max_model_len, host=host)
@@ -191,6 +198,9 @@ def assemble_episodes(items, n: int, records: list[EpisodeRecord], outcomes: lis
         # Tokens the gateway appended between calls (tool results, turn headers): masked out of the loss.
         "agent/observation_tokens_mean": sum(m == 0 for r in recs for s in r.segments for m in s.mask) / len(recs)
         if recs else 0.0,
+        # What the calls used, as an API bills it: every call's whole prompt, and its reply.
+        "agent/prompt_tokens": float(sum(r.prompt_tokens for r in recs)),
+        "agent/completion_tokens": float(sum(r.completion_tokens for r in recs)),
         **gateway_metrics,
     }
     return Episodes(
