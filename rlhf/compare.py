@@ -13,9 +13,17 @@ arithmetic (quality ± stderr, win rate with its 95% CI, cost per 1M output toke
 median/p95, break-even volume); the results go to ``compare.json``, ``compare.md`` and
 ``compare.png`` in ``trainer.output_dir``, and one line to the console.
 
+With an agent (agent.name or agent.command: the application, rlhf/experience/agents.py) each
+side's answer to a prompt is one episode of that application: against the closed API through a
+relay (rollouts/gateway/relay.py; the application samples as it asks that API), against each open
+model through the gateway in front of its engines (compare.temperature, compare.max_tokens per
+call). Scored by the same rewards, the agent's own among them as ``agent`` (usable as
+compare.reward); rlhf/experience/answers.py says how latency and throughput are timed. These
+closed episodes are not cached: they are paid on every run.
+
 Every bad input (no closed model, key variable unset, endpoint unreachable or not serving the model,
-an unknown reward, a model folder that does not exist, no price) is a ConfigError before any engine
-starts and before anything is paid for.
+an unknown reward, a model folder that does not exist, no price, a broken agent) is a ConfigError
+before any engine starts and before anything is paid for.
 """
 
 from __future__ import annotations
@@ -34,16 +42,18 @@ from rlhf.cluster.startup import check_storage, model_folder, prepare, start_ray
 from rlhf.config import Config, ConfigError, RewardConfig
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.answers import CLOSED_ANSWER, Answers, closed_answers, open_answers, score_answers
+from rlhf.experience.agents import AgentRuntime, agent_configured
+from rlhf.experience.answers import (CLOSED_ANSWER, Answers, agent_answers, closed_answers, open_answers,
+                                     score_answers)
 from rlhf.experience.prompts import PromptDataset, PromptItem
-from rlhf.experience.scoring import reward_column_names
+from rlhf.experience.scoring import reward_column_names, score_episodes
 from rlhf.models import SMOLLM2, TINY, check_model_named
 from rlhf.run.ledger import atomic_write_text, priced_device_kind, serving_usd_per_m
 from rlhf.run.plot import plot_verdict
 from rlhf.run.verdict import (ModelVerdict, Verdict, break_even_m_tokens, console_line, estimate, latency,
                               markdown, win_rate, win_scores)
 from rlhf.types import SamplingSettings
-from rlhf.validation import eval_reward, reward_names
+from rlhf.validation import check_agent, eval_reward, reward_names
 from rewards.api import check_specs
 from rewards.runner import RewardRunner
 from rollouts.group import EngineGroup
@@ -94,7 +104,9 @@ def check_compare(cfg: Config) -> Setup:
         raise ConfigError("ledger.closed_api_completion_price_per_m must be > 0: the closed model's list price "
                           "per 1M output tokens (with ledger.closed_api_name and ledger.closed_api_price_date)")
     if cfg.env.name is not None:
-        raise ConfigError(f"env.name={cfg.env.name!r}: the verdict asks single-turn questions (set env=none)")
+        raise ConfigError(f"env.name={cfg.env.name!r}: the verdict asks single-turn questions, or runs an agent "
+                          "(agent.name / agent.command); set env=none")
+    check_agent(cfg)
     models = list(c.models) or [cfg.model.name_or_path]
     for i, m in enumerate(models):
         if not is_model_folder(m):
@@ -157,7 +169,7 @@ def quality_only(cfg: Config, reward: str) -> RewardConfig:
 def run_compare(cfg: Config) -> Verdict:
     setup = check_compare(cfg)  # before anything is paid for or started
     cfg = prepare(cfg).cfg  # absolute paths: the engines' nodes share no working directory
-    c, out = cfg.compare, Path(cfg.trainer.output_dir)
+    out = Path(cfg.trainer.output_dir)
     paths = [model_folder(m, cfg.model.cache_dir) for m in setup.models]
     items = [held_out(cfg, p) for p in paths]  # bad data fails before Ray starts
     for i, its in enumerate(items[1:], start=1):
@@ -165,7 +177,18 @@ def run_compare(cfg: Config) -> Verdict:
             raise ConfigError(f"compare.models[{i}]={setup.models[i]!r} keeps other held-out prompts than "
                               f"compare.models[0] (data.max_prompt_tokens filters by each tokenizer)")
     out.mkdir(parents=True, exist_ok=True)
+    answer = agent_episodes if agent_configured(cfg.agent) else single_answers
+    closed, closed_scores, opened = answer(cfg, setup, paths, items, out)
+    verdict = build_verdict(cfg, setup, closed, closed_scores.per_fn, opened)
+    write_report(verdict, out, items[0], closed, [a for a, _ in opened])
+    print(console_line(verdict), flush=True)
+    return verdict
 
+
+def single_answers(cfg: Config, setup: Setup, paths: list[str], items: list[list[PromptItem]], out: Path
+                   ) -> tuple[Answers, Any, list[tuple[Answers, Any]]]:
+    """One answer per prompt from the closed model (cached) and from each open model; all scored."""
+    c = cfg.compare
     closed = closed_answers(items[0], Endpoint.of(c, owner="compare"), setup.api_key, c.model,
                             {"temperature": c.temperature, "max_tokens": c.max_tokens},
                             cfg.data.system_prompt, c.latency_requests, out / CACHE_FILE)
@@ -195,11 +218,57 @@ def run_compare(cfg: Config) -> Verdict:
                 engines.shutdown()
             opened.append((answers, score_answers(runner, its, answers.texts, ids, closed.texts)))
             print(f"{path}: {len(answers.texts)} answers, {answers.tokens_per_s:.1f} tokens/s", flush=True)
+    return closed, closed_scores, opened
 
-    verdict = build_verdict(cfg, setup, closed, closed_scores.per_fn, opened)
-    write_report(verdict, out, items[0], closed, [a for a, _ in opened])
-    print(console_line(verdict), flush=True)
-    return verdict
+
+def agent_episodes(cfg: Config, setup: Setup, paths: list[str], items: list[list[PromptItem]], out: Path
+                   ) -> tuple[Answers, Any, list[tuple[Answers, Any]]]:
+    """One agent episode per prompt against the closed API (relayed, paid each run) and against each
+    open model's engines (through the gateway); all scored, the agent's own reward as ``agent``."""
+    c = cfg.compare
+    logs = component_logs(cfg.trainer)
+    start_ray(cfg.trainer, logs)  # before the relay: its address is this node's as Ray knows it
+    sampling = SamplingSettings(n=1, temperature=c.temperature, max_new_tokens=c.max_tokens,
+                                stop=tuple(cfg.rollout.stop))
+    weight, agent = cfg.agent.reward_weight, agent_label(cfg)
+    runtime = AgentRuntime.relayed(cfg, setup.api_key)
+    try:
+        closed, closed_eps = agent_answers(runtime, items[0], c.latency_requests, throughput=False)
+    finally:
+        runtime.close()
+    print(f"closed model {c.model}: {len(closed.texts)} episodes of agent {agent} "
+          f"({closed.requests_paid} calls bought)", flush=True)
+    closed_column = {CLOSED_ANSWER: list(closed.texts)}
+    # The closed episodes by the quality reward (and the agent's own) alone, as single_answers does.
+    with RewardRunner(quality_only(cfg, setup.reward), columns=reward_columns(cfg), run_dir=out) as runner:
+        closed_scores = score_episodes(runner, items[0], closed_eps, weight, True, closed_column)
+    opened: list[tuple[Answers, Any]] = []
+    from transformers import AutoTokenizer
+
+    with RewardRunner(cfg.reward, columns=reward_columns(cfg), run_dir=out) as runner:
+        for path, its in zip(paths, items):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+            engines = EngineGroup(cfg.rollout, path, cfg.model.dtype, cfg.model.trust_remote_code, logs)
+            try:  # one model's engines at a time
+                check_storage(out, path, engines=engines)
+                runtime = AgentRuntime.start(cfg, engines, tokenizer, sampling)
+                try:
+                    answers, episodes = agent_answers(runtime, its, c.latency_requests, throughput=True)
+                finally:
+                    runtime.close()  # before its engines
+            finally:
+                engines.shutdown()
+            opened.append((answers, score_episodes(runner, its, episodes, weight, True, closed_column)))
+            print(f"{path}: {len(answers.texts)} episodes of agent {agent}, {answers.tokens_per_s:.1f} "
+                  "completion tokens/s", flush=True)
+    return closed, closed_scores, opened
+
+
+def agent_label(cfg: Config) -> str | None:
+    """The agent as compare.json names it: agent.name, or agent.command's argv; None without one."""
+    if cfg.agent.name is not None:
+        return cfg.agent.name
+    return " ".join(cfg.agent.command) if cfg.agent.command is not None else None
 
 
 def build_verdict(cfg: Config, setup: Setup, closed: Answers, closed_per_fn: dict[str, list],
@@ -228,7 +297,11 @@ def build_verdict(cfg: Config, setup: Setup, closed: Answers, closed_per_fn: dic
         device_kind=setup.device_kind, num_devices=ledger.num_devices, device_hour_usd=hourly,
         monthly_hours=c.monthly_hours, prompts=len(closed_q),
         extra={"machine": machine(), "closed_requests_paid": closed.requests_paid,
-               "closed_cache_hits": closed.cache_hits, "temperature": c.temperature, "max_tokens": c.max_tokens})
+               "closed_cache_hits": closed.cache_hits, "temperature": c.temperature, "max_tokens": c.max_tokens,
+               # Agent episodes: the agent, and what each side's episodes counted (calls, failures, tokens).
+               **({"agent": agent, "episodes": {m.label: a.metrics for m, a in
+                                                zip([closed_v, *models], [closed, *(a for a, _ in opened)])}}
+                  if (agent := agent_label(cfg)) else {})})
 
 
 def _finite(x: Any) -> Any:

@@ -31,14 +31,13 @@ from rlhf.cluster.startup import check_storage, prepare, start_ray
 from rlhf.config import Config, ConfigError
 from rlhf.config.store import register_configs
 from rlhf.console import component_logs
-from rlhf.experience.agents import AgentRuntime, agent_configured, gateway_host
+from rlhf.experience.agents import AgentRuntime, agent_configured
 from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import EvalResult, evaluate
 from rlhf.experience.prompts import PromptDataset
 from rlhf.experience.scoring import reward_column_names
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
-from rollouts.gateway.relay import RelayGateway
 from rollouts.requests import sampling_from_config
 from rollouts.group import EngineGroup
 
@@ -68,9 +67,7 @@ def run_eval(cfg: Config) -> EvalResult:
         stack.callback(env.close)
         engines, source = None, env
         if closed:
-            c = cfg.compare
-            relay = RelayGateway(Endpoint.of(c, owner="compare"), closed_key, c.model, cfg.gateway, host=gateway_host(cfg))
-            source = AgentRuntime(cfg.agent, relay, model_name=c.model)
+            source = AgentRuntime.relayed(cfg, closed_key)
             stack.callback(source.close)
         else:
             engines = EngineGroup(cfg.rollout, model_path, cfg.model.dtype, cfg.model.trust_remote_code, logs)

@@ -104,6 +104,18 @@ class AgentRuntime:
         filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         return cls(cfg.agent, gateway_for(sampling), sampling, filler, cfg.gateway.model_name, gateway_for)
 
+    @classmethod
+    def relayed(cls, cfg, api_key: str | None) -> AgentRuntime:
+        """The agent against the closed API it runs on today (compare.base_url / compare.model, with
+        ``api_key``) through a relay that records what it saw (rollouts/gateway/relay.py): sampling
+        is that API's, as the application asks it. ``cfg``: the whole Config."""
+        from rlhf.chat.client import Endpoint
+        from rollouts.gateway.relay import RelayGateway
+
+        c = cfg.compare
+        relay = RelayGateway(Endpoint.of(c, owner="compare"), api_key, c.model, cfg.gateway, host=gateway_host(cfg))
+        return cls(cfg.agent, relay, model_name=c.model)
+
     def with_sampling(self, sampling: SamplingSettings) -> AgentRuntime:
         """This agent against a gateway that samples with ``sampling`` (n aside: one per call); itself
         when it was given one gateway and no way to build others (a relay to a closed API samples as
@@ -212,6 +224,7 @@ def assemble_episodes(items, n: int, records: list[EpisodeRecord], outcomes: lis
         reward_name=AGENT_REWARD,
         failed=failed,
         transcripts=[transcript_text(r.transcript) for r in records],
+        completion_tokens=[r.completion_tokens for r in records],
     )
 
 

@@ -10,17 +10,30 @@
 - Both scored by the same reward runner (:func:`score_answers`) with the prompt row's columns, the
   rollout columns, and ``closed_answer``: the closed model's answer to that prompt (a pairwise
   judge's reference column).
+
+With an agent (agent.name / agent.command), each side's answer is one episode of the application
+(:func:`agent_answers`, n=1): against the closed API through the relay, against an open model
+through the gateway in front of its engines. The episode's text is its last reply, its output
+tokens are those its calls used; ``latency_requests`` single-prompt episodes, one at a time, are
+the latency, and the batch's completion tokens over its wall time the throughput. Episodes are
+scored as training scores them (rlhf/experience/scoring.py score_episodes, the agent's own reward
+named "agent"), with ``closed_answer`` beside. Nothing of the closed side is cached: an
+application's calls depend on the replies before them, so replaying stored ones would change the
+application; agent episodes against the closed API are paid on every run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf.chat.cache import ResponseCache, request_key
 from rlhf.chat.client import ChatAnswer, ChatClient, Endpoint
+from rlhf.experience.agents import AgentRuntime, run_agent_episodes
+from rlhf.experience.episodes import Episodes
 from rlhf.experience.prompts import PromptItem
 from rlhf.experience.scoring import ROLLOUT_COLUMNS
 from rlhf.types import SamplingSettings
@@ -38,8 +51,11 @@ class Answers:
     tokens: list[int | None]  # output tokens per answer; None: the API reported no usage
     latencies_s: list[float]  # single requests, one at a time
     tokens_per_s: float | None = None  # the batched generate (open models)
-    requests_paid: int = 0  # closed: answers bought in this run (cache misses)
+    requests_paid: int = 0  # closed: answers bought in this run (cache misses; an agent's: its calls)
     cache_hits: int = 0
+    # Agent episodes: what they counted (agent/calls_mean, agent/errors, ...; agent/timed_failed: the
+    # timed episodes that failed). Empty for single answers.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def closed_messages(item: PromptItem, system_prompt: str | None) -> list[dict[str, str]]:
@@ -105,6 +121,31 @@ def open_answers(engines: Any, items: list[PromptItem], sampling: SamplingSettin
     answers = Answers(texts=[c.text for c in completions], tokens=list(tokens), latencies_s=latencies,
                       tokens_per_s=sum(tokens) / batch.generate_s)
     return answers, [list(c.completion_ids) for c in completions]
+
+
+def agent_answers(runtime: AgentRuntime, items: list[PromptItem], latency_requests: int,
+                  throughput: bool) -> tuple[Answers, Episodes]:
+    """One agent episode per item through ``runtime`` (its gateway or relay), then timed single-item
+    episodes, one at a time; with ``throughput`` (an open model) the batch's completion tokens over
+    its wall time, an error when it made none. Also the episodes, for scoring."""
+    episodes = run_agent_episodes(runtime, items, n=1)
+    tokens = list(episodes.completion_tokens)
+    seconds = episodes.rollouts.generate_s
+    if throughput and (seconds <= 0 or sum(tokens) == 0):
+        raise RuntimeError(f"the batch of {len(items)} agent episodes made {sum(tokens)} completion tokens in "
+                           f"{seconds} s: no throughput to price (see agent/errors: {episodes.metrics})")
+    latencies, calls, failed = [], episodes.metrics["agent/calls_mean"] * len(items), 0
+    for i in range(min(latency_requests, len(items))):
+        start = time.perf_counter()
+        one = run_agent_episodes(runtime, [items[i]], n=1)
+        latencies.append(time.perf_counter() - start)
+        calls += one.metrics["agent/calls_mean"]
+        failed += sum(map(bool, one.failed))
+    metrics = {k: v for k, v in episodes.metrics.items() if k.startswith("agent/")}
+    answers = Answers(texts=list(episodes.last_turns), tokens=tokens, latencies_s=latencies,
+                      tokens_per_s=sum(tokens) / seconds if throughput else None,
+                      requests_paid=0 if throughput else round(calls), metrics={**metrics, "agent/timed_failed": float(failed)})
+    return answers, episodes
 
 
 def score_answers(runner: RewardRunner, items: list[PromptItem], texts: list[str],

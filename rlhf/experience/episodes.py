@@ -133,6 +133,8 @@ class Episodes:
     # Per completion (agent episodes): the episode's messages as text, the rewards' ``transcript``
     # column; None: the completion's own text is its transcript.
     transcripts: list[str] | None = None
+    # Per completion (agent episodes): the output tokens its calls used, as an API bills them.
+    completion_tokens: list[int] = field(default_factory=list)
 
 
 def run_episodes(engines, prompt_ids: list[list[int]], items: list[dict[str, Any]], sampling: SamplingSettings,

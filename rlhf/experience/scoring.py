@@ -61,15 +61,16 @@ def expand_for_rewards(items: list[PromptItem], rollouts: RolloutBatch) -> tuple
 
 
 def score_episodes(reward_runner: RewardRunner, items: list[PromptItem], episodes: Episodes, env_weight: float,
-                   with_env: bool) -> RewardResult:
+                   with_env: bool, columns: dict[str, list] | None = None) -> RewardResult:
     """The reward functions on each trajectory's last model turn (the whole trajectory's text is
     their ``transcript`` column), plus the episodes' own reward as a function named by
     ``episodes.reward_name`` ("env", "agent") weighted by ``env_weight`` (with ``with_env``). A
-    failed agent episode's rewards are all None: it gave nothing to score."""
-    prompts, _, columns = expand_for_rewards(items, episodes.rollouts)
+    failed agent episode's rewards are all None: it gave nothing to score. ``columns``: more columns,
+    one value per trajectory (the verdict's ``closed_answer``)."""
+    prompts, _, rows = expand_for_rewards(items, episodes.rollouts)
     if episodes.transcripts is not None:
-        columns["transcript"] = list(episodes.transcripts)
-    scored = reward_runner.score(prompts, list(episodes.last_turns), columns)
+        rows["transcript"] = list(episodes.transcripts)
+    scored = reward_runner.score(prompts, list(episodes.last_turns), {**rows, **(columns or {})})
     if with_env:
         env = episodes.env_rewards
         total = weighted_total([(1.0, scored.total), (env_weight, env)], len(env))

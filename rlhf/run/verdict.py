@@ -190,11 +190,14 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def markdown(v: Verdict) -> str:
     """The report: one row per model, then what each column means and the prices used."""
-    p = v.closed_price
+    p, agent = v.closed_price, v.extra.get("agent")
+    each = f"one episode of agent `{agent}` each" if agent else "one answer each"
+    batch = ("the episodes of all prompts at once (their completion tokens / wall time)" if agent
+             else "one batched generate of all prompts")
     lines = [
         f"# Verdict: open models vs {v.closed.label}",
         "",
-        f"{v.prompts} held-out prompts, one answer each; quality = reward `{v.reward}`; "
+        f"{v.prompts} held-out prompts, {each}; quality = reward `{v.reward}`; "
         f"win rate from {'the compared rewards' if v.win_from == 'reward' else f'the pairwise reward `{v.win_from}`'}.",
         "",
         "| model | quality ± stderr | win rate vs closed (95% CI) | USD per 1M output tokens | "
@@ -216,7 +219,7 @@ def markdown(v: Verdict) -> str:
         "",
         f"- Closed price: {p['name']}: ${p['prompt_usd_per_m']} input / ${p['completion_usd_per_m']} "
         f"output per 1M tokens, as of {p['date']} (ledger.closed_api_*).",
-        f"- Open cost: measured tokens/s of one batched generate of all prompts on our engines x "
+        f"- Open cost: measured tokens/s of {batch} on our engines x "
         f"${v.device_hour_usd}/h x {v.num_devices} device(s) of kind `{v.device_kind}` "
         "(ledger.device_hour_price, ledger.num_devices): the cost at full use.",
         f"- Break-even: a deployment costs ${monthly_cost_usd(v.device_hour_usd, v.num_devices, v.monthly_hours):,.2f} "
@@ -224,7 +227,9 @@ def markdown(v: Verdict) -> str:
         "\"never\": the open model's cost per token is not below the API's.",
         "- Win rate: per prompt 1 / 0.5 / 0 (or a pairwise judge's score), mean over prompts; 95% CI by "
         "the normal approximation over prompts (rough for few prompts).",
-        "- Latency: single requests one at a time (closed: over HTTP; open: one-prompt generates on our engines).",
+        ("- Latency: single episodes one at a time, each its agent's calls (closed: relayed over HTTP; open: "
+         "through the gateway to our engines); the closed episodes are paid on every run (not cached)." if agent else
+         "- Latency: single requests one at a time (closed: over HTTP; open: one-prompt generates on our engines)."),
     ]
     m = v.extra.get("machine")
     if isinstance(m, dict):
