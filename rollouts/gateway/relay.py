@@ -18,7 +18,7 @@ from typing import Any
 from rlhf.chat.client import ChatClient, Endpoint, EndpointError
 from rlhf.config import GatewayConfig
 from rollouts.gateway.errors import ApiError, bad_request
-from rollouts.gateway.server import Gateway, GatewayMetrics, ended_error
+from rollouts.gateway.server import Gateway, GatewayMetrics, admit, ended_error
 from rollouts.gateway.wire import sse_chunks
 
 
@@ -59,11 +59,7 @@ class RelayGateway(Gateway):
         if body.get("n") not in (None, 1):
             raise bad_request(f"n={body.get('n')}: one reply per call (n=1)", "n")
         with ep.call_lock:
-            if ep.ended:
-                raise ended_error()
-            if ep.max_calls is not None and ep.calls >= ep.max_calls:
-                raise ApiError(400, "over_budget", f"this episode's budget of {ep.max_calls} model calls is spent",
-                               code="call_budget_exceeded")
+            admit(ep)
             # The endpoint's own model; whole replies (a stream is re-sent from the whole reply).
             sent = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} | {"model": self.model}
             label = f"episode {ep.order} call {ep.calls + 1}"

@@ -217,11 +217,7 @@ class Gateway:
         stop = tuple([stop] if isinstance(stop, str) else stop) + tuple(self.sampling.stop)
         # One call of an episode at a time: each continues from the one before.
         with ep.call_lock:
-            if ep.ended:
-                raise ended_error()
-            if ep.max_calls is not None and ep.calls >= ep.max_calls:
-                raise ApiError(400, "over_budget", f"this episode's budget of {ep.max_calls} model calls is spent",
-                               code="call_budget_exceeded")
+            admit(ep)
             plan = self.renderer.plan(messages, tools, key_tools, ep.returned, ep.previous, ep.segment_ids())
             limit = max_prompt_len(self.max_model_len)
             if len(plan.context_ids) > limit:
@@ -297,6 +293,15 @@ class Gateway:
         if own:
             self._metrics.add("gateway/client_sampling", len(own))
         return request
+
+
+def admit(ep: Episode) -> None:
+    """A call may go on (under the episode's call lock): its episode is open and has budget left."""
+    if ep.ended:
+        raise ended_error()
+    if ep.max_calls is not None and ep.calls >= ep.max_calls:
+        raise ApiError(400, "over_budget", f"this episode's budget of {ep.max_calls} model calls is spent",
+                       code="call_budget_exceeded")
 
 
 def ended_error() -> ApiError:
