@@ -9,9 +9,9 @@ gateway batches the calls of the open ones together.
 
 The episode's own reward (the env slot, a reward named "agent" weighted by agent.reward_weight):
 what the callable returned, else the number a command printed last, else the reward the application
-posted to the gateway; None when there is none (agent/reward_none counts every None, failed episodes'
-included). reward.functions score the last
-reply (``last_turns``); a reward that reads ``transcript`` gets the episode's messages as text.
+posted to the gateway; None when there is none (agent/reward_none counts every None, failed
+episodes' included). reward.functions score the last reply (``last_turns``); a reward that reads
+``transcript`` gets the episode's messages as text.
 
 Limits: an episode past agent.timeout_s (from its start) is abandoned and its key closed, so its
 later calls fail; an agent that raises, exits non-zero or returns a non-number is an error; one
