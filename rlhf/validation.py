@@ -322,6 +322,10 @@ def check_agent(cfg: Config) -> None:
                           "drop them")
     if any(not (isinstance(v, (int, float)) and v > 0) for v in agent.resources.values()):
         raise ConfigError(f"agent.resources={dict(agent.resources)}: each amount must be a number > 0")
+    if reserved := sorted(set(agent.resources) & {"CPU", "GPU", "memory", "object_store_memory"}):
+        raise ConfigError(f"agent.resources={dict(agent.resources)}: {reserved} are Ray's own resources, not custom "
+                          "ones; agent tasks ask no CPU (they wait on the gateway): name a custom resource the "
+                          "agents' nodes were started with")
     if AGENT_REWARD in [f.name or default_name(f.fn) for f in cfg.reward.functions]:
         raise ConfigError(f"a reward function is named {AGENT_REWARD!r}, the name of the agent's own reward: "
                           "give it another `name`")

@@ -46,6 +46,7 @@ def test_the_builtin_and_a_file_agent_load():
     (["agent=calculator", "agent.timeout_s=0"], "agent.timeout_s=0.0 must be > 0"),
     (["agent=calculator", "+agent.resources.agents=1"], "agent.resources=.* set agent.executor=ray"),
     (["agent=calculator", "agent.executor=ray", "+agent.resources.agents=0"], "each amount must be a number > 0"),
+    (["agent=calculator", "agent.executor=ray", "+agent.resources.CPU=1"], "\\['CPU'\\] are Ray's own resources"),
     (["agent=calculator", "reward.functions=[{fn: math_answer, name: agent}]"], "a reward function is named 'agent'"),
     (["agent=calculator", "agent.reward_weight=nan"], "agent.reward_weight=nan must be a finite number"),
     (["gateway.client_sampling=ignore"], "gateway.client_sampling='ignore' is not one of"),
