@@ -216,3 +216,46 @@ def test_records_become_rows_with_the_agents_reward_and_failures_counted():
     for c in rows[4:]:
         assert (c.prompt_ids, c.completion_ids, c.logprobs, c.finish_reason) == ([7, 8, 9], [2], [0.0], "abort")
     assert got.reward_name == "agent" and got.last_turns == ["4"] * 7 and got.transcripts == ["assistant: 4"] * 7
+
+
+class AnswerEngines:
+    """Stands in for the engine group behind a real gateway (the episodes' plumbing is under test, not
+    sampling): every request is answered "It is 4." after ``seconds``, like a slow engine call."""
+
+    def __init__(self, tokenizer, seconds: float) -> None:
+        self.ids = tokenizer("It is 4.<|im_end|>", add_special_tokens=False)["input_ids"]
+        self.seconds = seconds
+
+    def generate(self, prompt_ids, sampling, seed=None):
+        import time
+
+        from rlhf.types import Completion, RolloutBatch
+
+        time.sleep(self.seconds)
+        return RolloutBatch([Completion(i, list(p), list(self.ids), [-1.0] * len(self.ids), "stop", "It is 4.")
+                             for i, p in enumerate(prompt_ids)], n=1)
+
+
+def test_a_burst_of_episodes_all_reach_the_gateway(tiny_model_path):
+    """32 calculator-agent episodes open and connect at once (agent.concurrency's default), as a
+    step's do; with the HTTP server's default listen backlog of 5, 2 to 8 of them failed to connect."""
+    from transformers import AutoTokenizer
+
+    from rlhf.config import AgentConfig, GatewayConfig
+    from rlhf.experience.agents import AgentRuntime, run_agent_episodes
+    from rlhf.experience.prompts import PromptItem
+    from rlhf.types import SamplingSettings
+    from rollouts.gateway import Gateway
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    gateway = Gateway(AnswerEngines(tokenizer, 0.5), tokenizer, SamplingSettings(n=1), GatewayConfig(), 256)
+    runtime = AgentRuntime(AgentConfig(name="calculator"), gateway, SamplingSettings(n=1))
+    items = [PromptItem([1, 2], "What is 2 + 2?", "What is 2 + 2?", {"answer": "4"}) for _ in range(4)]
+    try:
+        for _ in range(2):
+            got = run_agent_episodes(runtime, items, n=8)
+            # Each episode: one call answered "It is 4.", no tool call: the calculator's check gives 1.0.
+            assert got.metrics["agent/errors"] == 0 and got.metrics["gateway/requests"] == 32
+            assert got.env_rewards == [1.0] * 32
+    finally:
+        runtime.close()
