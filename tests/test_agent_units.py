@@ -237,8 +237,7 @@ class AnswerEngines:
 
 
 def test_a_burst_of_episodes_all_reach_the_gateway(tiny_model_path):
-    """32 calculator-agent episodes open and connect at once (agent.concurrency's default), as a
-    step's do; with the HTTP server's default listen backlog of 5, 2 to 8 of them failed to connect."""
+    """32 calculator-agent episodes open and connect at once, as a step's do; with the HTTP server's default listen backlog of 5, 2 to 8 of them failed to connect."""
     from transformers import AutoTokenizer
 
     from rlhf.config import AgentConfig, GatewayConfig

@@ -652,8 +652,10 @@ class AgentConfig:
     timeout_s: float = 120.0
     # Model calls per episode at most; a call past it gets an OpenAI-style error (agent/over_budget).
     max_calls: int = 8
-    # Episodes running at once.
-    concurrency: int = 32
+    # Episodes running at once: the gateway batches the calls of those open together. The default
+    # covers a default step (16 prompts x 8 samples), whose first calls then share one engine batch
+    # as the environment loop's first turn does; fewer run the step in several rounds.
+    concurrency: int = 128
     # Weight of the agent's own reward (returned, printed or posted to the gateway) in the total,
     # as a reward named "agent" beside reward.functions, which score the episode's final reply.
     reward_weight: float = 1.0
