@@ -9,6 +9,8 @@ the numbers to ``--out`` (JSON).
 
     .venv/bin/python scripts/bench_agent_vs_env.py                              # SmolLM2, 4 steps
     .venv/bin/python scripts/bench_agent_vs_env.py --model tiny-random-llama --steps 2       # plumbing only
+    .venv/bin/python scripts/bench_agent_vs_env.py data.arithmetic.min_operand=0 data.arithmetic.max_operand=9 \
+        'data.arithmetic.ops=[+]' data.arithmetic.num_terms=2          # single-digit sums, SmolLM2 can learn
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def run_side(experiment: str, out: Path, args: argparse.Namespace) -> dict:
         f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts}",
         f"trainer.eval_prompts={args.eval_prompts}", f"trainer.eval_samples={args.eval_samples}",
         f"trainer.eval_every={args.eval_every}", "trainer.save_every=0", "trainer.export_at_end=false",
-        "trainer.tensorboard=false",
+        "trainer.tensorboard=false", *args.overrides,
     ]
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as log:
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "agent_vs_env.json")
+    parser.add_argument("overrides", nargs="*", help="more hydra overrides for both sides (e.g. another task)")
     args = parser.parse_args()
     from rlhf.compare import machine
 
