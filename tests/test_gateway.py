@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from rlhf.config import GatewayConfig, RolloutConfig
-from rlhf.types import Completion, RolloutBatch, SamplingSettings
+from rlhf.types import SamplingSettings
 from rollouts.engine import derive_seed
 from rollouts.env.tools import with_tools
 from rollouts.gateway import Gateway
