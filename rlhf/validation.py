@@ -331,6 +331,11 @@ def check_agent(cfg: Config) -> None:
                           "give it another `name`")
     if not math.isfinite(agent.reward_weight):
         raise ConfigError(f"agent.reward_weight={agent.reward_weight} must be a finite number")
+    if cfg.algo.distill_coef > 0:
+        # The teacher scores a completion's tokens; an episode's earlier segments are rows it never saw.
+        raise ConfigError(f"algo.distill_coef={cfg.algo.distill_coef} with an agent: on-policy distillation is not "
+                          "served for agent episodes (a rewritten history's earlier segments have no teacher "
+                          "log-probs); set algo.distill_coef=0")
 
 
 def eval_reward(cfg: Config) -> str:

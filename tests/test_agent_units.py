@@ -49,6 +49,8 @@ def test_the_builtin_and_a_file_agent_load():
     (["agent=calculator", "agent.executor=ray", "+agent.resources.CPU=1"], "\\['CPU'\\] are Ray's own resources"),
     (["agent=calculator", "reward.functions=[{fn: math_answer, name: agent}]"], "a reward function is named 'agent'"),
     (["agent=calculator", "agent.reward_weight=nan"], "agent.reward_weight=nan must be a finite number"),
+    (["agent=calculator", "+teacher=engines", "teacher.model=tiny-random-llama", "algo.distill_coef=0.5"],
+     "algo.distill_coef=0.5 with an agent"),
     (["gateway.client_sampling=ignore"], "gateway.client_sampling='ignore' is not one of"),
     (["trainer.eval_reward=agent"], "trainer.eval_reward='agent' is not one of the rewards"),
 ])
