@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config import EnvConfig, RolloutConfig
+from rlhf.config import EnvConfig
 from rlhf.experience.batching import build_train_batch
 from rlhf.experience.episodes import EnvRuntime, run_episodes
 from rlhf.types import SamplingSettings
 from rollouts.env.api import EnvError
 from rollouts.group import EngineGroup
+from tests.support.engines import one_engine
 
 ENVS = (Path(__file__).parent / "support" / "envs.py").as_posix()
 MAX_MODEL_LEN = 256
@@ -35,10 +36,8 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_path):
-    g = EngineGroup(RolloutConfig(num_engines=1, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.25, timeout_s=600.0),
-                    tiny_model_path, dtype="float32")
-    yield g
-    g.shutdown()
+    with one_engine(tiny_model_path, MAX_MODEL_LEN) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

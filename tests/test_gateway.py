@@ -19,7 +19,7 @@ import urllib.request
 import openai
 import pytest
 
-from rlhf.config import GatewayConfig, RolloutConfig
+from rlhf.config import GatewayConfig
 from rlhf.types import SamplingSettings
 from rollouts.engine import derive_seed
 from rollouts.env.tools import with_tools
@@ -29,6 +29,7 @@ from rollouts.gateway.errors import ApiError
 from rollouts.gateway.messages import Message, normalise, tools_key
 from rollouts.gateway.tool_calls import ReplyFormatter
 from rollouts.group import EngineGroup
+from tests.support.engines import one_engine
 
 MAX_MODEL_LEN = 256
 # Greedy, so a direct engine call on the same context gives the same ids.
@@ -224,10 +225,8 @@ class Broken:
 
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_path):
-    g = EngineGroup(RolloutConfig(num_engines=1, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.25, timeout_s=600.0),
-                    tiny_model_path, dtype="float32")
-    yield g
-    g.shutdown()
+    with one_engine(tiny_model_path, MAX_MODEL_LEN) as g:
+        yield g
 
 
 @pytest.fixture
