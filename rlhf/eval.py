@@ -36,10 +36,11 @@ from rlhf.experience.episodes import EnvRuntime, env_items
 from rlhf.experience.heldout import EvalResult, evaluate
 from rlhf.experience.prompts import PromptDataset
 from rlhf.experience.scoring import reward_column_names
+from rlhf.run.ledger import api_cost_usd
 from rlhf.validation import eval_reward, validate
 from rewards.runner import RewardRunner
-from rollouts.requests import sampling_from_config
 from rollouts.group import EngineGroup
+from rollouts.requests import sampling_from_config
 
 register_configs()
 
@@ -113,7 +114,7 @@ def closed_cost(cfg: Config, metrics: dict[str, float]) -> dict[str, float | str
     """What the evaluation's episodes cost at the closed API's list prices (ledger.closed_api_*)."""
     led = cfg.ledger
     prompt, completion = metrics.get("agent/prompt_tokens", 0.0), metrics.get("agent/completion_tokens", 0.0)
-    usd = (prompt * led.closed_api_prompt_price_per_m + completion * led.closed_api_completion_price_per_m) / 1e6
+    usd = api_cost_usd(prompt, completion, led.closed_api_prompt_price_per_m, led.closed_api_completion_price_per_m)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "usd": usd, "prices": led.closed_api_name,
             "price_date": led.closed_api_price_date}
 

@@ -120,9 +120,9 @@ class AgentRuntime:
         """This agent against a gateway that samples with ``sampling`` (n aside: one per call); itself
         when it was given one gateway and no way to build others (a relay to a closed API samples as
         that API does)."""
-        if self._gateway_for is None or replace(sampling, n=1) == replace(self.sampling, n=1):
-            return self
         key = replace(sampling, n=1)
+        if self._gateway_for is None or key == replace(self.sampling, n=1):
+            return self
         if key not in self._others:
             # Its own threads: with trainer.max_staleness > 0 an evaluation runs beside the next batch.
             self._others[key] = AgentRuntime(self.cfg, self._gateway_for(key), key, self.filler_id,
