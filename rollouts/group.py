@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf.cluster.actors import kill_and_wait
 from rlhf.cluster.node import NodeInfo
 from rlhf.config import EngineConfig
 from rlhf.console import log_file
@@ -172,8 +173,7 @@ class EngineGroup:
         # Best effort: an engine that already died has nothing left to stop.
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=60)
-        for engine in engines:
-            ray.kill(engine)
+        kill_and_wait(engines)
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         """ray.get each engine's result within cfg.timeout_s; errors name the engine index."""

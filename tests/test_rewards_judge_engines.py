@@ -91,7 +91,8 @@ def test_bad_bodies_are_errors_in_their_places_and_the_rest_is_answered(judge):
 def test_judge_with_backend_engines_scores_through_the_runner_caches_and_closes(ray_session, tmp_path):
     kwargs = dict(model=TINY, rubric="arithmetic_reference", backend="engines", engines=ENGINES,
                   temperature=0.0, max_tokens=4)
-    cfg = RewardConfig(functions=[RewardFnConfig(fn="judge", kwargs=kwargs)])
+    # A cold engine's first generate compiles its kernels: well past the default 10 s on a fresh machine.
+    cfg = RewardConfig(functions=[RewardFnConfig(fn="judge", kwargs=kwargs)], timeout_s=300.0)
     prompts, completions, columns = ["1+1?", "2+2?"], ["2", "5"], {"answer": ["2", "4"]}
     with RewardRunner(cfg, columns=["answer"], run_dir=tmp_path) as rewards:
         judge = rewards.functions[0].owner
