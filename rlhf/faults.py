@@ -7,6 +7,10 @@
 - ``learner_stall``: every learner rank sleeps in train_step, as a hung collective would.
 - ``nonfinite_loss@N``: every learner rank's loss is NaN from its N-th update on.
 - ``skip_sync``: weights are written but never loaded into the engines (the probe must catch it).
+- ``engine_stall``: a rollout engine's generate never returns, as a hung kernel would.
+
+With ``$RLHF_FAULT_ONCE=<file>`` as well, the fault fires in one process only, the first to create
+that file: a replacement engine or rank then runs normally, as after a real one-off fault.
 
 Learner ranks get the variable through their Ray runtime environment (``env``). Nothing here runs
 unless the variable is set; production code only asks ``active(...)``.
@@ -19,15 +23,29 @@ import signal
 import time
 
 ENV = "RLHF_FAULT"
+ONCE = "RLHF_FAULT_ONCE"
 
 
 def active(point: str, step: int | None = None) -> bool:
-    """True when $RLHF_FAULT names ``point`` (and, for ``point@N``, when ``step`` >= N)."""
+    """True when $RLHF_FAULT names ``point`` (and, for ``point@N``, when ``step`` >= N); with
+    $RLHF_FAULT_ONCE, only in the first process to ask (it creates that file)."""
     spec = os.environ.get(ENV, "")
     name, _, at = spec.partition("@")
-    if name != point:
+    if name != point or (at and (step is None or step < int(at))):
         return False
-    return not at or (step is not None and step >= int(at))
+    return _first(os.environ.get(ONCE, ""))
+
+
+def _first(marker: str) -> bool:
+    """True without a marker file, or for the caller that creates it (once per file, across processes)."""
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return os.path.exists(marker + f".{os.getpid()}")  # the creator keeps asking
+    open(marker + f".{os.getpid()}", "w").close()
+    return True
 
 
 def crash(point: str, step: int | None = None) -> None:
@@ -43,5 +61,5 @@ def stall(point: str) -> None:
 
 
 def env() -> dict[str, str]:
-    """$RLHF_FAULT for an actor's runtime environment ({} when unset)."""
-    return {ENV: os.environ[ENV]} if os.environ.get(ENV) else {}
+    """$RLHF_FAULT (and $RLHF_FAULT_ONCE) for an actor's runtime environment ({} when unset)."""
+    return {k: os.environ[k] for k in (ENV, ONCE) if os.environ.get(ENV) and os.environ.get(k)}

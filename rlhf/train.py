@@ -167,6 +167,27 @@ def prepare_teacher(cfg: Config, tokenizer, student_path: str, samples: list[str
     return path
 
 
+def restore_engine_weights(cfg: Config, learner: LearnerGroup, engines: EngineGroup, run_dir: Path,
+                           probe_ids: list[int], teacher_nodes: list) -> None:
+    """A replaced engine starts from the model on disk; the learner sends it the weights the other
+    engines hold: in a synchronous run its own (synced at the end of every step), which the probe
+    checks. placement.json is written again: the replacement may run on another node."""
+    if cfg.trainer.max_staleness > 0:
+        raise RuntimeError(
+            f"with trainer.max_staleness={cfg.trainer.max_staleness} the weights that sampled this batch "
+            "are no longer the learner's, so a replaced engine cannot get them (engine restarts need "
+            "trainer.max_staleness=0)")
+    transport = learner.reconnect(engines, shared_dir=run_dir)
+    learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance_for(cfg.model.dtype))
+    record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport, teacher_nodes)
+
+
+def fault_metrics(engines: EngineGroup) -> dict[str, float]:
+    """The run's engine restarts so far, and the wall seconds they cost (rollouts/group.py's EngineRestart)."""
+    return {"faults/engine_restarts": float(len(engines.restarts)),
+            "faults/engine_seconds_lost": sum(r.seconds for r in engines.restarts)}
+
+
 def record_judge(ledger: CostLedger, rewards: RewardRunner) -> None:
     """A judge reward's paid requests and tokens so far into the ledger (its own line and price)."""
     used = rewards.api_usage()
@@ -217,6 +238,8 @@ def train(cfg: Config) -> Path:
         transport = learner.connect(engines, shared_dir=run_dir)
         record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport,
                          teacher.nodes() if teacher is not None else [])
+        engines.restore = lambda: restore_engine_weights(cfg, learner, engines, run_dir, probe_ids,
+                                                         teacher.nodes() if teacher is not None else [])
 
         start_step, pending, mismatch = 0, [], MismatchWatch()
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
@@ -285,6 +308,7 @@ def train(cfg: Config) -> Path:
             producer.ask(upto_step=step + ahead, policy_version=step - 1)
             got = producer.take(step)
             metrics: dict[str, float] = dict(got.metrics)
+            metrics.update(fault_metrics(engines))
             metrics["async/staleness"] = float(step - 1 - got.policy_version)
             metrics.update(reward_metrics(got.scores, got.completions, cfg.rollout.n))
 

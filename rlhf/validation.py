@@ -77,6 +77,8 @@ def validate(cfg: Config) -> BatchPlan:
         raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
     if not cfg.trainer.placement_timeout_s > 0:
         raise ConfigError(f"trainer.placement_timeout_s={cfg.trainer.placement_timeout_s} must be > 0")
+    if cfg.rollout.max_engine_restarts < 0:
+        raise ConfigError(f"rollout.max_engine_restarts={cfg.rollout.max_engine_restarts} must be >= 0")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be >= 1")
     if cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens > cfg.rollout.max_model_len:

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from rlhf import faults
 from rlhf.cluster.node import NodeInfo, SharedPath, this_node, unseen
 from rlhf.config import EngineConfig, RolloutConfig
 from rlhf.console import redirect_output
@@ -175,6 +176,7 @@ class RolloutEngine:
         seed, the weights and the prompts (not on what the engine generated before).
         """
         validate_request(prompt_ids, sampling, self.cfg.max_model_len)
+        faults.stall("engine_stall")  # tests only: a hung generate, for the group's deadline
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         if seed is not None:
             self.llm.collective_rpc("reseed", args=(derive_seed(seed, self.engine_index),))

@@ -2,19 +2,23 @@
 
 Prompts are split into contiguous, near-equal chunks, one per engine; each engine samples its
 chunk and the group stitches the results back in the original prompt order, n rows per prompt.
-Every wait has a timeout, and a dead or stuck engine fails the call with its index in the error.
+Every wait has a timeout. An engine that dies or stalls past it is replaced and its share of the
+call made again (``cfg.max_engine_restarts`` times in the group's life); past that bound the call
+fails with the engine's index in the error.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf import faults
 from rlhf.cluster.actors import kill_and_wait
 from rlhf.cluster.node import NodeInfo
 from rlhf.config import EngineConfig
@@ -31,6 +35,24 @@ def split_evenly(num_items: int, num_parts: int) -> list[range]:
     for part in range(num_parts):
         bounds.append(bounds[-1] + base + (1 if part < extra else 0))
     return [range(bounds[p], bounds[p + 1]) for p in range(num_parts)]
+
+
+class EngineDied(RuntimeError):
+    """An engine's actor died during a call (the message names the engine and the call)."""
+
+
+class EngineStalled(TimeoutError):
+    """An engine's call ran past its timeout_s (the message names the engine, the call and the key)."""
+
+
+@dataclass(frozen=True)
+class EngineRestart:
+    """A lost engine replaced: its index, the call it was lost in, and the wall seconds from noticing
+    the loss to its share of the call answered again (replacement start, weights, the work redone)."""
+
+    engine: int
+    call: str
+    seconds: float
 
 
 class EngineGroup:
@@ -51,7 +73,14 @@ class EngineGroup:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
         if placement is not None and len(placement) != cfg.num_engines:
             raise ValueError(f"placement has {len(placement)} slots for rollout.num_engines={cfg.num_engines}")
+        if cfg.max_engine_restarts < 0:
+            raise ValueError(f"{self._key(role)}.max_engine_restarts={cfg.max_engine_restarts} must be >= 0")
         self.cfg, self.role = cfg, role
+        # After a restart: bring the replacement to the group's current weights (the trainer's sync).
+        # None: the group serves the model it started from, which a replacement loads by itself.
+        self.restore: Callable[[], None] | None = None
+        self.restarts: list[EngineRestart] = []  # each replacement, once its lost work was redone
+        self._replaced, self._weights_changed, self._restoring = 0, False, False
         log_prefix = "" if role == "rollout" else f"{role}-"
         actor_cls = ray.remote(RolloutEngine)
         # Ray's CPU counts are bookkeeping, not pinning: a fractional request lets engines and
@@ -59,14 +88,13 @@ class EngineGroup:
         options = dict(
             num_cpus=cfg.num_cpus_per_engine,
             num_gpus=cfg.num_gpus_per_engine,
-            runtime_env={"env_vars": engine_env_vars(cfg)},
+            runtime_env={"env_vars": {**engine_env_vars(cfg), **faults.env()}},
         )
         where = [{} if placement is None else {"scheduling_strategy": placement[i]} for i in range(cfg.num_engines)]
-        self.engines = [
-            actor_cls.options(**options, **where[i]).remote(cfg, model_path, dtype, trust_remote_code, i,
-                                                            log_file(logs, f"{log_prefix}engine-{i}"), lora_rank)
-            for i in range(cfg.num_engines)
-        ]
+        # Engine i, built again the same way (same bundle, index, seed mixing and log) when it is replaced.
+        self._start_engine = lambda i: actor_cls.options(**options, **where[i]).remote(
+            cfg, model_path, dtype, trust_remote_code, i, log_file(logs, f"{log_prefix}engine-{i}"), lora_rank)
+        self.engines = [self._start_engine(i) for i in range(cfg.num_engines)]
         # All actors were created above, so the engines start concurrently; now wait for them all.
         try:
             self._gather([e.ready.remote() for e in self.engines], "start")
@@ -84,11 +112,10 @@ class EngineGroup:
         validate_request(prompt_ids, sampling, self.cfg.max_model_len)
         chunks = [c for c in split_evenly(len(prompt_ids), len(self.engines)) if len(c)]
         start = time.perf_counter()
-        refs = [
-            engine.generate.remote([prompt_ids[i] for i in chunk], sampling, seed)
-            for engine, chunk in zip(self.engines, chunks)
-        ]
-        parts: list[RolloutBatch] = self._gather(refs, "generate")
+        # A replaced engine samples its chunk again with the same seed, mixed with the same index.
+        parts: list[RolloutBatch] = self._run("generate", [
+            lambda engine, chunk=chunk: engine.generate.remote([prompt_ids[i] for i in chunk], sampling, seed)
+            for chunk in chunks])
         seconds = time.perf_counter() - start
         completions = []
         for chunk, part in zip(chunks, parts):
@@ -109,17 +136,21 @@ class EngineGroup:
             raise ValueError(f"{len(starts)} starts for {len(sequences)} sequences")
         validate_request(sequences, SamplingSettings(n=1, max_new_tokens=1), self.cfg.max_model_len)
         chunks = [c for c in split_evenly(len(sequences), len(self.engines)) if len(c)]
-        refs = [engine.score_tokens.remote([sequences[i] for i in chunk], [starts[i] for i in chunk])
-                for engine, chunk in zip(self.engines, chunks)]
-        return [row for part in self._gather(refs, "score") for row in part]
+        parts = self._run("score", [
+            lambda engine, chunk=chunk: engine.score_tokens.remote([sequences[i] for i in chunk],
+                                                                   [starts[i] for i in chunk])
+            for chunk in chunks])
+        return [row for part in parts for row in part]
 
     def load_weights(self, paths: list[str]) -> list[float]:
         """Every engine loads the same weight files; seconds per engine."""
+        self._weights_changed = True
         return self._gather([e.load_weights.remote(list(paths)) for e in self.engines], "load_weights")
 
     def load_adapter(self, path: str) -> list[float]:
         """Every engine serves the PEFT adapter in ``path`` from now on (all generate, score and probe
         calls); seconds per engine."""
+        self._weights_changed = True
         return self._gather([e.load_adapter.remote(path) for e in self.engines], "load_adapter")
 
     @property
@@ -147,6 +178,7 @@ class EngineGroup:
 
     def start_receive_weights(self) -> list[ray.ObjectRef]:
         """Every engine starts receiving the next broadcast; one ref per engine (seconds each)."""
+        self._weights_changed = True
         return [e.receive_weights.remote() for e in self.engines]
 
     def leave_weight_group(self) -> None:
@@ -157,7 +189,7 @@ class EngineGroup:
 
     def probe(self, token_ids: list[int]) -> list[list[float]]:
         """Each engine's probe log-probs of ``token_ids`` (one list per engine, element 0 = 0.0)."""
-        return self._gather([e.probe_logprobs.remote(list(token_ids)) for e in self.engines], "probe")
+        return self._run("probe", [lambda e: e.probe_logprobs.remote(list(token_ids))] * len(self.engines))
 
     def sleep(self) -> list[bool]:
         """Release engine memory between generation phases; False where unsupported (CPU)."""
@@ -175,19 +207,77 @@ class EngineGroup:
             ray.wait(refs, num_returns=len(refs), timeout=60)
         kill_and_wait(engines)
 
-    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        """ray.get each engine's result within cfg.timeout_s; errors name the engine index."""
+    def _run(self, what: str, calls: list[Callable[[Any], ray.ObjectRef]]) -> list[Any]:
+        """Engine i runs ``calls[i]`` (one per engine from the first); results in engine order. An
+        engine that dies, or runs past cfg.timeout_s, is replaced and its call made again on the
+        replacement, up to cfg.max_engine_restarts in the group's life; past that, the error names it."""
+        refs = [call(engine) for call, engine in zip(calls, self.engines)]
         deadline = time.monotonic() + self.cfg.timeout_s
         results = []
-        for index, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except RayActorError as err:
-                raise RuntimeError(f"{self.role} engine {index} died during {what}: {err}") from err
-            except GetTimeoutError as err:
-                key = "rollout" if self.role == "rollout" else f"{self.role}.engines"
-                raise TimeoutError(
-                    f"{self.role} engine {index}: {what} took longer than {key}.timeout_s="
-                    f"{self.cfg.timeout_s}"
-                ) from err
+        for index, call in enumerate(calls):
+            noticed = None
+            while True:
+                try:
+                    results.append(self._get(refs[index], index, what, deadline))
+                    break
+                except (EngineDied, EngineStalled) as lost:
+                    noticed = noticed or time.perf_counter()
+                    self._replace(index, lost)
+                    refs[index], deadline = call(self.engines[index]), time.monotonic() + self.cfg.timeout_s
+            if noticed is not None:  # the time lost: from noticing to the lost share answered again
+                self.restarts.append(EngineRestart(index, what, time.perf_counter() - noticed))
+                print(f"{self.role} engine {index} replaced; its {what} redone after "
+                      f"{self.restarts[-1].seconds:.1f}s", flush=True)
         return results
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """ray.get each engine's result within cfg.timeout_s; errors name the engine index. No
+        restarts: for calls whose loss the caller handles (start-up, weight loading)."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        return [self._get(ref, index, what, deadline) for index, ref in enumerate(refs)]
+
+    def _get(self, ref: ray.ObjectRef, index: int, what: str, deadline: float) -> Any:
+        try:
+            return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except RayActorError as err:
+            raise EngineDied(f"{self.role} engine {index} died during {what}: {err}") from err
+        except GetTimeoutError as err:
+            raise EngineStalled(
+                f"{self.role} engine {index}: {what} took longer than {self._key()}.timeout_s="
+                f"{self.cfg.timeout_s}"
+            ) from err
+
+    def _replace(self, index: int, lost: EngineDied | EngineStalled) -> None:
+        """Start a new engine ``index`` in the old one's place and bring it to the group's weights;
+        raises ``lost``, annotated, past the bound or where the weights cannot be restored."""
+        key = f"{self._key()}.max_engine_restarts={self.cfg.max_engine_restarts}"
+        if self._replaced >= self.cfg.max_engine_restarts:
+            raise type(lost)(f"{lost} ({key}: {self._replaced} restarts used)") from lost.__cause__
+        if self._restoring:  # lost again while restoring weights: no restart inside a restart
+            raise type(lost)(f"{lost} (while restoring a replaced engine's weights)") from lost.__cause__
+        if self._weights_changed and self.restore is None:
+            raise type(lost)(f"{lost} (not replaced: the engines' weights changed since start-up and "
+                             "this group has no way to restore them)") from lost.__cause__
+        self._replaced += 1
+        print(f"{lost}; restarting it ({self._replaced} of {key})", flush=True)
+        kill_and_wait([self.engines[index]])
+        self.engines[index] = self._start_engine(index)
+        # It starts once its bundle has room: where the bundle's node is gone, once Ray has re-placed
+        # the bundle on a node with room.
+        try:
+            self._get(self.engines[index].ready.remote(), index, "restart", time.monotonic() + self.cfg.timeout_s)
+        except EngineStalled as err:
+            raise type(lost)(f"{lost}; its replacement did not start within {self._key()}.timeout_s="
+                             f"{self.cfg.timeout_s}: no node has room for it") from err
+        if self._weights_changed:
+            self._restoring = True
+            try:
+                self.restore()
+            except Exception as err:
+                raise type(lost)(f"{lost} (replaced, but its weights were not restored: {err})") from err
+            finally:
+                self._restoring = False
+
+    def _key(self, role: str | None = None) -> str:
+        role = role or self.role
+        return "rollout" if role == "rollout" else f"{role}.engines"

@@ -25,10 +25,11 @@ def run(tmp_path, *extra: str):
     ))
 
 
-def test_engine_killed_mid_generation_fails_fast_naming_it(ray_session, tiny_model_path, tmp_path):
-    """Point 3. Long generations (up to 512 new tokens from a random model) keep the engine in
-    `generate` long enough to be caught there; the run must stop with the engine's name and must
-    not have trained on the interrupted batch."""
+def test_engine_killed_past_the_restart_bound_fails_fast_naming_it(ray_session, tiny_model_path, tmp_path):
+    """Point 3, past the bound (rollout.max_engine_restarts=0; a restart that recovers is in
+    test_reliability_resume.py). Long generations (up to 512 new tokens from a random model) keep the
+    engine in `generate` long enough to be caught there; the run must stop with the engine's name
+    and the bound, and must not have trained on the interrupted batch."""
     killed: list[int] = []
     stop = threading.Event()
     # The engine actor's process (and its vLLM engine-core child) as soon as it runs `generate`.
@@ -36,8 +37,10 @@ def test_engine_killed_mid_generation_fails_fast_naming_it(ray_session, tiny_mod
                               daemon=True)
     killer.start()
     try:
-        with pytest.raises(RuntimeError, match="rollout engine 0 died during generate"):
-            run(tmp_path, "trainer.steps=3", "rollout.max_new_tokens=512", axis_reward(tiny_model_path))
+        with pytest.raises(RuntimeError, match=r"(?s)rollout engine 0 died during generate.*"
+                                               r"\(rollout.max_engine_restarts=0: 0 restarts used\)"):
+            run(tmp_path, "trainer.steps=3", "rollout.max_new_tokens=512", "rollout.max_engine_restarts=0",
+                axis_reward(tiny_model_path))
     finally:
         stop.set()
         killer.join()
@@ -45,6 +48,23 @@ def test_engine_killed_mid_generation_fails_fast_naming_it(ray_session, tiny_mod
     # It died in the first generate: no step was trained or logged, no checkpoint written.
     assert steps_logged(tmp_path / "run") == {}
     assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+@pytest.mark.slow  # waits out a 60 s deadline: past the CI budget's share
+def test_a_stalled_engine_is_declared_lost_at_its_deadline_and_replaced(ray_session, tiny_model_path, tmp_path,
+                                                                        monkeypatch):
+    """Point 3, health rather than death: RLHF_FAULT=engine_stall makes the first engine's generate
+    never return (once: $RLHF_FAULT_ONCE's file marks that it fired, so the replacement runs normally).
+    At rollout.timeout_s the engine is declared lost, replaced, and its chunk sampled again."""
+    monkeypatch.setenv("RLHF_FAULT", "engine_stall")
+    monkeypatch.setenv("RLHF_FAULT_ONCE", str(tmp_path / "stalled"))
+    run(tmp_path, "trainer.steps=2", "rollout.timeout_s=60", axis_reward(tiny_model_path))
+    steps = steps_logged(tmp_path / "run")
+    assert (tmp_path / "stalled").exists()  # the stall did happen, in step 1's generate
+    assert [steps[s]["faults/engine_restarts"] for s in (1, 2)] == [1.0, 1.0]
+    # Lost: from the deadline to the chunk answered again (a replacement start, no weights to restore yet).
+    assert steps[1]["faults/engine_seconds_lost"] > 0
+    assert steps[1]["timing/generate"] >= 60  # the hang cost the deadline, then the redo
 
 
 def test_stalled_learner_rank_fails_within_the_timeout_naming_the_stage(ray_session, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ from rlhf.learner.checkpoint import (
 )
 from rlhf.learner.export import export_checkpoint
 from rlhf.train import train
-from support.runs import axis_reward, compose, run_to_success, run_with_fault, steps_logged
+from support.runs import (axis_reward, compose, kill_descendant_running, run_to_success, run_with_fault,
+                          steps_logged)
 
 LR = 5e-3
 
@@ -99,6 +101,30 @@ def runs(ray_session, tiny_model_path, tmp_path_factory):
 
     log = run_to_success(overrides(broken, tiny_model_path, "trainer.resume=true"), tmp / "resumed.log")
     return straight, broken, after_crash, log
+
+
+@pytest.fixture(scope="module")
+def engine_killed(runs, tiny_model_path, tmp_path_factory):
+    """The straight run's command once more, its engine SIGKILLed (the actor's process, and its
+    children) as soon as it runs step 2's generate: once step 1's checkpoint is complete, the next
+    generate is step 2's."""
+    run_dir = tmp_path_factory.mktemp("engine-kill") / "run"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.is_set() and not (run_dir / "checkpoints" / "step-1" / "COMPLETE").exists():
+            stop.wait(0.05)
+        kill_descendant_running("RolloutEngine.generate", killed, stop, True)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        train(compose(*overrides(run_dir, tiny_model_path)))
+    finally:
+        stop.set()
+        thread.join()
+    return runs[0], run_dir, killed
 
 
 def test_a_kill_during_a_save_keeps_the_previous_complete_checkpoint(runs):
@@ -189,3 +215,21 @@ def test_rng_states_survive_the_json_checkpoint():
     first = draw()
     set_rng_state(saved)
     assert draw() == first
+
+
+def test_an_engine_killed_mid_generation_is_replaced_and_the_run_equals_the_uninterrupted_one(engine_killed):
+    """Point 3: the replacement loads the learner's weights (the probe checks them) and samples the
+    lost chunk again with step 2's seed, mixed with the same engine index: the same tokens, so every
+    step's metrics and the final parameters equal the straight run's."""
+    straight, killed_run, killed = engine_killed
+    assert len(killed) == 1
+    a, b = steps_logged(straight), steps_logged(killed_run)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [b[s]["faults/engine_restarts"] for s in (1, 2, 6)] == [0.0, 1.0, 1.0]
+    assert b[1]["faults/engine_seconds_lost"] == 0 and b[2]["faults/engine_seconds_lost"] > 0
+    for step in range(1, 7):
+        for key in EXACT:
+            assert b[step][key] == a[step][key], (step, key, a[step][key], b[step][key])
+    x = load_file(str(straight / "export" / "model.safetensors"))
+    y = load_file(str(killed_run / "export" / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[name], y[name]) for name in x)

@@ -155,6 +155,11 @@ class EngineConfig:
     # An engine call (start, generate, load, probe) that takes longer than this (seconds) fails,
     # naming the engine.
     timeout_s: float = 1800.0
+    # An engine that dies, or whose call runs past timeout_s, is replaced in its placement bundle
+    # (or wherever Ray re-places that bundle when its node is gone), given the group's current
+    # weights, and its share of the call is made again with the same seed; this many times in the
+    # group's life, then the call fails naming the engine. 0: fail at the first loss.
+    max_engine_restarts: int = 3
     # Run vLLM's engine core inside the engine actor (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
     # generate call is scheduled only once all its requests are in: with the per-step reseed, the
     # same weights and prompts then give the same samples, and a resumed run repeats an

@@ -257,6 +257,14 @@ class LearnerGroup:
                                else BroadcastTransport(self.ranks, self.cfg, engines))
         return self._transport.name
 
+    def reconnect(self, engines: Engines, shared_dir: Path | None = None) -> str:
+        """Form the weight transport again, after an engine was replaced: a broadcast group's members
+        are fixed when it forms, and the replacement was not one of them."""
+        transport, self._transport = getattr(self, "_transport", None), None
+        if transport is not None:
+            transport.close()
+        return self.connect(engines, shared_dir)
+
     def _adapter_root(self, rank0, nodes: list, shared_dir: Path | None) -> Path:
         if all(n.node_id == rank0.node_id for n in nodes):
             return Path(self.cfg.sync_dir)
