@@ -108,6 +108,7 @@ def test_misspelt_key_in_a_group_file_fails(tmp_path):
         (["rollout.n=1"], "rollout.n=1"),
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step=0"),
         (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0"),
+        (["rollout.max_engine_restarts=-1"], "rollout.max_engine_restarts=-1 must be >= 0"),
         (["algo.dual_clip=0.5"], "algo.dual_clip=0.5"),
         (["learner.zero_stage=4"], "learner.zero_stage=4"),
         # arithmetic's 128 prompt tokens + 64 new tokens > 150.
