@@ -24,7 +24,10 @@ class Task:
     future: Future = field(default_factory=Future)
     started_at: float | None = None  # time.monotonic() when a worker picked it up
     worker: threading.Thread | None = None
-    ref: Any = None  # a Ray task's generator (reward.executor=ray), else None
+    ref: Any = None  # a Ray task's generator (reward.executor=ray), else None: its current attempt's
+    args: tuple = ()  # a Ray task's arguments, to run it again when its worker dies
+    retries: int = 0  # attempts after the first (a Ray task whose worker died), see rewards/remote.py
+    attempt_started: bool = False  # the current attempt's start marker arrived
 
 
 class DaemonPool:

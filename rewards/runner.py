@@ -11,6 +11,9 @@ Outcomes, per completion:
 - the function raised, or returned NaN/inf/a non-number: None, counted in ``/failures``;
 - the task overran its timeout: None, counted in ``/timeouts`` (a batch function's timeout or
   exception covers its whole batch; a per-sample function's only that completion);
+- (``reward.executor=ray``) the task's worker process or node died: run again, up to
+  ``cfg.max_retries`` times within the same timeout (rewards/remote.py), each counted in
+  ``/retries``; out of retries, a failure;
 - a batch function returning a list of the wrong length: :class:`RewardError` at once (a bug).
 
 Given ``columns`` (the column names ``score`` will be passed), loading checks every function's
@@ -91,6 +94,7 @@ class _Outcome:
     values: list[float | None]
     failures: int = 0
     timeouts: int = 0
+    retries: int = 0  # attempts run again after their Ray worker died
     first_error: str | None = None
     first_error_index: int | None = None
 
@@ -115,6 +119,8 @@ class RewardRunner:
             raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
         if cfg.executor not in EXECUTORS:
             raise ValueError(f"reward.executor={cfg.executor!r} is not one of {list(EXECUTORS)}")
+        if cfg.max_retries < 0:
+            raise ValueError(f"reward.max_retries={cfg.max_retries} must be >= 0")
         self.timeout_s = float(cfg.timeout_s)
         self.max_failure_rate = float(cfg.max_failure_rate)
         self.functions: list[LoadedReward] = []
@@ -139,7 +145,7 @@ class RewardRunner:
             self._close_functions()
             raise
         self._pool = DaemonPool(max(1, cfg.num_workers))
-        self._remote = RayTasks() if cfg.executor == "ray" else None
+        self._remote = RayTasks(max_retries=cfg.max_retries) if cfg.executor == "ray" else None
         self._usage_seen: dict[str, dict[str, float]] = {f.name: self._usage_of(f) for f in self.functions
                                                          if self._usage_of(f) is not None}
 
@@ -320,7 +326,7 @@ def _bind(fn: Any, prompt: Any, completion: Any, columns: dict[str, Any]) -> Any
 
 def _outcome_of(fn: LoadedReward, tasks: list[Task], n: int) -> _Outcome:
     """One function's finished tasks as per-completion values, with its failures and timeouts."""
-    out = _Outcome(values=[None] * n)
+    out = _Outcome(values=[None] * n, retries=sum(t.retries for t in tasks))
     if fn.sample_fn is not None:
         for i, t in enumerate(tasks):
             error = t.future.exception()
@@ -370,6 +376,7 @@ def _fn_metrics(name: str, out: _Outcome) -> dict[str, float]:
         f"reward/{name}/std": std,
         f"reward/{name}/failures": float(out.failures),
         f"reward/{name}/timeouts": float(out.timeouts),
+        f"reward/{name}/retries": float(out.retries),
         # Deliberate Nones: completions the function declined to score.
         f"reward/{name}/none": float(len(out.values) - len(vals) - out.failures - out.timeouts),
     }

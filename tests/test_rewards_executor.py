@@ -19,9 +19,9 @@ FLAKY = (PROJECT_ROOT / "tests" / "support" / "flaky_rewards.py").as_posix()
 COMPLETIONS = ["raise", "nan", "hang", "none"] + [f"answer {i}" for i in range(12)]
 
 
-def runner(executor: str, *functions: RewardFnConfig, timeout_s: float = 2.0) -> RewardRunner:
+def runner(executor: str, *functions: RewardFnConfig, timeout_s: float = 2.0, max_retries: int = 3) -> RewardRunner:
     return RewardRunner(RewardConfig(functions=list(functions), timeout_s=timeout_s, executor=executor,
-                                     max_failure_rate=1.0))
+                                     max_failure_rate=1.0, max_retries=max_retries))
 
 
 def score(executor: str, *functions: RewardFnConfig):
@@ -41,6 +41,7 @@ def test_per_sample_outcomes_are_counted_alike(ray_session, executor):
     m = result.metrics
     assert (m["reward/flaky_by_text/failures"], m["reward/flaky_by_text/timeouts"],
             m["reward/flaky_by_text/none"]) == (2, 1, 1)  # raise + NaN; the hang; the declined one
+    assert m["reward/flaky_by_text/retries"] == 0  # a call that raises is its own error: never retried
     assert result.per_fn["flaky_by_text"] == [None] * 4 + [1.0] * 12
     assert m["reward/abandoned_tasks"] == 1  # cumulative since the runner started: the hang
     assert seconds < 2.0 + 10  # the hang (20 s) was cut at reward.timeout_s=2, not waited out
@@ -72,6 +73,51 @@ def test_calls_run_in_ray_workers_and_a_timed_out_one_is_killed(ray_session, tmp
     while psutil.pid_exists(hung) and psutil.Process(hung).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, f"the cancelled call's worker {hung} still runs"
         time.sleep(0.2)
+
+
+def test_a_killed_worker_costs_a_retry_not_a_none(ray_session, tmp_path):
+    per_sample = RewardFnConfig(fn=f"{FLAKY}:dies_first", kwargs={"marker_dir": str(tmp_path)})
+    batch = RewardFnConfig(fn=f"{FLAKY}:batch_dies_first", kwargs={"marker_dir": str(tmp_path)})
+    completions = ["die 1", "die 22", "ok"]
+    with runner("ray", per_sample, batch, timeout_s=30.0) as r:
+        result = r.score(["q"] * 3, completions, {})
+    # Every value is its completion's length: scored by the retry, none lost.
+    assert result.per_fn == {"dies_first": [5.0, 6.0, 2.0], "batch_dies_first": [5.0, 6.0, 2.0]}
+    m = result.metrics
+    # dies_first killed its worker once for each of the two "die" completions ("ok" never): 2
+    # retries. batch_dies_first killed it once on its one batch: 1 retry.
+    assert (m["reward/dies_first/retries"], m["reward/batch_dies_first/retries"]) == (2, 1)
+    assert all(m[f"reward/{f}/{k}"] == 0 for f in ("dies_first", "batch_dies_first")
+               for k in ("failures", "timeouts", "none"))
+    assert len(list(tmp_path.iterdir())) == 3  # the markers: each first attempt did run (and die)
+
+
+def test_a_worker_dying_every_time_ends_as_a_counted_failure(ray_session):
+    spec = RewardFnConfig(fn=f"{FLAKY}:dies_always")
+    start = time.monotonic()
+    with runner("ray", spec, timeout_s=30.0, max_retries=1) as r:
+        result = r.score(["q", "q"], ["die", "ok"], {})
+    m = result.metrics
+    # "die": its first attempt and its one retry (reward.max_retries=1) both killed their workers;
+    # then a failure, well before the 30 s timeout. "ok" scores 1.0.
+    assert result.per_fn["dies_always"] == [None, 1.0]
+    assert (m["reward/dies_always/retries"], m["reward/dies_always/failures"], m["reward/dies_always/timeouts"]) == (1, 1, 0)
+    assert result.total == [None, 1.0]
+    assert time.monotonic() - start < 20
+
+
+def test_retries_never_extend_the_timeout(ray_session):
+    spec = RewardFnConfig(fn=f"{FLAKY}:dies_always")
+    with runner("ray", spec, timeout_s=2.0, max_retries=1000) as r:
+        start = time.monotonic()
+        result = r.score(["q"], ["die"], {})
+        seconds = time.monotonic() - start
+    m = result.metrics
+    # Retries enough for ever: the 2 s from the first attempt's start end it, as a timeout.
+    assert result.per_fn["dies_always"] == [None]
+    assert (m["reward/dies_always/timeouts"], m["reward/dies_always/failures"]) == (1, 0)
+    assert m["reward/dies_always/retries"] >= 1  # as many as fit in 2 s: a worker starts in ~0.5-1 s
+    assert seconds < 2.0 + 3  # the deadline, one poll, and the first attempt's wait for a worker
 
 
 def test_a_file_reward_inside_the_project_travels_by_a_relative_spec():

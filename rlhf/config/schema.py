@@ -365,6 +365,10 @@ class RewardConfig:
     # task per call, 1 CPU each, spread over the cluster; class-based rewards such as math_answer
     # stay in the driver).
     executor: str = "threads"
+    # With executor "ray": times a call whose worker process or node died (killed, out of memory,
+    # node lost) runs again, within the same timeout_s from its first start; each is counted in
+    # reward/<name>/retries. A call that raises is never retried.
+    max_retries: int = 3
     # Two function names [a, b] (e.g. [judge, math_answer], b at weight 0): logs agreement/a_vs_b,
     # the fraction of completions both scored where both pass (>= 0.5) or both fail, and
     # agreement/a_vs_b/pearson, their values' correlation. Empty: none.

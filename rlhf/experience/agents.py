@@ -87,6 +87,8 @@ class AgentRuntime:
                               kwargs=dict(cfg.kwargs or {}), timeout_s=cfg.timeout_s, model_name=model_name)
         # As Ray tasks: no CPU asked (an agent waits on the gateway; agent.concurrency bounds how many
         # run), placed by agent.resources, e.g. {agents: 0.01} for nodes started with that resource.
+        # Not retried when its worker dies (RayTasks' max_retries=0: an agent/errors): a rerun would need
+        # a fresh gateway key, the dead attempt's recorded calls dropped, unlike a reward call's rerun.
         self.tasks = (RayTasks(play_task, num_cpus=0, resources=dict(cfg.resources), key="agent.executor")
                       if cfg.executor == "ray" else ThreadAgents(cfg.concurrency))
 

@@ -74,8 +74,8 @@ def _scores_from_json(saved: dict | list) -> Scores:
     return Scores(list(saved["total"]), {k: list(v) for k, v in saved["per_fn"].items()})
 
 
-# Reward-runner metrics that count events (failed, timed-out, declined calls): summed over draws.
-_COUNTED = ("/failures", "/timeouts", "/none")
+# Reward-runner metrics that count events (failed, timed-out, declined, retried calls): summed over draws.
+_COUNTED = ("/failures", "/timeouts", "/none", "/retries")
 
 
 def collect_step(cfg: Config, step: int, policy_version: int, data, engines, rewards, env: EnvRuntime | AgentRuntime,

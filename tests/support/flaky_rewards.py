@@ -73,3 +73,48 @@ def where(prompt, completion, pid_file: str = "", **_):
             f.write(str(os.getpid()))
         time.sleep(60)
     return float(os.getpid())
+
+
+def _first_attempt(marker_dir: str, key: str) -> bool:
+    """True the first time ``key`` is seen under ``marker_dir`` (a file made atomically), whichever
+    process asks: the marker outlives a worker that dies."""
+    import hashlib
+    import os
+
+    path = os.path.join(marker_dir, hashlib.sha1(key.encode()).hexdigest())
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _kill_own_worker() -> None:
+    """SIGKILL this process (a Ray worker under reward.executor=ray): what the OOM killer does."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@per_sample
+def dies_first(prompt, completion, marker_dir: str = "", **_):
+    """Kills its own worker on its first attempt at a completion holding "die"; scores len(completion)."""
+    if "die" in completion and _first_attempt(marker_dir, completion):
+        _kill_own_worker()
+    return float(len(completion))
+
+
+def batch_dies_first(prompts, completions, marker_dir: str = "", **_):
+    """A batch function: kills its own worker on its first attempt at a batch; then len of each."""
+    if _first_attempt(marker_dir, "batch:" + "\n".join(completions)):
+        _kill_own_worker()
+    return [float(len(c)) for c in completions]
+
+
+@per_sample
+def dies_always(prompt, completion, **_):
+    """Kills its own worker on every attempt at a completion holding "die"; else 1.0."""
+    if "die" in completion:
+        _kill_own_worker()
+    return 1.0
