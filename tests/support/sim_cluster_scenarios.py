@@ -359,6 +359,83 @@ def agents_on_their_own_node() -> dict:
     }
 
 
+@scenario("engine_nodes_removed")
+def engine_nodes_removed() -> dict:
+    """The learner rank on a 2-CPU node, the 1-CPU engine on one of two 1-CPU nodes. Three runs of the
+    same 3-step command: uninterrupted; then, once step 1's checkpoint is complete, the engine's whole
+    node (its raylet) is removed, and Ray re-places the engine's bundle on the other 1-CPU node, where
+    the group starts the replacement; then the same again with no 1-CPU node left to take it."""
+    import tempfile
+    import threading
+
+    from safetensors.torch import load_file
+    import torch
+
+    from rlhf.learner.checkpoint import complete_checkpoints
+    from rlhf.models import TINY, resolve_model_path
+    from rlhf.run.metrics import read_metrics
+    from rlhf.train import train
+    from tests.support.runs import axis_reward, compose
+
+    out = Path(tempfile.mkdtemp(prefix="sim-engine-node-"))
+    common = ["+experiment=tiny_smoke", "learner.num_cpus_per_rank=2", "learner.num_threads=1",
+              "rollout.num_cpus_per_engine=1", "trainer.placement=separate", "trainer.eval_prompts=0",
+              "trainer.tensorboard=false", "trainer.steps=3", "trainer.save_every=1", "rollout.top_k=8",
+              "learner.lr=5e-3", "rollout.timeout_s=90", axis_reward(resolve_model_path(TINY))]
+    keys = ("loss", "reward/mean", "grad_norm", "response_length/mean", "faults/engine_restarts")
+
+    def steps(run: Path) -> dict:
+        return {m["step"]: {k: m.get(k) for k in keys} for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
+
+    def engine_node(run: Path) -> str:
+        return json.loads((run / "placement.json").read_text())["engines"][0]["node_id"]
+
+    def run_removing_the_engine_node(cluster, run: Path) -> tuple[str | None, str | None]:
+        """Train, removing the engine's node once step 1's checkpoint is complete; (error, removed node)."""
+        removed: list[str] = []
+        stop = threading.Event()
+
+        def remover() -> None:
+            while not stop.is_set() and not (run / "checkpoints" / "step-1" / "COMPLETE").exists():
+                stop.wait(0.05)
+            if stop.is_set():
+                return
+            target = engine_node(run)
+            node = next(n for n in cluster.list_all_nodes() if n.node_id == target)
+            cluster.remove_node(node, allow_graceful=False)
+            removed.append(target)
+
+        thread = threading.Thread(target=remover, daemon=True)
+        thread.start()
+        try:
+            train(compose(*common, f"trainer.output_dir={run}"))
+            error = None
+        except Exception as e:  # noqa: BLE001 - the scenario reports what the run raised
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            stop.set()
+            thread.join()
+        return error, removed[0] if removed else None
+
+    result: dict = {}
+    with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 1, "resources": {"node_b": 1}},
+                      {"num_cpus": 1, "resources": {"node_c": 1}}]) as cluster:
+        straight = out / "straight"
+        train(compose(*common, f"trainer.output_dir={straight}"))
+        moved = out / "moved"
+        result["moved_error"], result["moved_removed"] = run_removing_the_engine_node(cluster, moved)
+        result["moved_engine_node_after"] = engine_node(moved)  # placement.json is rewritten on a restart
+        result["straight_steps"], result["moved_steps"] = steps(straight), steps(moved)
+        a = load_file(str(straight / "export" / "model.safetensors"))
+        b = load_file(str(moved / "export" / "model.safetensors"))
+        result["params_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+        stuck = out / "no-room"  # one 1-CPU node left: its removal leaves the engine nowhere to go
+        result["stuck_error"], result["stuck_removed"] = run_removing_the_engine_node(cluster, stuck)
+        result["stuck_complete"] = [step for step, _ in complete_checkpoints(stuck / "checkpoints")]
+    return result
+
+
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]]()
     print(RESULT + json.dumps(result), flush=True)
