@@ -70,7 +70,7 @@ from rlhf.experience.heldout import evaluate
 from rlhf.experience.producer import Collected, RolloutProducer, collect_step, regenerate_note
 from rlhf.experience.prompts import PromptDataset
 from rlhf.experience.scoring import reward_column_names, reward_metrics
-from rlhf.learner import LearnerGroup
+from rlhf.learner import LearnerError, LearnerGroup
 from rlhf.learner.checkpoint import latest_complete
 from rlhf.learner.lora import serving_rank, sync_mode
 from rlhf.learner.sync import choose_transport
@@ -182,16 +182,36 @@ def restore_engine_weights(cfg: Config, learner: LearnerGroup, engines: EngineGr
     record_placement(run_dir, cfg.trainer.placement, learner.nodes(), engines.nodes(), transport, teacher_nodes)
 
 
-def fault_metrics(engines: EngineGroup) -> dict[str, float]:
-    """The run's engine restarts so far, and the wall seconds they cost (rollouts/group.py's EngineRestart)."""
+def fault_metrics(engines: EngineGroup, learner_lost: list[float]) -> dict[str, float]:
+    """The run's engine and learner restarts so far, and the wall seconds they cost (rollouts/group.py's
+    EngineRestart; ``learner_lost``: each learner restart's, from the first redone step's start to the
+    resumed one's)."""
     return {"faults/engine_restarts": float(len(engines.restarts)),
-            "faults/engine_seconds_lost": sum(r.seconds for r in engines.restarts)}
+            "faults/engine_seconds_lost": sum(r.seconds for r in engines.restarts),
+            "faults/learner_restarts": float(len(learner_lost)), "faults/learner_seconds_lost": sum(learner_lost)}
 
 
 def record_judge(ledger: CostLedger, rewards: RewardRunner) -> None:
     """A judge reward's paid requests and tokens so far into the ledger (its own line and price)."""
     used = rewards.api_usage()
     ledger.set_judge_usage(used.requests, used.prompt_tokens, used.completion_tokens)
+
+
+def resume(ckpt: Path | None, at_start: dict | None, learner: LearnerGroup, engines: EngineGroup,
+           data: PromptDataset, run_dir: Path, probe_ids: list[int], tolerance: float
+           ) -> tuple[int, list[Collected], MismatchWatch]:
+    """Put the run back where checkpoint ``ckpt`` left it, or where it began when ``ckpt`` is None
+    (``at_start``: the client state a checkpoint holds, taken before the first step): the learner's
+    model, optimizer and schedule, the data position, the RNG, the batches generated ahead and the
+    streak of mismatched steps; then the engines get the learner's weights. Returns the step to go
+    on after, those batches and that streak. Both trainer.resume=true and a learner restart."""
+    state = learner.load(ckpt) if ckpt is not None else at_start
+    data.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    learner.connect(engines, shared_dir=run_dir)  # a restarted group forms its weight transport again
+    learner.sync_weights(engines, probe_ids, tolerance)
+    return (state["step"], [Collected.from_json(b) for b in state.get("pending", [])],
+            MismatchWatch.from_json(state.get("mismatch")))
 
 
 def train(cfg: Config) -> Path:
@@ -219,6 +239,7 @@ def train(cfg: Config) -> Path:
         eval_items = eval_data.eval_items(cfg.trainer.eval_prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probe_ids = tokenizer(PROBE_TEXT)["input_ids"]
+    tolerance = cfg.rollout.probe_tolerance_for(cfg.model.dtype)
     ckpt_dir = run_dir / "checkpoints"
 
     with ExitStack() as stack:
@@ -243,13 +264,7 @@ def train(cfg: Config) -> Path:
 
         start_step, pending, mismatch = 0, [], MismatchWatch()
         if cfg.trainer.resume and (last := latest_complete(ckpt_dir)) is not None:
-            state = learner.load(last)
-            start_step = state["step"]
-            data.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
-            pending = [Collected.from_json(b) for b in state.get("pending", [])]
-            mismatch = MismatchWatch.from_json(state.get("mismatch"))
-            learner.sync_weights(engines, probe_ids, cfg.rollout.probe_tolerance_for(cfg.model.dtype))
+            start_step, pending, mismatch = resume(last, None, learner, engines, data, run_dir, probe_ids, tolerance)
             print(f"resumed from {last} at step {start_step}")
 
         logger = MetricsLogger(run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
@@ -292,23 +307,33 @@ def train(cfg: Config) -> Path:
             run_eval(0)
         # The engines sample step s + k while the learner trains step s (k = 0: synchronous).
         ahead = cfg.trainer.max_staleness
-        producer = RolloutProducer(
-            lambda step, version, prompts=None: collect_step(cfg, step, version, data, engines, rewards,
-                                                             episodes_from, sampling, timeline, teacher, prompts),
-            first_step=start_step + 1, last_step=cfg.trainer.steps,
-        )
-        stack.callback(producer.close)
-        # A saved batch more stale than this run's max_staleness admits is regenerated, not trained on.
-        if regenerated := producer.restore(pending, max_staleness=ahead):
-            print(regenerate_note(regenerated, ahead), flush=True)
+
+        def start_producer(first_step: int, pending: list[Collected]) -> RolloutProducer:
+            made = RolloutProducer(
+                lambda step, version, prompts=None: collect_step(cfg, step, version, data, engines, rewards,
+                                                                 episodes_from, sampling, timeline, teacher, prompts),
+                first_step=first_step, last_step=cfg.trainer.steps,
+            )
+            stack.callback(made.close)
+            # A saved batch more stale than this run's max_staleness admits is regenerated, not trained on.
+            if regenerated := made.restore(pending, max_staleness=ahead):
+                print(regenerate_note(regenerated, ahead), flush=True)
+            return made
+
+        # Where a learner restart goes back to before the first checkpoint: the start, as a checkpoint holds it.
+        at_start = {"step": start_step, "data": data.state_dict(), "rng": rng_state(),
+                    "pending": [b.to_json() for b in pending], "mismatch": mismatch.to_json()}
+        producer = start_producer(start_step + 1, pending)
         started, nonfinite = time.time(), 0
-        for step in range(start_step + 1, cfg.trainer.steps + 1):
+
+        def run_step(step: int) -> None:
+            nonlocal mismatch, nonfinite
             step_start = time.perf_counter()
             # The engines hold the weights after step - 1 updates (synced at the end of each step).
             producer.ask(upto_step=step + ahead, policy_version=step - 1)
             got = producer.take(step)
             metrics: dict[str, float] = dict(got.metrics)
-            metrics.update(fault_metrics(engines))
+            metrics.update(fault_metrics(engines, learner_lost))
             metrics["async/staleness"] = float(step - 1 - got.policy_version)
             metrics.update(reward_metrics(got.scores, got.completions, cfg.rollout.n))
 
@@ -332,14 +357,16 @@ def train(cfg: Config) -> Path:
 
                 if not ahead:  # colocated: hand the KV-cache memory to the learner where vLLM can
                     engines.sleep()
-                updates = [
-                    learner.train_step(mb)
-                    for epoch in range(cfg.algo.epochs_per_step)
-                    for mb in mini_batches(batch, batches.mini_batches_per_step,
-                                           seed=cfg.trainer.seed + step * 1000 + epoch)
-                ]
-                if not ahead:
-                    engines.wake_up()
+                try:
+                    updates = [
+                        learner.train_step(mb)
+                        for epoch in range(cfg.algo.epochs_per_step)
+                        for mb in mini_batches(batch, batches.mini_batches_per_step,
+                                               seed=cfg.trainer.seed + step * 1000 + epoch)
+                    ]
+                finally:  # awake for the resume's sync, too, when a learner rank was lost
+                    if not ahead:
+                        engines.wake_up()
             metrics.update(combine_updates(updates))
             nonfinite = nonfinite + 1 if any(u.get("skipped", 0) for u in updates) else 0
             if nonfinite >= cfg.trainer.max_nonfinite_steps:
@@ -358,8 +385,7 @@ def train(cfg: Config) -> Path:
             with timeline.span("wait_rollouts", step, metrics):
                 producer.wait()  # the batch in flight was sampled by these weights: finish it first
             with timeline.span("sync", step, metrics):
-                report = learner.sync_weights(engines, probe_ids,
-                                              cfg.rollout.probe_tolerance_for(cfg.model.dtype))
+                report = learner.sync_weights(engines, probe_ids, tolerance)
             metrics.update({"sync/probe_gap": report.probe_gap, "sync/gb_per_s": report.gb_per_s,
                             "sync/seconds": report.seconds,
                             "sync/broadcast": float(report.transport == "broadcast")})  # 0: files
@@ -384,6 +410,34 @@ def train(cfg: Config) -> Path:
                 run_eval(step)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
                 save(step, mismatch)
+
+        step, learner_lost = start_step + 1, []  # the seconds each learner restart cost
+        began: dict[int, float] = {}  # step -> when it last started
+        while step <= cfg.trainer.steps:
+            began[step] = time.perf_counter()
+            try:
+                run_step(step)
+            except LearnerError as error:
+                # ZeRO's state cannot be rebuilt from one rank: the whole learner group restarts
+                # and the run goes back to the last complete checkpoint (the start before the first).
+                if len(learner_lost) == cfg.trainer.max_restarts:
+                    raise LearnerError(f"{error} (no learner restart left: trainer.max_restarts="
+                                       f"{cfg.trainer.max_restarts}; the last complete checkpoint is in {ckpt_dir})"
+                                       ) from error
+                last = latest_complete(ckpt_dir)
+                cause = str(error).splitlines()[0]  # Ray's account of a death runs on for lines
+                print(f"learner restart {len(learner_lost) + 1} of {cfg.trainer.max_restarts} ({cause}): resuming from "
+                      f"{last or 'the start (no checkpoint yet)'}", flush=True)
+                producer.close(wait=True)  # its batch in flight draws prompts that the resume puts back
+                learner.restart()
+                start_step, pending, mismatch = resume(last, at_start, learner, engines, data, run_dir,
+                                                       probe_ids, tolerance)
+                nonfinite = 0
+                producer = start_producer(start_step + 1, pending)
+                learner_lost.append(time.perf_counter() - began[start_step + 1])  # the failure and the redone work
+                step = start_step + 1
+                continue
+            step += 1
 
         run_eval(cfg.trainer.steps)
         save(cfg.trainer.steps, mismatch)

@@ -173,6 +173,9 @@ def check_off_policy(cfg: Config) -> None:
     if algo.max_mismatch_kl_steps < 1:
         raise ConfigError(f"algo.max_mismatch_kl_steps={algo.max_mismatch_kl_steps} must be >= 1 (consecutive "
                           "steps above algo.max_mismatch_kl that stop the run)")
+    if cfg.trainer.max_restarts < 0:
+        raise ConfigError(f"trainer.max_restarts={cfg.trainer.max_restarts} must be >= 0 (learner group restarts "
+                          "from the last checkpoint per run; 0: a lost learner rank stops the run)")
     k = cfg.trainer.max_staleness
     if k < 0:
         raise ConfigError(f"trainer.max_staleness={k} must be >= 0")

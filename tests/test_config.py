@@ -107,6 +107,7 @@ def test_misspelt_key_in_a_group_file_fails(tmp_path):
         # A group of one sample has no baseline to compare against.
         (["rollout.n=1"], "rollout.n=1"),
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step=0"),
+        (["trainer.max_restarts=-1"], "trainer.max_restarts=-1 must be >= 0"),
         (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0"),
         (["rollout.max_engine_restarts=-1"], "rollout.max_engine_restarts=-1 must be >= 0"),
         (["algo.dual_clip=0.5"], "algo.dual_clip=0.5"),

@@ -69,10 +69,11 @@ def test_a_stalled_engine_is_declared_lost_at_its_deadline_and_replaced(ray_sess
 
 def test_stalled_learner_rank_fails_within_the_timeout_naming_the_stage(ray_session, tmp_path, monkeypatch):
     """Point 4. RLHF_FAULT=learner_stall makes the rank sleep inside train_step (as a rank stuck in
-    a collective would); the group's deadline turns that into an error naming rank and stage."""
+    a collective would); the group's deadline turns that into an error naming rank and stage
+    (trainer.max_restarts=0: a restart would stall the same way; tests/test_reliability_restart.py)."""
     monkeypatch.setenv("RLHF_FAULT", "learner_stall")
     with pytest.raises(LearnerError, match=r"learner rank 0 did not finish train_step within 60s"):
-        run(tmp_path, "trainer.steps=2", "learner.timeout_s=60")
+        run(tmp_path, "trainer.steps=2", "learner.timeout_s=60", "trainer.max_restarts=0")
     assert steps_logged(tmp_path / "run") == {}
 
 

@@ -446,6 +446,10 @@ class TrainerConfig:
     ray_num_cpus: Optional[int] = None
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite_steps: int = 3
+    # A learner rank that dies, fails or stalls (LearnerError) restarts the whole learner group in
+    # the same process and resumes from the last complete checkpoint (step 0 before the first one),
+    # at most this many times in a run; past that, or at 0, the run stops naming the rank.
+    max_restarts: int = 2
     # Asynchronous rollouts: the engines generate the batch for step s + k while the learner
     # trains step s, so a batch is trained on by a policy up to k updates newer than the one that
     # sampled it (k = max_staleness; 0: the synchronous loop). k > 0 needs algo.rollout_correction.

@@ -210,6 +210,8 @@ class RolloutProducer:
         self.wait()
         return [self._batches[s].result() for s in sorted(self._batches)]
 
-    def close(self) -> None:
-        """Stop taking work; a batch in flight ends with its engine calls (or their shutdown)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """Stop taking work; a batch in flight ends with its engine calls (or their shutdown), and
+        with ``wait`` before this returns (its result or error dropped): it draws prompts from the
+        dataset, which a learner restart puts back at the checkpoint's position."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -73,8 +73,6 @@ class LearnerGroup:
         (completion-token cross-entropy; metrics: loss, grad_norm, lr, tokens/s, learner/step_s,
         skipped). ``sampling``: what the engines sample with (rollout.*): log-probs are scored under
         its temperature, top-k and top-p, the distribution the tokens were drawn from."""
-        import ray
-
         from rlhf.learner.lora import check_lora, sync_mode
 
         check_settings(cfg, algo, dtype, total_updates, objective)
@@ -88,6 +86,15 @@ class LearnerGroup:
         self.lora_sync = sync_mode(self.lora, dtype)  # "merged", "adapter", or None (no LoRA)
         self._warned_rounding = False
         self.trust_remote_code = trust_remote_code
+        # What every rank is started with, again on a restart.
+        self.total_updates, self.logs, self.objective, self.sampling = total_updates, logs, objective, sampling
+        self.placement = placement
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        import ray
+
+        cfg, placement = self.cfg, self.placement
         # Ray's CPU counts are bookkeeping, not pinning: fractional requests let ranks and engines
         # share one machine and take turns; each rank sets its own thread count.
         actor = ray.remote(LearnerRank)
@@ -99,10 +106,10 @@ class LearnerGroup:
         )
         where = [{} if placement is None else {"scheduling_strategy": placement[r]} for r in range(cfg.num_ranks)]
         self.ranks = [
-            actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, algo, model_path, dtype,
-                                                        trust_remote_code, total_updates,
-                                                        log_file(logs, f"learner-rank-{r}"), lora, objective,
-                                                        sampling)
+            actor.options(**options, **where[r]).remote(r, cfg.num_ranks, cfg, self.algo, self.model_path, self.dtype,
+                                                        self.trust_remote_code, self.total_updates,
+                                                        log_file(self.logs, f"learner-rank-{r}"), self.lora,
+                                                        self.objective, self.sampling)
             for r in range(cfg.num_ranks)
         ]
         try:
@@ -113,6 +120,26 @@ class LearnerGroup:
         except BaseException:
             self.shutdown()
             raise
+
+    def restart(self) -> None:
+        """Replace every rank by a fresh one in the same placement slot, holding the start weights
+        (a checkpoint loads after): ZeRO's shards cannot be rebuilt from the surviving ranks. The
+        old ranks are killed and gone first, so that their bundles are free; the weight transport
+        is left (best effort: rank 0 may be dead) and the next ``connect`` forms a new one."""
+        from rlhf.cluster.actors import kill_and_wait
+
+        still = kill_and_wait(self.ranks)
+        transport, self._transport = getattr(self, "_transport", None), None
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception as e:  # noqa: BLE001 - the old group is abandoned either way
+                print(f"warning: leaving the old weight group failed ({type(e).__name__}: {e}); a new one is formed",
+                      flush=True)
+        if still:
+            raise LearnerError(f"restart: learner rank(s) {still} still answer 30 s after being killed; their "
+                               "placement slots are not free")
+        self._start_ranks()
 
     # ----------------------------------------------------------------------------- fan-out
     def _call(self, stage: str, method: str, per_rank_args: list[tuple] | None = None, *args: Any) -> list[Any]:

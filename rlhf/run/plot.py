@@ -6,14 +6,20 @@ from pathlib import Path
 from typing import Any
 
 
+def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, the last one logged, in step order."""
+    return sorted({m["step"]: m for m in records}.values(), key=lambda m: m["step"])
+
+
 def plot_run(metrics: list[dict[str, Any]], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    train = [m for m in metrics if m.get("reward/mean") is not None]
-    evals = [m for m in metrics if m.get("eval/accuracy") is not None]
+    # A step redone after a resume or a learner restart is logged again: its last record counts.
+    train = last_per_step([m for m in metrics if m.get("reward/mean") is not None])
+    evals = last_per_step([m for m in metrics if m.get("eval/accuracy") is not None])
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         ax.plot([m["step"] for m in train], [m["reward/mean"] for m in train], "o-", label="train reward (mean)")
