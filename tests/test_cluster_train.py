@@ -57,8 +57,25 @@ def test_a_learner_rank_killed_mid_step_fails_the_run_naming_it_and_keeps_the_ch
     # first in the broken collective): well before learner.timeout_s=600 would have fired.
     assert re.search(r"LearnerError: learner rank [01] (died during|failed in) train_step", got["error"]), got["error"]
     assert "did not finish" not in got["error"]
+    # trainer.max_restarts=0: no restart, and the error says which key would have allowed one.
+    assert "trainer.max_restarts=0" in got["error"], got["error"]
     # Step 1's checkpoint was complete before the kill and still verifies; step 2 was never saved.
     assert got["complete"] == [1] and got["step1_state_step"] == 1
+
+
+@pytest.mark.slow  # a second simulated-cluster run with a learner restart
+def test_a_learner_rank_killed_on_one_of_two_nodes_restarts_the_group_and_the_run_finishes():
+    got = run_scenario("rank_restarted_two_nodes", timeout_s=900)
+    assert got["error"] is None, got["error"]
+    ranks = [n["node_id"] for n in got["placement"]["learner_ranks"]]
+    assert len(set(ranks)) == 2 and got["killed"] == 1
+    # Killed in step 2's train_step after step 1's checkpoint: step 2, redone, carries the restart.
+    assert got["steps"] == [1, 2, 3] and got["restarts"] == [None, 1.0, None]
+    assert got["seconds_lost"][1] > 0
+    # The new ranks formed a new broadcast group with the engine on the third node; every sync probed clean.
+    assert got["transport_metric"] == [1.0, 1.0, 1.0]
+    assert all(0 <= g <= 1e-3 for g in got["probe_gaps"])
+    assert got["complete"] == [2, 3]  # keep_last=2
 
 
 def test_async_rollouts_overlap_across_two_nodes():

@@ -142,21 +142,20 @@ def train_separate_three_nodes() -> dict:
     return result
 
 
-@scenario("rank_killed_mid_step")
-def rank_killed_mid_step() -> dict:
-    """The same 3-node layout; checkpoints every step. Once step 1's checkpoint is complete, a
-    learner rank's process is SIGKILLed as soon as it runs train_step (step 2): the run must stop
-    naming a learner rank and the stage, and step 1's checkpoint must still verify."""
+def _kill_a_rank_in_step_2(prefix: str, *extra: str) -> tuple[Path, str | None, int, float]:
+    """Two ZeRO-3 ranks on two nodes and the engine on a third (weights by broadcast), 3 steps with
+    a checkpoint every step; once step 1's checkpoint is complete, a learner rank's process is
+    SIGKILLed as soon as it runs train_step (step 2). Returns the run folder, the error the run
+    raised (None: it finished), how many processes were killed and the seconds the run took."""
     import tempfile
     import threading
     import time
 
-    from rlhf.learner.checkpoint import complete_checkpoints, open_checkpoint
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
     from tests.support.runs import axis_reward, compose, kill_descendant_running
 
-    run = Path(tempfile.mkdtemp(prefix="sim-kill-")) / "run"
+    run = Path(tempfile.mkdtemp(prefix=prefix)) / "run"
     killed: list[int] = []
     stop = threading.Event()
 
@@ -166,7 +165,7 @@ def rank_killed_mid_step() -> dict:
             stop.wait(0.1)
         kill_descendant_running("LearnerRank.train_step", killed, stop)
 
-    result: dict = {}
+    error = None
     with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}},
                       {"num_cpus": 1, "resources": {"node_c": 1}}]):
         thread = threading.Thread(target=killer, daemon=True)
@@ -178,21 +177,55 @@ def rank_killed_mid_step() -> dict:
                           "trainer.placement=separate", "trainer.eval_prompts=0", "trainer.tensorboard=false",
                           "trainer.steps=3", "trainer.save_every=1", "trainer.export_at_end=false",
                           "learner.timeout_s=600", "rollout.top_k=8", "learner.lr=1e-2",
-                          axis_reward(resolve_model_path(TINY)), f"trainer.output_dir={run}"))
-            result["error"] = None
+                          axis_reward(resolve_model_path(TINY)), f"trainer.output_dir={run}", *extra))
         except Exception as e:  # noqa: BLE001 - the scenario reports what the run raised
-            result["error"] = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
         finally:
             stop.set()
             thread.join()
-        result["seconds_after_start"] = time.monotonic() - start
-        result["killed"] = len(killed)
-        result["complete"] = [step for step, _ in complete_checkpoints(run / "checkpoints")]
-        try:
-            result["step1_state_step"] = open_checkpoint(run / "checkpoints" / "step-1")["step"]
-        except Exception as e:  # noqa: BLE001
-            result["step1_state_step"] = f"{type(e).__name__}: {e}"
+    return run, error, len(killed), time.monotonic() - start
+
+
+@scenario("rank_killed_mid_step")
+def rank_killed_mid_step() -> dict:
+    """``_kill_a_rank_in_step_2`` with trainer.max_restarts=0: the run must stop naming a learner
+    rank, the stage and trainer.max_restarts, and step 1's checkpoint must still verify."""
+    from rlhf.learner.checkpoint import complete_checkpoints, open_checkpoint
+
+    run, error, killed, seconds = _kill_a_rank_in_step_2("sim-kill-", "trainer.max_restarts=0")
+    result: dict = {"error": error, "seconds_after_start": seconds, "killed": killed,
+                    "complete": [step for step, _ in complete_checkpoints(run / "checkpoints")]}
+    try:
+        result["step1_state_step"] = open_checkpoint(run / "checkpoints" / "step-1")["step"]
+    except Exception as e:  # noqa: BLE001
+        result["step1_state_step"] = f"{type(e).__name__}: {e}"
     return result
+
+
+@scenario("rank_restarted_two_nodes")
+def rank_restarted_two_nodes() -> dict:
+    """``_kill_a_rank_in_step_2`` with the default trainer.max_restarts: the learner group restarts
+    in the same two bundles, the broadcast group is formed again with the new ranks, and the run
+    finishes from step 1's checkpoint."""
+    import json
+
+    from rlhf.learner.checkpoint import complete_checkpoints
+    from tests.support.runs import steps_logged
+
+    run, error, killed, seconds = _kill_a_rank_in_step_2("sim-restart-")
+    steps = steps_logged(run)
+    return {
+        "error": error,
+        "seconds": seconds,
+        "killed": killed,
+        "steps": sorted(steps),
+        "restarts": [steps[s].get("faults/learner_restarts") for s in sorted(steps)],
+        "seconds_lost": [steps[s].get("faults/seconds_lost") for s in sorted(steps)],
+        "transport_metric": [steps[s].get("sync/broadcast") for s in sorted(steps)],
+        "probe_gaps": [steps[s].get("sync/probe_gap") for s in sorted(steps)],
+        "complete": [step for step, _ in complete_checkpoints(run / "checkpoints")],
+        "placement": json.loads((run / "placement.json").read_text()),
+    }
 
 
 @scenario("train_async_two_nodes")
