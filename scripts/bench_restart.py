@@ -7,7 +7,7 @@ Two ``rlhf.train`` runs in this process (one Ray), same seed and config, a check
 "straight", and "killed", whose learner rank is SIGKILLed as soon as it runs train_step once
 checkpoint ``kill-at - 1`` is complete; the learner group restarts (trainer.max_restarts) and
 resumes from that checkpoint. Printed: each run's wall time (train() call), the difference, the
-run's own faults/seconds_lost (the redone part of the step and the restart up to the resumed
+run's own faults/learner_seconds_lost (the redone part of the step and the restart up to the resumed
 step's start), whether the final parameters are equal, the CPU model and the load average.
 """
 
@@ -75,14 +75,14 @@ def main() -> None:
         seconds[name], killed = timed_run([*common, f"trainer.output_dir={out / name}"], marker)
         if name == "killed" and killed != 1:
             raise SystemExit(f"the learner rank was killed {killed} times, not once: no measurement")
-    lost = [m["faults/seconds_lost"] for m in steps_logged(out / "killed").values() if "faults/seconds_lost" in m]
+    lost = max(m["faults/learner_seconds_lost"] for m in steps_logged(out / "killed").values())
     a, b = (load_file(str(out / n / "export" / "model.safetensors")) for n in ("straight", "killed"))
     equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                   .stdout.splitlines() if ln.startswith("Model name")), "?")
     print(f"model {args.model}, {args.steps} steps, rank killed in step {args.kill_at}'s train_step")
     print(f"straight {seconds['straight']:.1f}s, killed {seconds['killed']:.1f}s: one learner restart cost "
-          f"{seconds['killed'] - seconds['straight']:.1f}s of wall time; faults/seconds_lost={lost}")
+          f"{seconds['killed'] - seconds['straight']:.1f}s of wall time; faults/learner_seconds_lost={lost:.1f}s")
     print(f"final parameters equal: {equal}")
     print(f"cpu: {model}, {os.cpu_count()} cores; load average {os.getloadavg()}")
 

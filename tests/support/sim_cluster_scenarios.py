@@ -220,7 +220,7 @@ def rank_restarted_two_nodes() -> dict:
         "killed": killed,
         "steps": sorted(steps),
         "restarts": [steps[s].get("faults/learner_restarts") for s in sorted(steps)],
-        "seconds_lost": [steps[s].get("faults/seconds_lost") for s in sorted(steps)],
+        "seconds_lost": [steps[s].get("faults/learner_seconds_lost") for s in sorted(steps)],
         "transport_metric": [steps[s].get("sync/broadcast") for s in sorted(steps)],
         "probe_gaps": [steps[s].get("sync/probe_gap") for s in sorted(steps)],
         "complete": [step for step, _ in complete_checkpoints(run / "checkpoints")],
