@@ -6,7 +6,8 @@
 Two ``rlhf.train`` runs in this process (one Ray), same seed and config, a checkpoint every step:
 "straight", and "killed", whose learner rank is SIGKILLed as soon as it runs train_step once
 checkpoint ``kill-at - 1`` is complete; the learner group restarts (trainer.max_restarts) and
-resumes from that checkpoint. Printed: each run's wall time (train() call), the difference, the
+resumes from that checkpoint. Printed: each run's wall time (train() call; the first starts Ray),
+the time from step 1's start to the last step's end and the difference, the
 run's own faults/learner_seconds_lost (the redone part of the step and the restart up to the resumed
 step's start), whether the final parameters are equal, the CPU model and the load average.
 """
@@ -75,14 +76,21 @@ def main() -> None:
         seconds[name], killed = timed_run([*common, f"trainer.output_dir={out / name}"], marker)
         if name == "killed" and killed != 1:
             raise SystemExit(f"the learner rank was killed {killed} times, not once: no measurement")
+    # From step 1's start to the last step's end: the start-up (Ray, the first run's cold caches) left out.
+    span = {}
+    for name in seconds:
+        logged = steps_logged(out / name)
+        span[name] = logged[args.steps]["time"] - logged[1]["time"] + logged[1]["throughput/step_s"]
     lost = max(m["faults/learner_seconds_lost"] for m in steps_logged(out / "killed").values())
     a, b = (load_file(str(out / n / "export" / "model.safetensors")) for n in ("straight", "killed"))
     equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                   .stdout.splitlines() if ln.startswith("Model name")), "?")
     print(f"model {args.model}, {args.steps} steps, rank killed in step {args.kill_at}'s train_step")
-    print(f"straight {seconds['straight']:.1f}s, killed {seconds['killed']:.1f}s: one learner restart cost "
-          f"{seconds['killed'] - seconds['straight']:.1f}s of wall time; faults/learner_seconds_lost={lost:.1f}s")
+    print(f"train() wall time: straight {seconds['straight']:.1f}s, killed {seconds['killed']:.1f}s (the first "
+          "includes starting Ray)")
+    print(f"steps 1..{args.steps}: straight {span['straight']:.1f}s, killed {span['killed']:.1f}s: one learner "
+          f"restart cost {span['killed'] - span['straight']:.1f}s; faults/learner_seconds_lost={lost:.1f}s")
     print(f"final parameters equal: {equal}")
     print(f"cpu: {model}, {os.cpu_count()} cores; load average {os.getloadavg()}")
 
