@@ -4,6 +4,8 @@
 
 - ``save_crash@N``: the process SIGKILLs itself while checkpoint N is being written (after the
   learner's files, before the manifest marker): a crash in the middle of a save.
+- ``save_stall@N``: the driver sleeps at that same point of checkpoint N's save, so a test can stop
+  the job there (``ray job stop``) rather than at whatever moment its signal happens to land.
 - ``learner_stall``: every learner rank sleeps in train_step, as a hung collective would.
 - ``nonfinite_loss@N``: every learner rank's loss is NaN from its N-th update on.
 - ``skip_sync``: weights are written but never loaded into the engines (the probe must catch it).
@@ -54,9 +56,9 @@ def crash(point: str, step: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def stall(point: str) -> None:
-    """Sleep (practically) forever when ``point`` is active."""
-    while active(point):
+def stall(point: str, step: int | None = None) -> None:
+    """Sleep (practically) forever when ``point`` is active (at ``step``, for ``point@N``)."""
+    while active(point, step):
         time.sleep(60)
 
 

@@ -132,6 +132,7 @@ def save_checkpoint(
     try:
         shards = write_model_state(tmp)
         faults.crash("save_crash", step)  # tests only: a kill in the middle of a save
+        faults.stall("save_stall", step)  # tests only: a job stopped in the middle of a save
         _write_durable(tmp / CLIENT_STATE, state_text)
         if isinstance(client_state.get("config"), dict):
             import yaml
