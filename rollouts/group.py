@@ -193,10 +193,10 @@ class EngineGroup:
 
     def sleep(self) -> list[bool]:
         """Release engine memory between generation phases; False where unsupported (CPU)."""
-        return self._gather([e.sleep.remote() for e in self.engines], "sleep")
+        return self._run("sleep", [lambda e: e.sleep.remote()] * len(self.engines))
 
     def wake_up(self) -> list[bool]:
-        return self._gather([e.wake_up.remote() for e in self.engines], "wake_up")
+        return self._run("wake_up", [lambda e: e.wake_up.remote()] * len(self.engines))
 
     def shutdown(self) -> None:
         """Stop every engine's vLLM processes, then the actors. Safe to call twice."""
@@ -249,7 +249,33 @@ class EngineGroup:
 
     def _replace(self, index: int, lost: EngineDied | EngineStalled) -> None:
         """Start a new engine ``index`` in the old one's place and bring it to the group's weights;
-        raises ``lost``, annotated, past the bound or where the weights cannot be restored."""
+        raises ``lost``, annotated, past the bound or where the weights cannot be restored. Each
+        replacement started counts against the bound, one that dies while starting too: a node's
+        death is known to Ray only after its missed heartbeats, and until then Ray may place the
+        replacement on that node again."""
+        while True:
+            self._start_replacement(index, lost)
+            try:
+                self._get(self.engines[index].ready.remote(), index, "restart",
+                          time.monotonic() + self.cfg.timeout_s)
+                break
+            except EngineDied:  # died while starting: counted, and tried again while the bound allows
+                continue
+            except EngineStalled as err:
+                # It starts once its bundle has room: where the bundle's node is gone, once Ray has
+                # re-placed the bundle on a node with room.
+                raise type(lost)(f"{lost}; its replacement did not start within {self._key()}.timeout_s="
+                                 f"{self.cfg.timeout_s}: no node has room for it") from err
+        if self._weights_changed:
+            self._restoring = True
+            try:
+                self.restore()
+            except Exception as err:
+                raise type(lost)(f"{lost} (replaced, but its weights were not restored: {err})") from err
+            finally:
+                self._restoring = False
+
+    def _start_replacement(self, index: int, lost: EngineDied | EngineStalled) -> None:
         key = f"{self._key()}.max_engine_restarts={self.cfg.max_engine_restarts}"
         if self._replaced >= self.cfg.max_engine_restarts:
             raise type(lost)(f"{lost} ({key}: {self._replaced} restarts used)") from lost.__cause__
@@ -262,21 +288,6 @@ class EngineGroup:
         print(f"{lost}; restarting it ({self._replaced} of {key})", flush=True)
         kill_and_wait([self.engines[index]])
         self.engines[index] = self._start_engine(index)
-        # It starts once its bundle has room: where the bundle's node is gone, once Ray has re-placed
-        # the bundle on a node with room.
-        try:
-            self._get(self.engines[index].ready.remote(), index, "restart", time.monotonic() + self.cfg.timeout_s)
-        except EngineStalled as err:
-            raise type(lost)(f"{lost}; its replacement did not start within {self._key()}.timeout_s="
-                             f"{self.cfg.timeout_s}: no node has room for it") from err
-        if self._weights_changed:
-            self._restoring = True
-            try:
-                self.restore()
-            except Exception as err:
-                raise type(lost)(f"{lost} (replaced, but its weights were not restored: {err})") from err
-            finally:
-                self._restoring = False
 
     def _key(self, role: str | None = None) -> str:
         role = role or self.role

@@ -395,26 +395,27 @@ def agents_on_their_own_node() -> dict:
 @scenario("engine_nodes_removed")
 def engine_nodes_removed() -> dict:
     """The learner rank on a 2-CPU node, the 1-CPU engine on one of two 1-CPU nodes. Three runs of the
-    same 3-step command: uninterrupted; then, once step 1's checkpoint is complete, the engine's whole
-    node (its raylet) is removed, and Ray re-places the engine's bundle on the other 1-CPU node, where
+    same 3-step command: uninterrupted; then, in step 2's generate, the engine's whole node (its
+    raylet) is removed, and Ray re-places the engine's bundle on the other 1-CPU node, where
     the group starts the replacement; then the same again with no 1-CPU node left to take it."""
     import tempfile
     import threading
 
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     from rlhf.learner.checkpoint import complete_checkpoints
     from rlhf.models import TINY, resolve_model_path
     from rlhf.run.metrics import read_metrics
     from rlhf.train import train
-    from tests.support.runs import axis_reward, compose
+    from tests.support.runs import axis_reward, compose, descendant_running
 
     out = Path(tempfile.mkdtemp(prefix="sim-engine-node-"))
     common = ["+experiment=tiny_smoke", "learner.num_cpus_per_rank=2", "learner.num_threads=1",
               "rollout.num_cpus_per_engine=1", "trainer.placement=separate", "trainer.eval_prompts=0",
               "trainer.tensorboard=false", "trainer.steps=3", "trainer.save_every=1", "rollout.top_k=8",
-              "learner.lr=5e-3", "rollout.timeout_s=90", axis_reward(resolve_model_path(TINY))]
+              "learner.lr=5e-3", "rollout.timeout_s=90", axis_reward(resolve_model_path(TINY)),
+              "rollout.max_new_tokens=256"]  # generations of seconds: long enough to lose a node in one
     keys = ("loss", "reward/mean", "grad_norm", "response_length/mean", "faults/engine_restarts")
 
     def steps(run: Path) -> dict:
@@ -431,6 +432,10 @@ def engine_nodes_removed() -> dict:
         def remover() -> None:
             while not stop.is_set() and not (run / "checkpoints" / "step-1" / "COMPLETE").exists():
                 stop.wait(0.05)
+            # Then mid-generation: once Ray titles the engine's process with step 2's generate (the
+            # raylets are this process's children, so every actor process is a descendant).
+            while not stop.is_set() and descendant_running("RolloutEngine.generate") is None:
+                stop.wait(0.02)
             if stop.is_set():
                 return
             target = engine_node(run)
@@ -459,9 +464,10 @@ def engine_nodes_removed() -> dict:
         result["moved_error"], result["moved_removed"] = run_removing_the_engine_node(cluster, moved)
         result["moved_engine_node_after"] = engine_node(moved)  # placement.json is rewritten on a restart
         result["straight_steps"], result["moved_steps"] = steps(straight), steps(moved)
-        a = load_file(str(straight / "export" / "model.safetensors"))
-        b = load_file(str(moved / "export" / "model.safetensors"))
-        result["params_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        if result["moved_error"] is None:
+            a = load_file(str(straight / "export" / "model.safetensors"))
+            b = load_file(str(moved / "export" / "model.safetensors"))
+            result["params_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
         stuck = out / "no-room"  # one 1-CPU node left: its removal leaves the engine nowhere to go
         result["stuck_error"], result["stuck_removed"] = run_removing_the_engine_node(cluster, stuck)
