@@ -16,8 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -64,21 +66,72 @@ def steps_logged(run_dir: Path) -> dict[int, dict]:
     return out
 
 
+def assert_same_run(straight: Path, other: Path, steps, keys) -> None:
+    """Each of ``keys`` exactly equal in both runs at every one of ``steps`` (a redone step's last
+    record), and their exported parameters ``torch.equal``."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = steps_logged(straight), steps_logged(other)
+    for step in steps:
+        for key in keys:
+            assert b[step][key] == a[step][key], (step, key, a[step][key], b[step][key])
+    x = load_file(str(Path(straight) / "export" / "model.safetensors"))
+    y = load_file(str(Path(other) / "export" / "model.safetensors"))
+    assert x.keys() == y.keys()
+    for name in x:
+        assert torch.equal(x[name], y[name]), name
+
+
+@contextmanager
+def kills(plan: list[tuple[Path | None, str]], with_children: bool = True) -> Iterator[list[int]]:
+    """While the body runs, for each ``(marker, title)`` of ``plan`` in turn: once ``marker`` exists
+    (None: at once), SIGKILL the next descendant seen running ``title`` (``kill_descendant_running``;
+    a checkpoint's COMPLETE file as the marker times a kill to the step after it). Yields the pids
+    killed so far."""
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        for marker, title in plan:
+            while marker is not None and not Path(marker).exists() and not stop.is_set():
+                stop.wait(0.05)
+            kill_descendant_running(title, killed, stop, with_children)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join()
+
+
+def descendant_running(title: str) -> psutil.Process | None:
+    """The first descendant of this process whose command line shows ``title`` (Ray titles a busy
+    actor process ``ray::Class.method``), or None."""
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
 def kill_descendant_running(title: str, killed: list[int], stop, with_children: bool = False) -> None:
-    """SIGKILL the first descendant of this process whose command line shows ``title`` (Ray titles a
-    busy actor process ``ray::Class.method``), and its own children when ``with_children``; appends
-    its pid to ``killed``. Polls every 50 ms until then or until ``stop`` (a threading.Event) is set."""
-    me = psutil.Process(os.getpid())
+    """SIGKILL the first descendant running ``title`` (``descendant_running``), and its own children
+    when ``with_children``; appends its pid to ``killed``. Polls every 50 ms until then or until
+    ``stop`` (a threading.Event) is set."""
     while not stop.is_set():
-        for p in me.children(recursive=True):
+        if (p := descendant_running(title)) is not None:
             try:
-                if title in " ".join(p.cmdline()):
-                    for q in [p, *(p.children(recursive=True) if with_children else [])]:
-                        q.kill()
-                    killed.append(p.pid)
-                    return
+                for q in [p, *(p.children(recursive=True) if with_children else [])]:
+                    q.kill()
+                killed.append(p.pid)
+                return
             except psutil.NoSuchProcess:
-                continue
+                pass
         stop.wait(0.05)
 
 
