@@ -80,7 +80,8 @@ def main() -> None:
             raise SystemExit(f"{name}: killed {killed} processes, not one: no measurement")
         logged = steps_logged(out / name)
         spans[name] = logged[args.steps]["time"] - logged[1]["time"] + logged[1]["throughput/step_s"]
-        params[name] = load_file(str(out / name / "export" / "model.safetensors"))
+        params[name] = {k: v for shard in sorted((out / name / "export").glob("*.safetensors"))
+                        for k, v in load_file(str(shard)).items()}  # SmolLM2's export comes in shards
         if name != "straight":
             a, b = params["straight"], params[name]
             result[name] = {
