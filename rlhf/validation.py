@@ -77,6 +77,9 @@ def validate(cfg: Config) -> BatchPlan:
         raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0")
     if not cfg.trainer.placement_timeout_s > 0:
         raise ConfigError(f"trainer.placement_timeout_s={cfg.trainer.placement_timeout_s} must be > 0")
+    if cfg.trainer.max_restarts < 0:
+        raise ConfigError(f"trainer.max_restarts={cfg.trainer.max_restarts} must be >= 0 (learner group restarts "
+                          "from the last checkpoint per run; 0: a lost learner rank stops the run)")
     if cfg.rollout.max_engine_restarts < 0:
         raise ConfigError(f"rollout.max_engine_restarts={cfg.rollout.max_engine_restarts} must be >= 0")
     if cfg.rollout.max_new_tokens < 1:
@@ -173,9 +176,6 @@ def check_off_policy(cfg: Config) -> None:
     if algo.max_mismatch_kl_steps < 1:
         raise ConfigError(f"algo.max_mismatch_kl_steps={algo.max_mismatch_kl_steps} must be >= 1 (consecutive "
                           "steps above algo.max_mismatch_kl that stop the run)")
-    if cfg.trainer.max_restarts < 0:
-        raise ConfigError(f"trainer.max_restarts={cfg.trainer.max_restarts} must be >= 0 (learner group restarts "
-                          "from the last checkpoint per run; 0: a lost learner rank stops the run)")
     k = cfg.trainer.max_staleness
     if k < 0:
         raise ConfigError(f"trainer.max_staleness={k} must be >= 0")

@@ -129,13 +129,11 @@ class LearnerGroup:
         from rlhf.cluster.actors import kill_and_wait
 
         still = kill_and_wait(self.ranks)
-        transport, self._transport = getattr(self, "_transport", None), None
-        if transport is not None:
-            try:
-                transport.close()
-            except Exception as e:  # noqa: BLE001 - the old group is abandoned either way
-                print(f"warning: leaving the old weight group failed ({type(e).__name__}: {e}); a new one is formed",
-                      flush=True)
+        try:
+            self._close_transport()
+        except Exception as e:  # noqa: BLE001 - the old group is abandoned either way
+            print(f"warning: leaving the old weight group failed ({type(e).__name__}: {e}); a new one is formed",
+                  flush=True)
         if still:
             raise LearnerError(f"restart: learner rank(s) {still} still answer 30 s after being killed; their "
                                "placement slots are not free")
@@ -287,10 +285,14 @@ class LearnerGroup:
     def reconnect(self, engines: Engines, shared_dir: Path | None = None) -> str:
         """Form the weight transport again, after an engine was replaced: a broadcast group's members
         are fixed when it forms, and the replacement was not one of them."""
+        self._close_transport()
+        return self.connect(engines, shared_dir)
+
+    def _close_transport(self) -> None:
+        """Leave the weight transport, if one was formed; the next ``connect`` forms a new one."""
         transport, self._transport = getattr(self, "_transport", None), None
         if transport is not None:
             transport.close()
-        return self.connect(engines, shared_dir)
 
     def _adapter_root(self, rank0, nodes: list, shared_dir: Path | None) -> Path:
         if all(n.node_id == rank0.node_id for n in nodes):
@@ -373,9 +375,7 @@ class LearnerGroup:
     def shutdown(self) -> None:
         import ray
 
-        transport, self._transport = getattr(self, "_transport", None), None
-        if transport is not None:
-            transport.close()
+        self._close_transport()
         for a in getattr(self, "ranks", []):
             ray.kill(a, no_restart=True)
         self.ranks = []
