@@ -411,33 +411,38 @@ def train(cfg: Config) -> Path:
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.steps:
                 save(step, mismatch)
 
-        step, learner_lost = start_step + 1, []  # the seconds each learner restart cost
+        learner_lost: list[float] = []  # the seconds each learner restart cost
         began: dict[int, float] = {}  # step -> when it last started
+
+        def restart_learner(error: LearnerError) -> int:
+            """ZeRO's state cannot be rebuilt from one rank: the whole learner group restarts and the
+            run goes back to the last complete checkpoint (the start before the first); returns the
+            step to go on from."""
+            nonlocal producer, mismatch, nonfinite
+            if len(learner_lost) == cfg.trainer.max_restarts:
+                raise LearnerError(f"{error} (no learner restart left: trainer.max_restarts="
+                                   f"{cfg.trainer.max_restarts}; the last complete checkpoint is in {ckpt_dir})"
+                                   ) from error
+            last = latest_complete(ckpt_dir)
+            cause = str(error).splitlines()[0]  # Ray's account of a death runs on for lines
+            print(f"learner restart {len(learner_lost) + 1} of {cfg.trainer.max_restarts} ({cause}): resuming from "
+                  f"{last or 'the start (no checkpoint yet)'}", flush=True)
+            producer.close(wait=True)  # its batch in flight draws prompts that the resume puts back
+            learner.restart()
+            resumed, pending, mismatch = resume(last, at_start, learner, engines, data, run_dir, probe_ids, tolerance)
+            nonfinite = 0
+            producer = start_producer(resumed + 1, pending)
+            learner_lost.append(time.perf_counter() - began[resumed + 1])  # the failure and the redone work
+            return resumed + 1
+
+        step = start_step + 1
         while step <= cfg.trainer.steps:
             began[step] = time.perf_counter()
             try:
                 run_step(step)
+                step += 1
             except LearnerError as error:
-                # ZeRO's state cannot be rebuilt from one rank: the whole learner group restarts
-                # and the run goes back to the last complete checkpoint (the start before the first).
-                if len(learner_lost) == cfg.trainer.max_restarts:
-                    raise LearnerError(f"{error} (no learner restart left: trainer.max_restarts="
-                                       f"{cfg.trainer.max_restarts}; the last complete checkpoint is in {ckpt_dir})"
-                                       ) from error
-                last = latest_complete(ckpt_dir)
-                cause = str(error).splitlines()[0]  # Ray's account of a death runs on for lines
-                print(f"learner restart {len(learner_lost) + 1} of {cfg.trainer.max_restarts} ({cause}): resuming from "
-                      f"{last or 'the start (no checkpoint yet)'}", flush=True)
-                producer.close(wait=True)  # its batch in flight draws prompts that the resume puts back
-                learner.restart()
-                start_step, pending, mismatch = resume(last, at_start, learner, engines, data, run_dir,
-                                                       probe_ids, tolerance)
-                nonfinite = 0
-                producer = start_producer(start_step + 1, pending)
-                learner_lost.append(time.perf_counter() - began[start_step + 1])  # the failure and the redone work
-                step = start_step + 1
-                continue
-            step += 1
+                step = restart_learner(error)
 
         run_eval(cfg.trainer.steps)
         save(cfg.trainer.steps, mismatch)
