@@ -38,15 +38,18 @@ def active(point: str, step: int | None = None) -> bool:
     return _first(os.environ.get(ONCE, ""))
 
 
+_claimed: set[str] = set()  # marker files this process created: it keeps the fault it fired
+
+
 def _first(marker: str) -> bool:
-    """True without a marker file, or for the caller that creates it (once per file, across processes)."""
-    if not marker:
+    """True without a marker file, or in the process that created it (once per file, across processes)."""
+    if not marker or marker in _claimed:
         return True
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return os.path.exists(marker + f".{os.getpid()}")  # the creator keeps asking
-    open(marker + f".{os.getpid()}", "w").close()
+        return False
+    _claimed.add(marker)
     return True
 
 

@@ -73,9 +73,9 @@ class EngineGroup:
             raise ValueError(f"rollout.num_engines={cfg.num_engines} must be >= 1")
         if placement is not None and len(placement) != cfg.num_engines:
             raise ValueError(f"placement has {len(placement)} slots for rollout.num_engines={cfg.num_engines}")
-        if cfg.max_engine_restarts < 0:
-            raise ValueError(f"{self._key(role)}.max_engine_restarts={cfg.max_engine_restarts} must be >= 0")
         self.cfg, self.role = cfg, role
+        if cfg.max_engine_restarts < 0:
+            raise ValueError(f"{self._key()}.max_engine_restarts={cfg.max_engine_restarts} must be >= 0")
         # After a restart: bring the replacement to the group's current weights (the trainer's sync).
         # None: the group serves the model it started from, which a replacement loads by itself.
         self.restore: Callable[[], None] | None = None
@@ -289,6 +289,6 @@ class EngineGroup:
         kill_and_wait([self.engines[index]])
         self.engines[index] = self._start_engine(index)
 
-    def _key(self, role: str | None = None) -> str:
-        role = role or self.role
-        return "rollout" if role == "rollout" else f"{role}.engines"
+    def _key(self) -> str:
+        """The config section of this group's engines, for messages."""
+        return "rollout" if self.role == "rollout" else f"{self.role}.engines"

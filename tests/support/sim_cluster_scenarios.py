@@ -148,28 +148,19 @@ def _kill_a_rank_in_step_2(prefix: str, *extra: str) -> tuple[Path, str | None, 
     SIGKILLed as soon as it runs train_step (step 2). Returns the run folder, the error the run
     raised (None: it finished), how many processes were killed and the seconds the run took."""
     import tempfile
-    import threading
     import time
 
     from rlhf.models import TINY, resolve_model_path
     from rlhf.train import train
-    from tests.support.runs import axis_reward, compose, kill_descendant_running
+    from tests.support.runs import axis_reward, compose, kills
 
     run = Path(tempfile.mkdtemp(prefix=prefix)) / "run"
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def killer() -> None:
-        # Cluster raylets are this process's children, so every actor process is a descendant.
-        while not stop.is_set() and not (run / "checkpoints" / "step-1" / "COMPLETE").exists():
-            stop.wait(0.1)
-        kill_descendant_running("LearnerRank.train_step", killed, stop)
-
     error = None
+    # Cluster raylets are this process's children, so every actor process is a descendant.
     with sim_cluster([{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}},
-                      {"num_cpus": 1, "resources": {"node_c": 1}}]):
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
+                      {"num_cpus": 1, "resources": {"node_c": 1}}]), \
+            kills([(run / "checkpoints" / "step-1" / "COMPLETE", "LearnerRank.train_step")],
+                  with_children=False) as killed:
         start = time.monotonic()
         try:
             train(compose("+experiment=tiny_smoke", "learner=zero3", "learner.num_ranks=2",
@@ -180,9 +171,6 @@ def _kill_a_rank_in_step_2(prefix: str, *extra: str) -> tuple[Path, str | None, 
                           axis_reward(resolve_model_path(TINY)), f"trainer.output_dir={run}", *extra))
         except Exception as e:  # noqa: BLE001 - the scenario reports what the run raised
             error = f"{type(e).__name__}: {e}"
-        finally:
-            stop.set()
-            thread.join()
     return run, error, len(killed), time.monotonic() - start
 
 
